@@ -1,0 +1,185 @@
+"""Building `.mar` archives with torch-model-archiver and verifying them against the catalog."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from servekit import __version__
+from servekit.catalog import Catalog, CatalogEntry, utc_now
+from servekit.errors import ArchiveError, UsageError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Semantic versions (https://semver.org), without build metadata: TorchServe puts versions in URLs.
+VERSION_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """What an archive of one kind of model holds besides its weights."""
+
+    handler_file: str
+    model_file: Path
+    model_class: str
+    source_files: tuple[str, ...] = ("model.pt", "labels.json")
+
+
+HANDLERS = {
+    "digits": HandlerSpec(handler_file="digits.py", model_file=PACKAGE_DIR / "models.py", model_class="SimpleCNN"),
+}
+SHARED_HANDLER_FILES = ("servekit_base.py",)
+
+
+@dataclass
+class BuildOptions:
+    """The serving settings written into the archive's model-config.yaml."""
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 50
+    workers: int = 1
+    response_timeout_s: int = 60
+    handler: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for label, value in (("batch size", self.batch_size), ("workers", self.workers)):
+            if value < 1:
+                raise UsageError(f"{label} must be at least 1, got {value}")
+        if self.max_batch_delay_ms < 0:
+            raise UsageError(f"max batch delay must be >= 0 ms, got {self.max_batch_delay_ms}")
+
+
+def handlers_dir() -> Path:
+    """The folder of handler files: `handlers/` in a checkout, `servekit_handlers/` when installed."""
+    import servekit_handlers
+
+    return Path(servekit_handlers.__file__).resolve().parent
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name_version(name: str, version: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"model name {name!r} must start with a letter and use only letters, digits, _ and -")
+    if not VERSION_PATTERN.match(version):
+        raise UsageError(f"version {version!r} is not a semantic version like 1.0.0 or 1.1.0-rc.1")
+
+
+def archive_file_name(name: str, version: str) -> str:
+    return f"{name}-{version}.mar"
+
+
+def model_config(spec: HandlerSpec, options: BuildOptions) -> dict:
+    """TorchServe's per-model settings; the `handler` section is read by servekit's handlers."""
+    return {
+        "minWorkers": options.workers,
+        "maxWorkers": options.workers,
+        "batchSize": options.batch_size,
+        "maxBatchDelay": options.max_batch_delay_ms,
+        "responseTimeout": options.response_timeout_s,
+        "handler": {"model_class": spec.model_class, **options.handler},
+    }
+
+
+def build_archive(
+    name: str,
+    version: str,
+    source_dir: Path,
+    store: Path,
+    handler: str = "digits",
+    options: BuildOptions | None = None,
+    force: bool = False,
+) -> CatalogEntry:
+    """Packs `source_dir` into `store/NAME-VERSION.mar` and records it in the store's catalog."""
+    options = options or BuildOptions()
+    options.validate()
+    check_name_version(name, version)
+    if handler not in HANDLERS:
+        raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
+    spec = HANDLERS[handler]
+    missing = [f for f in spec.source_files if not (source_dir / f).is_file()]
+    if missing:
+        raise UsageError(
+            f"{source_dir} lacks {', '.join(missing)}: train first (servekit train {handler} --out {source_dir})"
+        )
+    store.mkdir(parents=True, exist_ok=True)
+    archive_path = store / archive_file_name(name, version)
+    catalog = Catalog.load(store)
+    if not force and (archive_path.exists() or catalog.get(name, version)):
+        raise ArchiveError(f"{archive_path.name} already exists in {store}: pick a new version or pass --force")
+
+    with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
+        staging = Path(tmp)
+        config_path = staging / "model-config.yaml"
+        config_path.write_text(yaml.safe_dump(model_config(spec, options), sort_keys=False))
+        extra_files = [handlers_dir() / f for f in SHARED_HANDLER_FILES]
+        extra_files += [source_dir / f for f in spec.source_files[1:]]
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", version,
+            "--model-file", str(spec.model_file),
+            "--serialized-file", str(source_dir / spec.source_files[0]),
+            "--handler", str(handlers_dir() / spec.handler_file),
+            "--extra-files", ",".join(str(f) for f in extra_files),
+            "--config-file", str(config_path),
+            "--export-path", str(staging),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        built = staging / f"{name}.mar"
+        if result.returncode != 0 or not built.is_file():
+            raise ArchiveError(f"torch-model-archiver failed: {(result.stderr or result.stdout).strip()}")
+        os.replace(built, archive_path)
+
+    metrics_path = source_dir / "metrics.json"
+    entry = CatalogEntry(
+        name=name,
+        version=version,
+        archive=archive_path.name,
+        sha256=sha256_file(archive_path),
+        size_bytes=archive_path.stat().st_size,
+        created=utc_now(),
+        handler=handler,
+        source_dir=str(source_dir.resolve()),
+        source_weights_sha256=sha256_file(source_dir / spec.source_files[0]),
+        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+        config=model_config(spec, options),
+        servekit_version=__version__,
+    )
+    catalog.add(entry, replace=force)
+    catalog.save()
+    return entry
+
+
+def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:
+    """The catalog entry of NAME VERSION, after checking the archive on disk still has its recorded sha256."""
+    check_name_version(name, version)
+    entry = Catalog.load(store).get(name, version)
+    if entry is None:
+        raise ArchiveError(f"{name} {version} is not in {store / 'catalog.json'}: build it with servekit build")
+    archive_path = store / entry.archive
+    if not archive_path.is_file():
+        raise ArchiveError(f"{archive_path} is missing: rebuild it with servekit build {name} --version {version}")
+    actual = sha256_file(archive_path)
+    if actual != entry.sha256:
+        raise ArchiveError(
+            f"{archive_path.name} has sha256 {actual[:12]}..., the catalog recorded {entry.sha256[:12]}...: "
+            "the archive was modified or truncated; rebuild it with --force"
+        )
+    return entry
+

@@ -1,0 +1,83 @@
+"""`model_store/catalog.json`: what was built, from what, with which checksum."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from servekit.errors import ArchiveError
+
+CATALOG_FILE = "catalog.json"
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class CatalogEntry:
+    name: str
+    version: str
+    archive: str
+    sha256: str
+    size_bytes: int
+    created: str
+    handler: str
+    source_dir: str = ""
+    source_weights_sha256: str = ""
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    servekit_version: str = ""
+
+
+@dataclass
+class Catalog:
+    """All archives of one model store, keyed by model name then version."""
+
+    path: Path
+    models: dict[str, dict[str, CatalogEntry]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: Path) -> Catalog:
+        path = store / CATALOG_FILE
+        if not path.exists():
+            return cls(path)
+        try:
+            document = json.loads(path.read_text())
+            models = {
+                name: {version: CatalogEntry(**entry) for version, entry in versions.items()}
+                for name, versions in document["models"].items()
+            }
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ArchiveError(f"{path} is not a servekit catalog ({exc}): fix or remove it") from None
+        return cls(path, models)
+
+    def get(self, name: str, version: str) -> CatalogEntry | None:
+        return self.models.get(name, {}).get(version)
+
+    def entries(self) -> list[CatalogEntry]:
+        return [entry for versions in self.models.values() for entry in versions.values()]
+
+    def add(self, entry: CatalogEntry, replace: bool = False) -> None:
+        versions = self.models.setdefault(entry.name, {})
+        if entry.version in versions and not replace:
+            raise ArchiveError(f"{entry.name} {entry.version} is already in {self.path}: pass --force to replace it")
+        versions[entry.version] = entry
+
+    def save(self) -> None:
+        """Writes atomically, so a crash never leaves half a catalog."""
+        document = {
+            "schema": SCHEMA_VERSION,
+            "models": {
+                name: {version: asdict(entry) for version, entry in sorted(versions.items())}
+                for name, versions in sorted(self.models.items())
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(temporary, self.path)

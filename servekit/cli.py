@@ -1,0 +1,309 @@
+"""The `servekit` command line: a thin layer over the library; every command's logic lives in a module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from servekit import __version__, server
+from servekit.archive import HANDLERS, BuildOptions, build_archive, verify_archive
+from servekit.catalog import Catalog
+from servekit.client import ServeClient
+from servekit.errors import ServekitError, UsageError
+from servekit.evaluate import evaluate_served
+from servekit.train import HELD_OUT_DIR, train_digits
+
+console = Console()
+errors = Console(stderr=True)
+
+DEFAULT_STORE = Path("model_store")
+DEFAULT_WORKDIR = Path(".servekit")
+DEFAULT_WORK = DEFAULT_STORE / "work"
+
+
+class ServekitGroup(click.Group):
+    """Prints a ServekitError as one red line (exit 2 for usage errors, else 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ServekitError as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(2 if isinstance(exc, UsageError) else 1)
+
+
+def store_option(function):
+    return click.option(
+        "--store", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+        help="Model store: the .mar archives and catalog.json.",
+    )(function)  # fmt: skip
+
+
+def workdir_option(function):
+    return click.option(
+        "--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
+        help="The server's working folder (logs, key_file.json, server.json).",
+    )(function)  # fmt: skip
+
+
+def json_option(function):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(function)
+
+
+def connect(workdir: Path) -> ServeClient:
+    return ServeClient(server.ServerState.load(workdir.resolve()).endpoints())
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(cls=ServekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="servekit")
+def cli() -> None:
+    """servekit: train, archive, serve and query PyTorch models on TorchServe."""
+
+
+# train --------------------------------------------------------------------------------------------------------
+@cli.group()
+def train() -> None:
+    """Train a model on data that ships inside installed packages."""
+
+
+@train.command("digits")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_WORK / "digits", show_default=True,
+              help="Folder for model.pt, labels.json, metrics.json and the held-out PNGs.")  # fmt: skip
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_digits_command(out: Path, epochs: int, seed: int) -> None:
+    """SimpleCNN on scikit-learn's digits (8x8 upscaled to 28x28), 20 % held out.
+
+    Example: servekit train digits --out model_store/work/digits
+    """
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training SimpleCNN", total=epochs)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            progress.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss:.4f}")
+
+        result = train_digits(out, epochs=epochs, seed=seed, on_epoch=on_epoch)
+    console.print(
+        f"trained SimpleCNN in {result.seconds:.1f} s: held-out accuracy [bold]{result.accuracy:.4f}[/] "
+        f"on {result.test_size} images; wrote {out}"
+    )
+
+
+# build --------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.0.0.")
+@click.option("--from", "source_dir", type=click.Path(path_type=Path), default=None,
+              help="Trained model folder [default: model_store/work/NAME].")  # fmt: skip
+@click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None,
+              help="Handler to pack [default: NAME when it is a handler's name].")  # fmt: skip
+@click.option("--batch-size", type=int, default=4, show_default=True, help="TorchServe batchSize.")
+@click.option("--max-batch-delay", type=int, default=50, show_default=True, help="maxBatchDelay in ms.")
+@click.option("--workers", type=int, default=1, show_default=True, help="minWorkers = maxWorkers.")
+@click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
+@store_option
+@json_option
+def build(name, version, source_dir, handler, batch_size, max_batch_delay, workers, force, store, as_json) -> None:
+    """Pack a trained model into STORE/NAME-VERSION.mar and record it in the catalog.
+
+    Example: servekit build digits --version 1.0.0
+    """
+    handler = handler or name
+    if handler not in HANDLERS:
+        raise UsageError(f"no handler named {name!r}: pass --handler ({', '.join(sorted(HANDLERS))})")
+    options = BuildOptions(batch_size=batch_size, max_batch_delay_ms=max_batch_delay, workers=workers)
+    entry = build_archive(
+        name, version, source_dir or DEFAULT_WORK / name, store, handler=handler, options=options, force=force
+    )
+    if as_json:
+        print_json(entry.__dict__)
+        return
+    console.print(
+        f"built {store / entry.archive} ({entry.size_bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}...), "
+        f"batch size {batch_size}, {workers} worker(s)"
+    )
+
+
+# serve --------------------------------------------------------------------------------------------------------
+@cli.group()
+def serve() -> None:
+    """Start, stop and inspect the TorchServe that servekit runs."""
+
+
+@serve.command("start")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("config.properties"),
+              show_default=True, help="Base TorchServe config.properties.")  # fmt: skip
+@click.option("--inference-port", type=int, default=None, help="Overrides the config's inference port.")
+@click.option("--management-port", type=int, default=None, help="Overrides the config's management port.")
+@click.option("--metrics-port", type=int, default=None, help="Overrides the config's metrics port.")
+@click.option("--no-snapshots", is_flag=True, help="Start without config snapshots (torchserve --ncs).")
+@store_option
+@workdir_option
+def serve_start(config_path, inference_port, management_port, metrics_port, no_snapshots, store, workdir) -> None:
+    """Start TorchServe in the background and wait until it is healthy.
+
+    Example: servekit serve start --config config.properties
+    """
+    settings = server.ServerSettings(
+        base_config=config_path,
+        model_store=store,
+        workdir=workdir,
+        inference_port=inference_port,
+        management_port=management_port,
+        metrics_port=metrics_port,
+        snapshots=not no_snapshots,
+    )
+    state = server.start(settings)
+    console.print(
+        f"TorchServe is up (pid {state.pid}): inference {state.inference_url}, "
+        f"management {state.management_url}, metrics {state.metrics_url}; keys in {state.key_file}"
+    )
+
+
+@serve.command("stop")
+@workdir_option
+def serve_stop(workdir: Path) -> None:
+    """Stop the TorchServe started from WORKDIR, and its workers."""
+    if server.stop(workdir):
+        console.print("TorchServe stopped")
+    else:
+        console.print(f"no TorchServe was running from {workdir}")
+
+
+@serve.command("status")
+@workdir_option
+@json_option
+def serve_status(workdir: Path, as_json: bool) -> None:
+    """Is the server up, where, and with which models."""
+    state = server.running_state(workdir.resolve())
+    if state is None:
+        raise click.ClickException(f"no TorchServe is running from {workdir}: servekit serve start")
+    client = ServeClient(state.endpoints())
+    report = {"pid": state.pid, "health": client.ping().get("status"), "inference_url": state.inference_url,
+              "management_url": state.management_url, "models": client.list_models()}  # fmt: skip
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}")
+    for model in report["models"]:
+        console.print(f"  {model['modelName']} ({model['modelUrl']})")
+
+
+# register / models / predict / evaluate ---------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", required=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Initial workers.")
+@workdir_option
+def register(name: str, version: str, workers: int, workdir: Path) -> None:
+    """Register STORE/NAME-VERSION.mar with the running server (after checking its sha256) and wait until ready.
+
+    Example: servekit register digits --version 1.0.0 --workers 1
+    """
+    state = server.ServerState.load(workdir.resolve())
+    entry = verify_archive(Path(state.model_store), name, version)
+    answer = ServeClient(state.endpoints()).register(entry.archive, initial_workers=workers)
+    console.print(answer.get("status", answer))
+
+
+@cli.command()
+@click.option("--store", "from_store", is_flag=True, help="List the catalog of built archives instead.")
+@click.option("--store-dir", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Model store read with --store.")  # fmt: skip
+@workdir_option
+@json_option
+def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> None:
+    """List the models the server has (versions, default, workers), or with --store the built archives."""
+    if from_store:
+        rows = [entry.__dict__ for entry in Catalog.load(store_dir).entries()]
+        columns = ("name", "version", "archive", "size_bytes", "sha256", "created")
+    else:
+        client = connect(workdir)
+        rows = []
+        for model in client.list_models():
+            for version in client.describe(model["modelName"]):
+                workers = version.get("workers", [])
+                rows.append({
+                    "name": version["modelName"], "version": version["modelVersion"],
+                    "default": model["modelUrl"] == version["modelUrl"],
+                    "workers": f"{sum(w['status'] == 'READY' for w in workers)}/{len(workers)} ready",
+                    "batch_size": version["batchSize"], "archive": version["modelUrl"],
+                })  # fmt: skip
+        columns = ("name", "version", "default", "workers", "batch_size", "archive")
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row[c])[:16] if c == "sha256" else str(row[c]) for c in columns))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--version", "version", default=None, help="A specific version [default: the server's default].")
+@workdir_option
+@json_option
+def predict(name: str, files: tuple[Path, ...], version: str | None, workdir: Path, as_json: bool) -> None:
+    """Send each FILE (an image, or a .json document) to NAME and print the answer.
+
+    Example: servekit predict digits model_store/work/digits/heldout/0000_7.png
+    """
+    client = connect(workdir)
+    answers = {}
+    for path in files:
+        if path.suffix == ".json":
+            try:
+                document = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UsageError(f"{path} is not valid JSON: {exc}") from None
+            answers[str(path)] = client.predict(name, document, version=version)
+        else:
+            answers[str(path)] = client.predict_file(name, path, version=version)
+    if as_json:
+        print_json(answers)
+        return
+    for path, answer in answers.items():
+        for item in answer if isinstance(answer, list) else [answer]:
+            confidence = item["probabilities"].get(item["label"], 0.0)
+            console.print(f"{path}: [bold]{item['label']}[/] ({confidence:.1%})")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help=f"Labelled images with index.csv [default: model_store/work/NAME/{HELD_OUT_DIR}].")  # fmt: skip
+@click.option("--version", "version", default=None)
+@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True)
+@workdir_option
+@json_option
+def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency: int, workdir: Path, as_json) -> None:
+    """Accuracy of the served model on a labelled image folder, through the inference API.
+
+    Example: servekit evaluate digits
+    """
+    client = connect(workdir)
+    folder = data_dir or DEFAULT_WORK / name / HELD_OUT_DIR
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"predicting with {name}", total=None)
+        result = evaluate_served(client, name, folder, version, concurrency, lambda: progress.advance(task))
+    if as_json:
+        print_json({"accuracy": result.accuracy, "total": result.total, "correct": result.correct,
+                    "mistakes": result.mistakes})  # fmt: skip
+        return
+    console.print(f"served accuracy of {name}: [bold]{result.accuracy:.4f}[/] ({result.correct}/{result.total})")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,250 @@
+"""Starting, watching and stopping one TorchServe process that servekit owns.
+
+Each server lives in its own working directory: the effective `config.properties`, `key_file.json`, logs,
+snapshots, the temp dir holding TorchServe's pid file, and `server.json` (what `stop` and the client read).
+Giving each server its own temp dir is what lets several run side by side: `torchserve --start` otherwise
+refuses to start a second one, because it keeps a single pid file in the system temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from servekit.client import Endpoints, ServeClient
+from servekit.errors import ApiError, ServerError, UsageError
+
+SERVER_STATE_FILE = "server.json"
+KEY_FILE = "key_file.json"
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+
+
+@dataclass
+class ServerSettings:
+    """How to start a server; ports left at None come from the base config.properties (else 8080-8082)."""
+
+    base_config: Path
+    model_store: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    inference_port: int | None = None
+    management_port: int | None = None
+    metrics_port: int | None = None
+    snapshots: bool = True
+    start_timeout_s: float = 90.0
+
+
+@dataclass
+class ServerState:
+    """What a running server left in `workdir/server.json`."""
+
+    pid: int
+    workdir: str
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    key_file: str
+    log_dir: str
+    model_store: str
+
+    @classmethod
+    def load(cls, workdir: Path) -> ServerState:
+        path = workdir / SERVER_STATE_FILE
+        if not path.is_file():
+            raise ServerError(f"no server recorded in {workdir}: start one with `servekit serve start`")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ServerError(
+                f"{path} is unreadable ({exc}): stop that TorchServe by its PID, then delete the file"
+            ) from None
+
+    def save(self) -> None:
+        (Path(self.workdir) / SERVER_STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.inference_url, self.management_url, self.metrics_url, Path(self.key_file))
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Java-style `key=value` lines; `#` and `!` start comments."""
+    if not path.is_file():
+        raise UsageError(f"TorchServe config {path} not found")
+    properties = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#!" or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_properties(properties: dict[str, str], path: Path) -> None:
+    lines = ["# Written by servekit serve start; edit the base config.properties instead."]
+    lines += [f"{key}={value}" for key, value in properties.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def port_of(address: str | None, default: int) -> int:
+    match = re.search(r":(\d+)/?$", address or "")
+    return int(match.group(1)) if match else default
+
+
+def effective_properties(settings: ServerSettings) -> dict[str, str]:
+    """The base config with this server's addresses and absolute model store."""
+    properties = read_properties(settings.base_config)
+    ports = {
+        "inference": settings.inference_port,
+        "management": settings.management_port,
+        "metrics": settings.metrics_port,
+    }
+    for api, key in ADDRESS_KEYS.items():
+        port = ports[api] or port_of(properties.get(key), DEFAULT_PORTS[api])
+        properties[key] = f"http://{settings.host}:{port}"
+    properties["model_store"] = str(settings.model_store.resolve())
+    return properties
+
+
+def java_major_version() -> int:
+    """The major version of `java` on PATH (TorchServe's frontend needs 11+)."""
+    java = shutil.which("java")
+    if java is None:
+        raise ServerError("Java not found: TorchServe needs Java 11+; install a JDK (apt-get install openjdk-17-jdk)")
+    output = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', output)
+    if not match:
+        raise ServerError(f"cannot read the Java version from: {output.strip()}")
+    major = int(match.group(1))
+    return int(match.group(2)) if major == 1 else major
+
+
+def require_java() -> None:
+    major = java_major_version()
+    if major < 11:
+        raise ServerError(f"Java {major} found, TorchServe needs Java 11+: install a newer JDK")
+
+
+def torchserve_process(pid: int) -> psutil.Process | None:
+    """The TorchServe frontend with that PID, or None (gone, or the PID now belongs to something else)."""
+    try:
+        process = psutil.Process(pid)
+        return process if JAVA_MAIN_CLASS in process.cmdline() else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def running_state(workdir: Path) -> ServerState | None:
+    try:
+        state = ServerState.load(workdir)
+    except ServerError:
+        return None
+    return state if torchserve_process(state.pid) else None
+
+
+def start(settings: ServerSettings) -> ServerState:
+    """Starts TorchServe in `settings.workdir` and waits until /ping answers Healthy."""
+    require_java()
+    if not settings.model_store.is_dir():
+        raise UsageError(f"model store {settings.model_store} is not a folder: build a model first")
+    workdir = settings.workdir.resolve()
+    if running_state(workdir):
+        raise ServerError(f"a TorchServe started from {workdir} is still running: `servekit serve stop` first")
+    tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
+    for folder in (tmp_dir, log_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    pid_file = tmp_dir / ".model_server.pid"
+    pid_file.unlink(missing_ok=True)
+    properties = effective_properties(settings)
+    config_path = workdir / "config.properties"
+    write_properties(properties, config_path)
+    torchserve = Path(sys.executable).with_name("torchserve")
+    command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"]]
+    if not settings.snapshots:
+        command.append("--ncs")
+    environment = {
+        **os.environ,
+        "TMPDIR": str(tmp_dir),
+        "TEMP": str(tmp_dir),
+        "LOG_LOCATION": str(log_dir),
+        "METRICS_LOCATION": str(log_dir),
+    }
+    with (log_dir / "torchserve.out").open("ab") as console:
+        launcher = subprocess.run(
+            command, cwd=workdir, env=environment, stdout=console, stderr=subprocess.STDOUT, check=False
+        )
+    if launcher.returncode != 0 or not pid_file.is_file():
+        raise ServerError(f"torchserve --start failed (exit {launcher.returncode}): see {log_dir / 'torchserve.out'}")
+    state = ServerState(
+        pid=int(pid_file.read_text().strip()),
+        workdir=str(workdir),
+        inference_url=properties["inference_address"],
+        management_url=properties["management_address"],
+        metrics_url=properties["metrics_address"],
+        key_file=str(workdir / KEY_FILE),
+        log_dir=str(log_dir),
+        model_store=properties["model_store"],
+    )
+    state.save()
+    try:
+        wait_until_healthy(state, settings.start_timeout_s)
+    except ServerError:
+        stop(workdir)
+        raise
+    return state
+
+
+def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
+    """Polls /ping (with the inference key, once TorchServe has written it) until it says Healthy."""
+    client = ServeClient(state.endpoints(), timeout_s=5)
+    deadline = time.monotonic() + timeout_s
+    last_error = ""
+    while time.monotonic() < deadline:
+        if torchserve_process(state.pid) is None:
+            raise ServerError(f"TorchServe exited during start-up: see {state.log_dir}/ts_log.log")
+        try:
+            status = client.ping().get("status")
+            if status == "Healthy":
+                return
+            last_error = f"status {status}"
+        except (ServerError, ApiError) as exc:
+            last_error = str(exc)
+        time.sleep(0.25)
+    raise ServerError(f"TorchServe not healthy after {timeout_s:.0f} s ({last_error}): see {state.log_dir}")
+
+
+def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
+    """Stops the TorchServe recorded in `workdir` and every worker it spawned; False if none was running."""
+    workdir = workdir.resolve()
+    try:
+        state = ServerState.load(workdir)
+    except ServerError:
+        return False
+    process = torchserve_process(state.pid)
+    stopped = process is not None
+    if process is not None:
+        workers = process.children(recursive=True)
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for worker in alive:
+            worker.kill()
+        psutil.wait_procs(alive, timeout=5)
+    (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)
+    (workdir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+    return stopped
