@@ -45,9 +45,7 @@ def json_image(value: Any, what: str) -> torch.Tensor:
     """One image from JSON (28x28 or 1x28x28 numbers in [0, 1]) -> 1x1x28x28."""
     tensor = finite_tensor(value, what)
     if tuple(tensor.shape) not in ((IMAGE_SIZE, IMAGE_SIZE), (1, IMAGE_SIZE, IMAGE_SIZE)):
-        raise RequestError(
-            "invalid_shape", f"{what} has shape {list(tensor.shape)}; expected [28, 28] or [1, 28, 28]"
-        )
+        raise RequestError("invalid_shape", f"{what} has shape {list(tensor.shape)}; expected [28, 28] or [1, 28, 28]")
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
         raise RequestError(
             "invalid_input",

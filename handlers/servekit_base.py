@@ -103,13 +103,12 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
             raise RequestError(
                 "image_too_large",
                 f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                status=413,
             )
         image.load()
     except RequestError:
         raise
     except Image.DecompressionBombError as exc:
-        raise RequestError("image_too_large", str(exc), status=413) from None
+        raise RequestError("image_too_large", str(exc)) from None
     except UnidentifiedImageError:
         raise RequestError(
             "invalid_image", "the body is neither an image Pillow can read (PNG, JPEG, ...) nor JSON"
@@ -166,7 +165,7 @@ def top_k(probabilities: torch.Tensor, labels: list[str], k: int) -> dict[str, f
     """The k most likely labels, most likely first, as {label: probability}."""
     k = min(k, probabilities.numel())
     values, indices = torch.topk(probabilities, k)
-    return {labels[i]: round(float(v), 6) for v, i in zip(values.tolist(), indices.tolist())}
+    return {labels[i]: round(float(v), 6) for v, i in zip(values.tolist(), indices.tolist(), strict=True)}
 
 
 class ServekitHandler(BaseHandler):
@@ -256,4 +255,3 @@ class ServekitHandler(BaseHandler):
         logger.info("request %s rejected with %s: %s", idx, exc.status, exc.detail)
         context.set_response_status(exc.status, HTTPStatus(exc.status).phrase, idx)
         return exc.body()
-

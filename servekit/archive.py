@@ -182,4 +182,3 @@ def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:
             "the archive was modified or truncated; rebuild it with --force"
         )
     return entry
-

@@ -12,11 +12,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from servekit import __version__, server
-from servekit.archive import HANDLERS, BuildOptions, build_archive, verify_archive
+from servekit.archive import HANDLERS, BuildOptions, build_archive
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.errors import ServekitError, UsageError
 from servekit.evaluate import evaluate_served
+from servekit.rollout import ready_workers, register_verified
 from servekit.train import HELD_OUT_DIR, train_digits
 
 console = Console()
@@ -146,22 +147,19 @@ def serve() -> None:
 @click.option("--inference-port", type=int, default=None, help="Overrides the config's inference port.")
 @click.option("--management-port", type=int, default=None, help="Overrides the config's management port.")
 @click.option("--metrics-port", type=int, default=None, help="Overrides the config's metrics port.")
+@click.option("--grpc-inference-port", type=int, default=None, help="Overrides the gRPC inference port.")
+@click.option("--grpc-management-port", type=int, default=None, help="Overrides the gRPC management port.")
 @click.option("--no-snapshots", is_flag=True, help="Start without config snapshots (torchserve --ncs).")
 @store_option
 @workdir_option
-def serve_start(config_path, inference_port, management_port, metrics_port, no_snapshots, store, workdir) -> None:
+def serve_start(config_path, no_snapshots, store, workdir, **port_options) -> None:
     """Start TorchServe in the background and wait until it is healthy.
 
-    Example: servekit serve start --config config.properties
+    Every address binds 127.0.0.1. Example: servekit serve start --config config.properties
     """
+    ports = {name.removesuffix("_port"): port for name, port in port_options.items() if port is not None}
     settings = server.ServerSettings(
-        base_config=config_path,
-        model_store=store,
-        workdir=workdir,
-        inference_port=inference_port,
-        management_port=management_port,
-        metrics_port=metrics_port,
-        snapshots=not no_snapshots,
+        base_config=config_path, model_store=store, workdir=workdir, ports=ports, snapshots=not no_snapshots
     )
     state = server.start(settings)
     console.print(
@@ -203,17 +201,20 @@ def serve_status(workdir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--version", "version", required=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Initial workers.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Workers for this version [default: the archive's minWorkers].")  # fmt: skip
 @workdir_option
-def register(name: str, version: str, workers: int, workdir: Path) -> None:
+def register(name: str, version: str, workers: int | None, workdir: Path) -> None:
     """Register STORE/NAME-VERSION.mar with the running server (after checking its sha256) and wait until ready.
 
     Example: servekit register digits --version 1.0.0 --workers 1
     """
     state = server.ServerState.load(workdir.resolve())
-    entry = verify_archive(Path(state.model_store), name, version)
-    answer = ServeClient(state.endpoints()).register(entry.archive, initial_workers=workers)
-    console.print(answer.get("status", answer))
+    description = register_verified(ServeClient(state.endpoints()), Path(state.model_store), name, version, workers)
+    console.print(
+        f"registered {name} {version}: {ready_workers(description)} worker(s) ready, "
+        f"batch size {description['batchSize']}"
+    )
 
 
 @cli.command()

@@ -74,11 +74,11 @@ class ServeClient:
         url = f"{base}{path}"
         headers = {**self._headers(api), **kwargs.pop("headers", {})}
         try:
-            response = self.session.request(
-                method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs
-            )
+            response = self.session.request(method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs)
         except requests.Timeout:
-            raise ServerError(f"TorchServe did not answer {method} {url} within {timeout_s or self.timeout_s:g} s") from None
+            raise ServerError(
+                f"TorchServe did not answer {method} {url} within {timeout_s or self.timeout_s:g} s"
+            ) from None
         except requests.ConnectionError:
             raise ServerError(f"cannot reach TorchServe at {base}: is it running? (servekit serve status)") from None
         if not response.ok:

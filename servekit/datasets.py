@@ -57,7 +57,7 @@ def write_held_out(images: torch.Tensor, labels: torch.Tensor, folder: Path) -> 
     with index_path.open("w", newline="") as index:
         writer = csv.writer(index)
         writer.writerow(["file", "label"])
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
             name = f"{i:04d}_{label}.png"
             (folder / name).write_bytes(to_png(image))
             writer.writerow([name, label])

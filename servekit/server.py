@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,21 +26,31 @@ from servekit.errors import ApiError, ServerError, UsageError
 SERVER_STATE_FILE = "server.json"
 KEY_FILE = "key_file.json"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
-ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
-DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+HTTP_ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+# TorchServe 0.12 always starts its gRPC servers too (there is no switch): each instance needs its own ports.
+GRPC_KEYS = {
+    "grpc_inference": ("grpc_inference_address", "grpc_inference_port"),
+    "grpc_management": ("grpc_management_address", "grpc_management_port"),
+}
+DEFAULT_PORTS = {
+    "inference": 8080,
+    "management": 8081,
+    "metrics": 8082,
+    "grpc_inference": 7070,
+    "grpc_management": 7071,
+}
 
 
 @dataclass
 class ServerSettings:
-    """How to start a server; ports left at None come from the base config.properties (else 8080-8082)."""
+    """How to start a server. `ports` overrides the base config.properties by API name (keys of DEFAULT_PORTS);
+    the rest come from that file, else TorchServe's defaults."""
 
     base_config: Path
     model_store: Path
     workdir: Path
     host: str = "127.0.0.1"
-    inference_port: int | None = None
-    management_port: int | None = None
-    metrics_port: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
     snapshots: bool = True
     start_timeout_s: float = 90.0
 
@@ -103,16 +113,20 @@ def port_of(address: str | None, default: int) -> int:
 
 
 def effective_properties(settings: ServerSettings) -> dict[str, str]:
-    """The base config with this server's addresses and absolute model store."""
+    """The base config with this server's addresses (all on `settings.host`) and absolute model store."""
+    unknown = settings.ports.keys() - DEFAULT_PORTS.keys()
+    if unknown:
+        raise UsageError(f"unknown port name(s) {sorted(unknown)}; use {sorted(DEFAULT_PORTS)}")
+    for api, port in settings.ports.items():
+        if not 0 < port < 65536:
+            raise UsageError(f"{api} port {port} is not in 1..65535")
     properties = read_properties(settings.base_config)
-    ports = {
-        "inference": settings.inference_port,
-        "management": settings.management_port,
-        "metrics": settings.metrics_port,
-    }
-    for api, key in ADDRESS_KEYS.items():
-        port = ports[api] or port_of(properties.get(key), DEFAULT_PORTS[api])
+    for api, key in HTTP_ADDRESS_KEYS.items():
+        port = settings.ports.get(api) or port_of(properties.get(key), DEFAULT_PORTS[api])
         properties[key] = f"http://{settings.host}:{port}"
+    for api, (address_key, port_key) in GRPC_KEYS.items():
+        properties[address_key] = settings.host
+        properties[port_key] = str(settings.ports.get(api) or properties.get(port_key) or DEFAULT_PORTS[api])
     properties["model_store"] = str(settings.model_store.resolve())
     return properties
 

@@ -1,0 +1,62 @@
+"""The CLI's contract: one clear line and exit code 2 for bad usage, 1 for failures, tables or JSON otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from servekit import server
+from servekit.cli import cli
+from servekit.errors import ServerError
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_build_with_a_bad_version_exits_2_with_one_line(tmp_path, trained_digits):
+    result = run("build", "digits", "--version", "1.0", "--from", str(trained_digits), "--store", str(tmp_path))
+    assert result.exit_code == 2
+    assert "semantic version" in result.output and "Traceback" not in result.output
+
+
+def test_build_then_models_store_lists_the_archive(tmp_path, trained_digits):
+    result = run("build", "digits", "--version", "2.1.0", "--from", str(trained_digits), "--store", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    listing = run("models", "--store", "--store-dir", str(tmp_path), "--json")
+    rows = json.loads(listing.output)
+    assert [(r["name"], r["version"], r["archive"]) for r in rows] == [("digits", "2.1.0", "digits-2.1.0.mar")]
+
+
+def test_build_refuses_an_existing_version_with_exit_1(tmp_path, trained_digits):
+    args = ("build", "digits", "--version", "1.0.0", "--from", str(trained_digits), "--store", str(tmp_path))
+    assert run(*args).exit_code == 0
+    again = run(*args)
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_commands_without_a_running_server_say_how_to_start_one(tmp_path):
+    result = run("models", "--workdir", str(tmp_path))
+    assert result.exit_code == 1 and "servekit serve start" in result.output
+
+
+def test_missing_or_old_java_is_reported_with_the_fix(monkeypatch):
+    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    with pytest.raises(ServerError, match="Java not found.*Java 11"):
+        server.require_java()
+    monkeypatch.setattr(server, "java_major_version", lambda: 8)
+    with pytest.raises(ServerError, match="Java 8 found, TorchServe needs Java 11"):
+        server.require_java()
+
+
+def test_java_version_strings_are_parsed(monkeypatch):
+    class Result:
+        stderr = 'openjdk version "1.8.0_392"'
+
+    monkeypatch.setattr(server.subprocess, "run", lambda *a, **k: Result())
+    monkeypatch.setattr(server.shutil, "which", lambda name: "/usr/bin/java")
+    assert server.java_major_version() == 8
+    Result.stderr = 'openjdk version "17.0.15" 2025-04-15'
+    assert server.java_major_version() == 17

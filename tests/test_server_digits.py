@@ -1,0 +1,152 @@
+"""digits on a real TorchServe 0.12: accuracy, parity with the in-process model, bad input, auth, clean stop."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+import torch
+from click.testing import CliRunner
+from conftest import bad_inputs, start_server
+from digits import image_to_tensor
+
+from servekit import server
+from servekit.cli import cli
+from servekit.client import ServeClient
+from servekit.errors import ApiError
+from servekit.evaluate import evaluate_served
+from servekit.models import SimpleCNN
+from servekit.rollout import ready_workers, register_verified
+from servekit.train import HELD_OUT_DIR
+
+pytestmark = pytest.mark.server
+
+
+def worker_pids(client: ServeClient) -> list[int]:
+    return sorted(worker["pid"] for worker in client.describe("digits", "1.0.0")[0]["workers"])
+
+
+def in_process_labels(trained_digits, held_out) -> dict[str, str]:
+    model = SimpleCNN()
+    model.load_state_dict(torch.load(trained_digits / "model.pt", weights_only=True))
+    model.eval()
+    images = torch.cat([image_to_tensor(path.read_bytes(), 10**6) for path, _ in held_out])
+    with torch.inference_mode():
+        indices = model(images).argmax(dim=1).tolist()
+    return {path.name: str(index) for (path, _), index in zip(held_out, indices, strict=True)}
+
+
+def test_served_accuracy_and_answers_match_the_in_process_model(served_digits, trained_digits, held_out):
+    evaluation = evaluate_served(served_digits, "digits", trained_digits / HELD_OUT_DIR, concurrency=8)
+    assert evaluation.total == len(held_out) >= 0.2 * 1797
+    assert evaluation.accuracy >= 0.95
+    assert evaluation.predictions == in_process_labels(trained_digits, held_out)
+
+
+def test_model_is_registered_with_its_archive_settings(served_digits):
+    description = served_digits.describe("digits", "1.0.0")[0]
+    assert description["batchSize"] == 4 and description["modelVersion"] == "1.0.0"
+    assert [w["status"] for w in description["workers"]] == ["READY"]
+
+
+def test_each_bad_input_gets_400_json_and_the_worker_survives(served_digits, good_png):
+    pids_before = worker_pids(served_digits)
+    for case, (body, content_type) in bad_inputs(good_png).items():
+        with pytest.raises(ApiError) as info:
+            served_digits.predict("digits", body, content_type=content_type)
+        assert info.value.status == 400, f"{case}: {info.value}"
+        assert info.value.message.split(":")[0] in {
+            "invalid_image", "image_too_large", "empty_body", "invalid_shape", "invalid_input", "invalid_json",
+        }, case  # fmt: skip
+    assert worker_pids(served_digits) == pids_before
+    assert served_digits.predict("digits", good_png, content_type="image/png")["label"] == "7"
+
+
+def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, held_out, good_png):
+    """8 concurrent clients: TorchServe batches good and bad requests together (batch size 4)."""
+    pids_before = worker_pids(served_digits)
+    bad = list(bad_inputs(good_png).values())
+    jobs = [("good", path.read_bytes(), "image/png", label) for path, label in held_out[:48]]
+    jobs += [("bad", body, content_type, None) for body, content_type in bad * 2]
+    jobs.sort(key=lambda job: hash(job[1]))  # interleave good and bad
+
+    def send(job):
+        kind, body, content_type, label = job
+        url = f"{served_digits.endpoints.inference_url}/predictions/digits"
+        response = requests.post(url, data=body, headers={**served_digits._headers("inference"),
+                                 "Content-Type": content_type}, timeout=60)  # fmt: skip
+        return kind, label, response.status_code, response.json()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(send, jobs))
+    good = [(label, status, body) for kind, label, status, body in results if kind == "good"]
+    bad_results = [(status, body) for kind, _, status, body in results if kind == "bad"]
+    assert all(status == 200 for _, status, _ in good)
+    correct = sum(body["label"] == label for label, _, body in good)
+    assert correct >= 0.95 * len(good)
+    assert all(status == 400 and body["code"] == 400 and body["detail"] for status, body in bad_results)
+    assert worker_pids(served_digits) == pids_before
+
+
+def test_json_inputs_are_answered_like_images(served_digits, held_out):
+    image = image_to_tensor(held_out[3][0].read_bytes(), 10**6)[0, 0].tolist()
+    single = served_digits.predict("digits", {"input": image})
+    several = served_digits.predict("digits", {"inputs": [image, image]})
+    assert single["label"] == held_out[3][1]
+    assert several == [single, single]
+
+
+def test_requests_without_or_with_a_wrong_token_are_refused(served_digits, good_png):
+    url = served_digits.endpoints.inference_url
+    no_token = requests.post(f"{url}/predictions/digits", data=good_png, timeout=10)
+    wrong_token = requests.post(
+        f"{url}/predictions/digits", data=good_png, headers={"Authorization": "Bearer wrong"}, timeout=10
+    )
+    management = requests.get(f"{served_digits.endpoints.management_url}/models", timeout=10)
+    for response in (no_token, wrong_token, management):
+        assert response.status_code in (400, 401, 403)
+        assert response.json()["type"] == "InvalidKeyException"
+
+
+def test_prometheus_metrics_are_served(served_digits, good_png):
+    served_digits.predict("digits", good_png, content_type="image/png")
+    text = served_digits.metrics()
+    assert "ts_inference_requests_total" in text and 'model_name="digits"' in text
+
+
+def test_cli_register_predict_and_models_against_a_running_server(torchserve, trained_digits, served_digits):
+    """The CLI commands a user types, pointed at the session server's working folder."""
+    workdir = torchserve.workdir
+    runner = CliRunner()
+    png = trained_digits / HELD_OUT_DIR / "0000_7.png"
+    predicted = runner.invoke(cli, ["predict", "digits", str(png), "--workdir", workdir, "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.output)[str(png)]["label"] == "7"
+    listing = runner.invoke(cli, ["models", "--workdir", workdir, "--json"])
+    assert json.loads(listing.output) == [
+        {"name": "digits", "version": "1.0.0", "default": True, "workers": "1/1 ready", "batch_size": 4,
+         "archive": "digits-1.0.0.mar"}
+    ]  # fmt: skip
+    again = runner.invoke(cli, ["register", "digits", "--version", "1.0.0", "--workdir", workdir])
+    assert again.exit_code == 1 and "409" in again.output and "already registered" in again.output
+    unknown = runner.invoke(cli, ["register", "digits", "--version", "3.0.0", "--workdir", workdir])
+    assert unknown.exit_code == 1 and "not in" in unknown.output
+
+
+def test_stop_ends_the_frontend_and_every_worker(tmp_path, model_store):
+    state = start_server(model_store, tmp_path / "ts")
+    try:
+        description = register_verified(ServeClient(state.endpoints()), model_store, "digits", "1.0.0", workers=2)
+        assert ready_workers(description) == 2
+        frontend = psutil.Process(state.pid)
+        spawned = [frontend, *frontend.children(recursive=True)]
+        assert {w["pid"] for w in description["workers"]} <= {p.pid for p in spawned}
+    finally:
+        assert server.stop(tmp_path / "ts")
+    gone, alive = psutil.wait_procs(spawned, timeout=10)
+    assert not alive
+    assert not (tmp_path / "ts" / "server.json").exists()
+    assert server.stop(tmp_path / "ts") is False
