@@ -1,8 +1,8 @@
 """TorchServe handler for the SimpleCNN digit classifier.
 
-A request is either image bytes (PNG, JPEG, ...; any size, converted to 28x28 grayscale; a white digit on a dark
-background as in MNIST, dark-on-light images are inverted) or JSON: `{"input": 28x28 floats in [0, 1]}` answers one
-prediction, `{"inputs": [image, ...]}` answers a list. A prediction is
+A request is either image bytes (PNG, JPEG, ...; any size, converted to 28x28 grayscale; a white digit on a
+dark background as in MNIST, dark-on-light images are inverted) or JSON: `{"input": 28x28 floats in [0, 1]}`
+answers one prediction, `{"inputs": [image, ...]}` answers a list. A prediction is
 `{"label": "7", "index": 7, "probabilities": {"7": 0.98, "1": 0.01, "9": 0.004}}`.
 """
 
@@ -17,11 +17,11 @@ from servekit_base import (
     RequestError,
     ServekitHandler,
     as_bytes,
+    classification,
     finite_tensor,
-    load_module_from_file,
+    json_items,
     open_image,
     parse_json,
-    top_k,
 )
 
 IMAGE_SIZE = 28
@@ -46,7 +46,7 @@ def json_image(value: Any, what: str) -> torch.Tensor:
     tensor = finite_tensor(value, what)
     if tuple(tensor.shape) not in ((IMAGE_SIZE, IMAGE_SIZE), (1, IMAGE_SIZE, IMAGE_SIZE)):
         raise RequestError("invalid_shape", f"{what} has shape {list(tensor.shape)}; expected [28, 28] or [1, 28, 28]")
-    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+    if tensor.min() < 0 or tensor.max() > 1:
         raise RequestError(
             "invalid_input",
             f"{what} has values in [{tensor.min():g}, {tensor.max():g}]; expected [0, 1] "
@@ -57,51 +57,33 @@ def json_image(value: Any, what: str) -> torch.Tensor:
 
 def json_to_decoded(document: Any, max_inputs: int) -> Decoded:
     """`{"input": image}` -> one sample; `{"inputs": [image, ...]}` -> several, answered as a list."""
-    if not isinstance(document, dict) or len(document.keys() & {"input", "inputs"}) != 1:
-        raise RequestError("invalid_json", f"expected {JSON_FORMAT}")
-    if "input" in document:
-        return Decoded(json_image(document["input"], '"input"'))
-    images = document["inputs"]
-    if not isinstance(images, list) or not images:
-        raise RequestError("invalid_json", f'"inputs" must be a non-empty list of images; expected {JSON_FORMAT}')
-    if len(images) > max_inputs:
-        raise RequestError(
-            "too_many_inputs", f'"inputs" has {len(images)} images; the limit is {max_inputs}', status=413
-        )
-    tensors = [json_image(image, f'"inputs"[{i}]') for i, image in enumerate(images)]
-    return Decoded(torch.cat(tensors), many=True)
-
-
-def prediction(logits: torch.Tensor, labels: list[str], k: int = 3) -> dict:
-    """One row of logits -> the answer clients get."""
-    probabilities = torch.softmax(logits.float(), dim=-1)
-    index = int(probabilities.argmax())
-    return {"label": labels[index], "index": index, "probabilities": top_k(probabilities, labels, k)}
+    images, many = json_items(document, "input", "inputs", max_inputs, JSON_FORMAT)
+    name = "inputs" if many else "input"
+    return Decoded([json_image(image, f'"{name}"[{i}]' if many else '"input"') for i, image in enumerate(images)], many)
 
 
 class DigitsHandler(ServekitHandler):
-    """SimpleCNN weights (state_dict) + the model file + labels.json, all from the archive."""
+    """SimpleCNN + labels.json from the archive; images or JSON pixel arrays in."""
 
-    def load_model(self) -> torch.nn.Module:
-        module = load_module_from_file(self.model_file(), "servekit_digits_model")
-        model = getattr(module, self.config.get("model_class", "SimpleCNN"))()
-        state = torch.load(self.serialized_file(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+    content_types = ("image/", "application/json", "application/octet-stream")
+
+    def setup(self) -> None:
         self.labels = self.read_labels()
-        return model
 
-    def decode_request(self, payload: Any) -> Decoded:
+    def decode_request(self, payload: Any, content_type: str) -> Decoded:
         max_inputs = int(self.config["max_inputs_per_request"])
         if isinstance(payload, (dict, list)):
             return json_to_decoded(payload, max_inputs)
         raw = as_bytes(payload)
         if not raw.strip():
             raise RequestError("empty_body", f"the body is empty: send image bytes or {JSON_FORMAT}")
-        if raw.lstrip()[:1] in (b"{", b"["):
+        if content_type == "application/json" or raw.lstrip()[:1] in (b"{", b"["):
             return json_to_decoded(parse_json(raw), max_inputs)
-        return Decoded(image_to_tensor(raw, int(self.config["max_image_pixels"])))
+        return Decoded([image_to_tensor(raw, int(self.config["max_image_pixels"]))])
 
     def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
-        k = int(self.config.get("top_k", 3))
-        answers = [prediction(row, self.labels, k) for row in outputs]
+        answers = [classification(row, self.labels, int(self.config["top_k"])) for row in outputs]
         return answers if many else answers[0]
+
+    def example_samples(self, count: int) -> list:
+        return [torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)] * count

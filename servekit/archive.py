@@ -17,6 +17,7 @@ import yaml
 from servekit import __version__
 from servekit.catalog import Catalog, CatalogEntry, utc_now
 from servekit.errors import ArchiveError, UsageError
+from servekit.formats import FORMAT_FILES, export_model, load_trained
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -26,18 +27,20 @@ VERSION_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """What an archive of one kind of model holds besides its weights."""
+    """A handler file of `handlers/` and the files of a trained folder its archives carry besides the weights."""
 
     handler_file: str
-    model_file: Path
-    model_class: str
-    source_files: tuple[str, ...] = ("model.pt", "labels.json")
+    extra_files: tuple[str, ...] = ("labels.json",)
 
 
 HANDLERS = {
-    "digits": HandlerSpec(handler_file="digits.py", model_file=PACKAGE_DIR / "models.py", model_class="SimpleCNN"),
+    "digits": HandlerSpec("digits.py"),
+    "image": HandlerSpec("image_classifier.py"),
+    "tensor": HandlerSpec("tensor_handler.py", extra_files=()),
+    "text": HandlerSpec("text_classifier.py", extra_files=("labels.json", "vocab.json")),
 }
 SHARED_HANDLER_FILES = ("servekit_base.py",)
+MODEL_DEFINITIONS = PACKAGE_DIR / "models.py"
 
 
 @dataclass
@@ -48,6 +51,7 @@ class BuildOptions:
     max_batch_delay_ms: int = 50
     workers: int = 1
     response_timeout_s: int = 60
+    model_format: str = "state_dict"
     handler: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -56,6 +60,8 @@ class BuildOptions:
                 raise UsageError(f"{label} must be at least 1, got {value}")
         if self.max_batch_delay_ms < 0:
             raise UsageError(f"max batch delay must be >= 0 ms, got {self.max_batch_delay_ms}")
+        if self.model_format not in FORMAT_FILES:
+            raise UsageError(f"unknown format {self.model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
 
 
 def handlers_dir() -> Path:
@@ -84,15 +90,19 @@ def archive_file_name(name: str, version: str) -> str:
     return f"{name}-{version}.mar"
 
 
-def model_config(spec: HandlerSpec, options: BuildOptions) -> dict:
+def model_config(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
     """TorchServe's per-model settings; the `handler` section is read by servekit's handlers."""
+    handler = {**trained, "format": options.model_format, **format_settings, **options.handler}
+    if handler_name == "tensor" and "example_input" in handler:
+        handler.setdefault("input_shape", handler["example_input"]["shape"])
+        handler.setdefault("input_dtype", handler["example_input"].get("dtype", "float32"))
     return {
         "minWorkers": options.workers,
         "maxWorkers": options.workers,
         "batchSize": options.batch_size,
         "maxBatchDelay": options.max_batch_delay_ms,
         "responseTimeout": options.response_timeout_s,
-        "handler": {"model_class": spec.model_class, **options.handler},
+        "handler": handler,
     }
 
 
@@ -105,17 +115,18 @@ def build_archive(
     options: BuildOptions | None = None,
     force: bool = False,
 ) -> CatalogEntry:
-    """Packs `source_dir` into `store/NAME-VERSION.mar` and records it in the store's catalog."""
+    """Packs a trained folder into `store/NAME-VERSION.mar` (in `options.model_format`) and catalogs it."""
     options = options or BuildOptions()
     options.validate()
     check_name_version(name, version)
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
-    missing = [f for f in spec.source_files if not (source_dir / f).is_file()]
+    needed = (FORMAT_FILES["state_dict"], "handler.json", *spec.extra_files)
+    missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:
         raise UsageError(
-            f"{source_dir} lacks {', '.join(missing)}: train first (servekit train {handler} --out {source_dir})"
+            f"{source_dir} lacks {', '.join(missing)}: train first (servekit train ... --out {source_dir})"
         )
     store.mkdir(parents=True, exist_ok=True)
     archive_path = store / archive_file_name(name, version)
@@ -125,16 +136,18 @@ def build_archive(
 
     with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
         staging = Path(tmp)
+        model, trained = load_trained(source_dir)
+        weights, format_settings = export_model(model, trained, options.model_format, staging)
+        config = model_config(handler, trained, options, format_settings)
         config_path = staging / "model-config.yaml"
-        config_path.write_text(yaml.safe_dump(model_config(spec, options), sort_keys=False))
-        extra_files = [handlers_dir() / f for f in SHARED_HANDLER_FILES]
-        extra_files += [source_dir / f for f in spec.source_files[1:]]
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        extra_files = [handlers_dir() / f for f in SHARED_HANDLER_FILES] + [source_dir / f for f in spec.extra_files]
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
-            "--model-file", str(spec.model_file),
-            "--serialized-file", str(source_dir / spec.source_files[0]),
+            "--model-file", str(MODEL_DEFINITIONS),
+            "--serialized-file", str(weights),
             "--handler", str(handlers_dir() / spec.handler_file),
             "--extra-files", ",".join(str(f) for f in extra_files),
             "--config-file", str(config_path),
@@ -155,10 +168,11 @@ def build_archive(
         size_bytes=archive_path.stat().st_size,
         created=utc_now(),
         handler=handler,
+        model_format=options.model_format,
         source_dir=str(source_dir.resolve()),
-        source_weights_sha256=sha256_file(source_dir / spec.source_files[0]),
+        source_weights_sha256=sha256_file(source_dir / FORMAT_FILES["state_dict"]),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
-        config=model_config(spec, options),
+        config=config,
         servekit_version=__version__,
     )
     catalog.add(entry, replace=force)

@@ -27,6 +27,7 @@ class CatalogEntry:
     size_bytes: int
     created: str
     handler: str
+    model_format: str = "state_dict"
     source_dir: str = ""
     source_weights_sha256: str = ""
     metrics: dict = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,17 @@ from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.errors import ServekitError, UsageError
 from servekit.evaluate import evaluate_served
+from servekit.formats import FORMAT_FILES
 from servekit.rollout import ready_workers, register_verified
-from servekit.train import HELD_OUT_DIR, train_digits
+from servekit.train import (
+    HELD_OUT_DIR,
+    IMAGE_ARCHITECTURES,
+    OnEpoch,
+    TrainResult,
+    train_digits,
+    train_image,
+    train_text,
+)
 
 console = Console()
 errors = Console(stderr=True)
@@ -41,16 +51,22 @@ class ServekitGroup(click.Group):
 
 def store_option(function):
     return click.option(
-        "--store", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+        "--store",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_STORE,
+        show_default=True,
         help="Model store: the .mar archives and catalog.json.",
-    )(function)  # fmt: skip
+    )(function)
 
 
 def workdir_option(function):
     return click.option(
-        "--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
+        "--workdir",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_WORKDIR,
+        show_default=True,
         help="The server's working folder (logs, key_file.json, server.json).",
-    )(function)  # fmt: skip
+    )(function)
 
 
 def json_option(function):
@@ -77,9 +93,33 @@ def train() -> None:
     """Train a model on data that ships inside installed packages."""
 
 
+def run_training(description: str, epochs: int, train: Callable[[OnEpoch], TrainResult], out: Path) -> None:
+    """Runs a trainer under a progress bar and prints its held-out accuracy."""
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(description, total=max(epochs, 1))
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            progress.update(task, advance=1, description=f"{description}: epoch {epoch}/{epochs} loss {loss:.4f}")
+
+        result = train(on_epoch)
+    console.print(
+        f"{description} in {result.seconds:.1f} s: held-out accuracy [bold]{result.accuracy:.4f}[/] "
+        f"on {result.test_size} samples; wrote {out}"
+    )
+
+
+def out_option(default: str):
+    return click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_WORK / default,
+        show_default=True,
+        help="Folder for model.pt, labels.json, handler.json, metrics.json and heldout/.",
+    )
+
+
 @train.command("digits")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_WORK / "digits", show_default=True,
-              help="Folder for model.pt, labels.json, metrics.json and the held-out PNGs.")  # fmt: skip
+@out_option("digits")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_digits_command(out: Path, epochs: int, seed: int) -> None:
@@ -87,34 +127,80 @@ def train_digits_command(out: Path, epochs: int, seed: int) -> None:
 
     Example: servekit train digits --out model_store/work/digits
     """
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training SimpleCNN", total=epochs)
+    run_training("training SimpleCNN", epochs, lambda cb: train_digits(out, epochs, seed, on_epoch=cb), out)
 
-        def on_epoch(epoch: int, loss: float) -> None:
-            progress.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss:.4f}")
 
-        result = train_digits(out, epochs=epochs, seed=seed, on_epoch=on_epoch)
-    console.print(
-        f"trained SimpleCNN in {result.seconds:.1f} s: held-out accuracy [bold]{result.accuracy:.4f}[/] "
-        f"on {result.test_size} images; wrote {out}"
+@train.command("image")
+@out_option("image")
+@click.option("--arch", type=click.Choice(IMAGE_ARCHITECTURES), default="resnet18", show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=64, show_default=True)
+@click.option(
+    "--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0 keeps the random initialisation."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed: int) -> None:
+    """A torchvision classifier trained from scratch on the digits as RGB images (no pretrained download).
+
+    Example: servekit train image --arch resnet18 --image-size 64 --epochs 4
+    """
+    run_training(
+        f"training {arch}", epochs, lambda cb: train_image(out, arch, image_size, epochs, seed, on_epoch=cb), out
     )
+
+
+@train.command("text")
+@out_option("text")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=500),
+    default=6000,
+    show_default=True,
+    help="Size of the generated review corpus (20 % held out).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
+    """The Transformer text classifier on generated sentiment reviews (rule: servekit.datasets.sentiment_corpus).
+
+    Example: servekit train text --out model_store/work/text
+    """
+    run_training("training TextClassifier", epochs, lambda cb: train_text(out, epochs, seed, samples, on_epoch=cb), out)
 
 
 # build --------------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("name")
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.0.0.")
-@click.option("--from", "source_dir", type=click.Path(path_type=Path), default=None,
-              help="Trained model folder [default: model_store/work/NAME].")  # fmt: skip
-@click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None,
-              help="Handler to pack [default: NAME when it is a handler's name].")  # fmt: skip
+@click.option(
+    "--from",
+    "source_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained model folder [default: model_store/work/NAME].",
+)
+@click.option(
+    "--handler",
+    type=click.Choice(sorted(HANDLERS)),
+    default=None,
+    help="Handler to pack [default: NAME when it is a handler's name].",
+)
+@click.option(
+    "--format",
+    "model_format",
+    type=click.Choice(list(FORMAT_FILES)),
+    default="state_dict",
+    show_default=True,
+    help="How the model is serialized in the archive (exported at build time).",
+)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="TorchServe batchSize.")
 @click.option("--max-batch-delay", type=int, default=50, show_default=True, help="maxBatchDelay in ms.")
 @click.option("--workers", type=int, default=1, show_default=True, help="minWorkers = maxWorkers.")
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
 @store_option
 @json_option
-def build(name, version, source_dir, handler, batch_size, max_batch_delay, workers, force, store, as_json) -> None:
+def build(
+    name, version, source_dir, handler, model_format, batch_size, max_batch_delay, workers, force, store, as_json
+):
     """Pack a trained model into STORE/NAME-VERSION.mar and record it in the catalog.
 
     Example: servekit build digits --version 1.0.0
@@ -122,7 +208,7 @@ def build(name, version, source_dir, handler, batch_size, max_batch_delay, worke
     handler = handler or name
     if handler not in HANDLERS:
         raise UsageError(f"no handler named {name!r}: pass --handler ({', '.join(sorted(HANDLERS))})")
-    options = BuildOptions(batch_size=batch_size, max_batch_delay_ms=max_batch_delay, workers=workers)
+    options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format)
     entry = build_archive(
         name, version, source_dir or DEFAULT_WORK / name, store, handler=handler, options=options, force=force
     )
@@ -130,8 +216,8 @@ def build(name, version, source_dir, handler, batch_size, max_batch_delay, worke
         print_json(entry.__dict__)
         return
     console.print(
-        f"built {store / entry.archive} ({entry.size_bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}...), "
-        f"batch size {batch_size}, {workers} worker(s)"
+        f"built {store / entry.archive} ({entry.handler} handler, {entry.model_format}, "
+        f"{entry.size_bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}...), batch size {batch_size}, {workers} worker(s)"
     )
 
 
@@ -142,8 +228,14 @@ def serve() -> None:
 
 
 @serve.command("start")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("config.properties"),
-              show_default=True, help="Base TorchServe config.properties.")  # fmt: skip
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("config.properties"),
+    show_default=True,
+    help="Base TorchServe config.properties.",
+)
 @click.option("--inference-port", type=int, default=None, help="Overrides the config's inference port.")
 @click.option("--management-port", type=int, default=None, help="Overrides the config's management port.")
 @click.option("--metrics-port", type=int, default=None, help="Overrides the config's metrics port.")
@@ -187,8 +279,13 @@ def serve_status(workdir: Path, as_json: bool) -> None:
     if state is None:
         raise click.ClickException(f"no TorchServe is running from {workdir}: servekit serve start")
     client = ServeClient(state.endpoints())
-    report = {"pid": state.pid, "health": client.ping().get("status"), "inference_url": state.inference_url,
-              "management_url": state.management_url, "models": client.list_models()}  # fmt: skip
+    report = {
+        "pid": state.pid,
+        "health": client.ping().get("status"),
+        "inference_url": state.inference_url,
+        "management_url": state.management_url,
+        "models": client.list_models(),
+    }
     if as_json:
         print_json(report)
         return
@@ -201,8 +298,12 @@ def serve_status(workdir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--version", "version", required=True)
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Workers for this version [default: the archive's minWorkers].")  # fmt: skip
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Workers for this version [default: the archive's minWorkers].",
+)
 @workdir_option
 def register(name: str, version: str, workers: int | None, workdir: Path) -> None:
     """Register STORE/NAME-VERSION.mar with the running server (after checking its sha256) and wait until ready.
@@ -219,8 +320,13 @@ def register(name: str, version: str, workers: int | None, workdir: Path) -> Non
 
 @cli.command()
 @click.option("--store", "from_store", is_flag=True, help="List the catalog of built archives instead.")
-@click.option("--store-dir", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
-              help="Model store read with --store.")  # fmt: skip
+@click.option(
+    "--store-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="Model store read with --store.",
+)
 @workdir_option
 @json_option
 def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> None:
@@ -234,12 +340,16 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
         for model in client.list_models():
             for version in client.describe(model["modelName"]):
                 workers = version.get("workers", [])
-                rows.append({
-                    "name": version["modelName"], "version": version["modelVersion"],
-                    "default": model["modelUrl"] == version["modelUrl"],
-                    "workers": f"{sum(w['status'] == 'READY' for w in workers)}/{len(workers)} ready",
-                    "batch_size": version["batchSize"], "archive": version["modelUrl"],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "name": version["modelName"],
+                        "version": version["modelVersion"],
+                        "default": model["modelUrl"] == version["modelUrl"],
+                        "workers": f"{sum(w['status'] == 'READY' for w in workers)}/{len(workers)} ready",
+                        "batch_size": version["batchSize"],
+                        "archive": version["modelUrl"],
+                    }
+                )
         columns = ("name", "version", "default", "workers", "batch_size", "archive")
     if as_json:
         print_json(rows)
@@ -257,40 +367,39 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
 @workdir_option
 @json_option
 def predict(name: str, files: tuple[Path, ...], version: str | None, workdir: Path, as_json: bool) -> None:
-    """Send each FILE (an image, or a .json document) to NAME and print the answer.
+    """Send each FILE (an image, a .txt text or a .json document) to NAME and print the answer.
 
     Example: servekit predict digits model_store/work/digits/heldout/0000_7.png
     """
     client = connect(workdir)
-    answers = {}
-    for path in files:
-        if path.suffix == ".json":
-            try:
-                document = json.loads(path.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UsageError(f"{path} is not valid JSON: {exc}") from None
-            answers[str(path)] = client.predict(name, document, version=version)
-        else:
-            answers[str(path)] = client.predict_file(name, path, version=version)
+    answers = {str(path): client.predict_file(name, path, version=version) for path in files}
     if as_json:
         print_json(answers)
         return
     for path, answer in answers.items():
         for item in answer if isinstance(answer, list) else [answer]:
-            confidence = item["probabilities"].get(item["label"], 0.0)
-            console.print(f"{path}: [bold]{item['label']}[/] ({confidence:.1%})")
+            if isinstance(item, dict) and "label" in item:
+                confidence = item["probabilities"].get(item["label"], 0.0)
+                console.print(f"{path}: [bold]{item['label']}[/] ({confidence:.1%})")
+            else:
+                console.print(f"{path}: {json.dumps(item)}")
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help=f"Labelled images with index.csv [default: model_store/work/NAME/{HELD_OUT_DIR}].")  # fmt: skip
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Labelled images with index.csv [default: model_store/work/NAME/{HELD_OUT_DIR}].",
+)
 @click.option("--version", "version", default=None)
 @click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True)
 @workdir_option
 @json_option
 def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency: int, workdir: Path, as_json) -> None:
-    """Accuracy of the served model on a labelled image folder, through the inference API.
+    """Accuracy of a served classifier on a labelled folder (index.csv), through the inference API.
 
     Example: servekit evaluate digits
     """
@@ -300,8 +409,9 @@ def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency:
         task = progress.add_task(f"predicting with {name}", total=None)
         result = evaluate_served(client, name, folder, version, concurrency, lambda: progress.advance(task))
     if as_json:
-        print_json({"accuracy": result.accuracy, "total": result.total, "correct": result.correct,
-                    "mistakes": result.mistakes})  # fmt: skip
+        print_json(
+            {"accuracy": result.accuracy, "total": result.total, "correct": result.correct, "mistakes": result.mistakes}
+        )
         return
     console.print(f"served accuracy of {name}: [bold]{result.accuracy:.4f}[/] ({result.correct}/{result.total})")
 

@@ -106,6 +106,8 @@ class ServeClient:
 
     def predict_file(self, name: str, path: Path, version: str | None = None) -> Any:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if path.suffix == ".json":
+            content_type = "application/json"
         return self.predict(name, path.read_bytes(), version=version, content_type=content_type)
 
     # Management API --------------------------------------------------------------------------------------------

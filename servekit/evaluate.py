@@ -1,4 +1,4 @@
-"""Accuracy of a served model on a labelled folder of images, measured through the inference API."""
+"""Accuracy of a served classifier on a labelled held-out folder, measured through the inference API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.client import ServeClient
-from servekit.datasets import read_held_out
+from servekit.datasets import HeldOutSample, read_held_out
 
 
 @dataclass
@@ -31,18 +31,17 @@ def evaluate_served(
     concurrency: int = 4,
     on_answer: Callable[[], None] | None = None,
 ) -> Evaluation:
-    """Sends every image of `folder` (written by `servekit train`) and compares the answers with the labels.
+    """Sends every sample of `folder` (written by `servekit train`) and compares the answers with the labels.
 
     Requests go out from `concurrency` threads so that TorchServe can batch them.
     """
     samples = read_held_out(folder)
 
-    def ask(sample: tuple[Path, str]) -> tuple[Path, str, str]:
-        path, expected = sample
-        answer = client.predict_file(name, path, version=version)
+    def ask(sample: HeldOutSample) -> tuple[Path, str, str]:
+        answer = client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)
         if on_answer:
             on_answer()
-        return path, expected, str(answer["label"])
+        return sample.path, sample.label, str(answer["label"])
 
     evaluation = Evaluation(total=len(samples), correct=0)
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

@@ -1,10 +1,20 @@
-"""Model definitions shipped inside archives.
+"""Model definitions and their input pipelines, shipped inside every archive.
 
-This file is copied into `.mar` files as the model file, so it must import nothing but torch.
+This file is copied into `.mar` files as the model file and imported there by the handlers, so servekit's
+trainers and TorchServe's workers build models, tokenize text and transform images with the same code. It must
+import nothing but torch, torchvision and the standard library.
 """
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import torch
 from torch import nn
+
+TORCHVISION_PREFIX = "torchvision:"
 
 
 class SimpleCNN(nn.Module):
@@ -28,3 +38,96 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class TextClassifier(nn.Module):
+    """A small Transformer encoder over token ids (0 = padding, position 0 = the class token)."""
+
+    def __init__(
+        self, vocab_size: int, num_classes: int, dim: int = 128, heads: int = 4, layers: int = 2, max_tokens: int = 64
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=Tokenizer.PAD)
+        self.position = nn.Embedding(max_tokens, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        hidden = self.embed(ids) + self.position(positions)
+        hidden = self.encoder(hidden, src_key_padding_mask=ids == Tokenizer.PAD)
+        return self.head(hidden[:, 0])
+
+
+def build_model(model_class: str, model_kwargs: dict | None = None) -> nn.Module:
+    """A class of this file by name, or a torchvision model as `torchvision:resnet18` (random init, no download)."""
+    kwargs = dict(model_kwargs or {})
+    if model_class.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        return torchvision.models.get_model(model_class.removeprefix(TORCHVISION_PREFIX), weights=None, **kwargs)
+    factory = {"SimpleCNN": SimpleCNN, "TextClassifier": TextClassifier}.get(model_class)
+    if factory is None:
+        raise ValueError(f"unknown model class {model_class!r}: use SimpleCNN, TextClassifier or torchvision:NAME")
+    return factory(**kwargs)
+
+
+class Tokenizer:
+    """Lower-cased words, numbers and punctuation; ids from a vocabulary saved beside the weights."""
+
+    PAD, UNK, CLS = 0, 1, 2
+    SPECIALS = ("<pad>", "<unk>", "<cls>")
+    PATTERN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+
+    def __init__(self, vocabulary: list[str]):
+        if tuple(vocabulary[:3]) != self.SPECIALS:
+            raise ValueError(f"a vocabulary starts with {self.SPECIALS}")
+        self.vocabulary = vocabulary
+        self.ids = {token: i for i, token in enumerate(vocabulary)}
+
+    @classmethod
+    def from_texts(cls, texts: list[str]) -> Tokenizer:
+        words = sorted({token for text in texts for token in cls.split(text)})
+        return cls([*cls.SPECIALS, *words])
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        return cls(json.loads(Path(path).read_text()))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.vocabulary))
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        return cls.PATTERN.findall(text.lower())
+
+    def encode(self, text: str) -> list[int]:
+        """The class token, then one id per token (unknown words -> <unk>)."""
+        return [self.CLS, *(self.ids.get(token, self.UNK) for token in self.split(text))]
+
+
+def pad_batch(sequences: list[list[int]]) -> torch.Tensor:
+    """Token id lists -> a (batch, longest) int64 tensor padded with PAD."""
+    batch = torch.full((len(sequences), max(len(s) for s in sequences)), Tokenizer.PAD, dtype=torch.int64)
+    for row, sequence in enumerate(sequences):
+        batch[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.int64)
+    return batch
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform(resize: int = 256, crop: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 CxHxW (RGB) -> normalized float32 3 x crop x crop, with torchvision transforms v2."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(crop),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )

@@ -1,25 +1,43 @@
-"""Training the models servekit serves, on data that ships inside installed packages."""
+"""Training the models servekit serves, on data any machine has (see `servekit.datasets`).
+
+Every trainer writes the same folder layout, which `servekit build` packs:
+`model.pt` (state_dict), `labels.json`, `handler.json` (the handler settings the archive needs: model class and
+arguments, preprocessing, input shape), `metrics.json`, optional extra files (`vocab.json`) and `heldout/`.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from servekit.archive import sha256_file
-from servekit.datasets import digits_split, write_held_out
-from servekit.models import SimpleCNN
+from servekit.datasets import (
+    SENTIMENT_LABELS,
+    digits_split,
+    sentiment_corpus,
+    write_held_out,
+    write_texts,
+)
+from servekit.models import Tokenizer, build_model, image_transform, pad_batch
 
 WEIGHTS_FILE = "model.pt"
 LABELS_FILE = "labels.json"
+HANDLER_FILE = "handler.json"
 METRICS_FILE = "metrics.json"
 HELD_OUT_DIR = "heldout"
+VOCAB_FILE = "vocab.json"
 DIGIT_LABELS = [str(i) for i in range(10)]
+IMAGE_ARCHITECTURES = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
+
+OnEpoch = Callable[[int, float], None]
 
 
 @dataclass
@@ -32,34 +50,19 @@ class TrainResult:
     test_size: int
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.inference_mode():
-        predictions = model(images).argmax(dim=1)
-    return float((predictions == labels).float().mean())
-
-
-def train_digits(
-    out_dir: Path,
-    epochs: int = 15,
-    seed: int = 0,
+def fit(
+    model: nn.Module,
+    make_batch: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    epochs: int,
+    seed: int,
     batch_size: int = 64,
     max_learning_rate: float = 2e-3,
-    max_shift: int = 2,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> TrainResult:
-    """Trains SimpleCNN on the digits split; writes weights, labels, metrics and the held-out PNGs.
-
-    Each batch is shifted by up to `max_shift` pixels (the upscaled digits are all centred, handwriting is not),
-    and the learning rate follows a one-cycle schedule: 99 % held-out accuracy in about 10 s on 2 cores.
-    """
-    if epochs < 1:
-        raise ValueError("epochs must be at least 1")
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    split = digits_split(seed=seed)
-    model = SimpleCNN()
+    on_epoch: OnEpoch | None = None,
+) -> None:
+    """AdamW with a one-cycle schedule; `make_batch(indices)` builds (and may augment) one input batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=max_learning_rate)
-    steps_per_epoch = -(-len(split.train_labels) // batch_size)
+    steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_learning_rate, total_steps=epochs * steps_per_epoch
     )
@@ -67,16 +70,12 @@ def train_digits(
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(split.train_labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator)
         total_loss = 0.0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            images = split.train_images[batch]
-            if max_shift:
-                dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
-                images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
             optimizer.zero_grad()
-            loss = loss_fn(model(images), split.train_labels[batch])
+            loss = loss_fn(model(make_batch(batch)), labels[batch])
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -84,26 +83,207 @@ def train_digits(
         if on_epoch:
             on_epoch(epoch, total_loss / len(order))
     model.eval()
-    result = TrainResult(
-        out_dir=out_dir,
-        accuracy=accuracy(model, split.test_images, split.test_labels),
-        epochs=epochs,
-        seconds=time.perf_counter() - started,
-        train_size=len(split.train_labels),
-        test_size=len(split.test_labels),
-    )
+
+
+def accuracy(model: nn.Module, make_batch: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor) -> float:
+    """Held-out accuracy, computed in batches of 256."""
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), 256):
+            indices = torch.arange(start, min(start + 256, len(labels)))
+            correct += int((model(make_batch(indices)).argmax(dim=1) == labels[indices]).sum())
+    return correct / len(labels)
+
+
+def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """The batch moved by up to `max_shift` pixels: the upscaled digits are all centred, handwriting is not."""
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+    return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+
+
+def save_outputs(
+    out_dir: Path, model: nn.Module, labels: list[str], handler: dict, result: TrainResult, metrics: dict
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     torch.save(model.state_dict(), weights)
-    (out_dir / LABELS_FILE).write_text(json.dumps(DIGIT_LABELS))
-    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
+    (out_dir / LABELS_FILE).write_text(json.dumps(labels))
+    (out_dir / HANDLER_FILE).write_text(json.dumps(handler, indent=2))
     metrics = {
-        "model": "SimpleCNN",
-        "dataset": "sklearn.datasets.load_digits (8x8 upscaled to 28x28)",
+        **metrics,
         "held_out_accuracy": result.accuracy,
         "weights_sha256": sha256_file(weights),
-        "seed": seed,
-        **{k: v for k, v in asdict(result).items() if k not in ("out_dir", "accuracy")},
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 2),
+        "train_size": result.train_size,
+        "test_size": result.test_size,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+
+def train_digits(out_dir: Path, epochs: int = 15, seed: int = 0, max_shift: int = 2, on_epoch: OnEpoch | None = None):
+    """SimpleCNN on the digits split, with shift augmentation: 99 % held-out accuracy in about 10 s on 2 cores."""
+    if epochs < 1:
+        raise ValueError("epochs must be at least 1")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    split = digits_split(seed=seed)
+    model = build_model("SimpleCNN")
+    generator = torch.Generator().manual_seed(seed + 1)
+    fit(
+        model,
+        lambda b: shifted(split.train_images[b], max_shift, generator),
+        split.train_labels,
+        epochs,
+        seed,
+        on_epoch=on_epoch,
+    )
+    result = TrainResult(
+        out_dir,
+        accuracy(model, lambda b: split.test_images[b], split.test_labels),
+        epochs,
+        time.perf_counter() - started,
+        len(split.train_labels),
+        len(split.test_labels),
+    )
+    handler = {"model_class": "SimpleCNN", "example_input": {"shape": [1, 28, 28], "dtype": "float32"}}
+    save_outputs(
+        out_dir,
+        model,
+        DIGIT_LABELS,
+        handler,
+        result,
+        {"model": "SimpleCNN", "dataset": "sklearn load_digits, 8x8 upscaled to 28x28", "seed": seed},
+    )
+    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
+    return result
+
+
+def train_image(
+    out_dir: Path,
+    architecture: str = "resnet18",
+    image_size: int = 64,
+    epochs: int = 4,
+    seed: int = 0,
+    on_epoch: OnEpoch | None = None,
+) -> TrainResult:
+    """A torchvision classifier from scratch on the digits as RGB images of `image_size` pixels.
+
+    `epochs=0` writes the random initialisation (for latency work where accuracy does not matter). Preprocessing
+    is the image handler's own (`servekit.models.image_transform`), so served inputs equal training inputs.
+    """
+    if architecture not in IMAGE_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(IMAGE_ARCHITECTURES)}")
+    if epochs < 0 or image_size < 16:
+        raise ValueError("epochs must be >= 0 and image_size >= 16")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    split = digits_split(seed=seed)
+    preprocess = {"resize": image_size, "crop": image_size}
+    transform = image_transform(**preprocess)
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        rgb = (images * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+        return torch.stack([transform(image) for image in rgb])
+
+    train_inputs, test_inputs = prepare(split.train_images), prepare(split.test_images)
+    model = build_model(f"torchvision:{architecture}", {"num_classes": 10})
+    if epochs:
+        generator = torch.Generator().manual_seed(seed + 1)
+        fit(
+            model,
+            lambda b: shifted(train_inputs[b], image_size // 14, generator),
+            split.train_labels,
+            epochs,
+            seed,
+            batch_size=32,
+            max_learning_rate=3e-3,
+            on_epoch=on_epoch,
+        )
+    model.eval()
+    result = TrainResult(
+        out_dir,
+        accuracy(model, lambda b: test_inputs[b], split.test_labels),
+        epochs,
+        time.perf_counter() - started,
+        len(split.train_labels),
+        len(split.test_labels),
+    )
+    handler = {
+        "model_class": f"torchvision:{architecture}",
+        "model_kwargs": {"num_classes": 10},
+        "preprocess": preprocess,
+        "top_k": 5,
+        "example_input": {"shape": [3, image_size, image_size], "dtype": "float32"},
+    }
+    dataset = f"sklearn load_digits as RGB {image_size}x{image_size}"
+    save_outputs(
+        out_dir,
+        model,
+        DIGIT_LABELS,
+        handler,
+        result,
+        {"model": architecture, "dataset": dataset, "random_init": epochs == 0, "seed": seed},
+    )
+    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
+    return result
+
+
+def train_text(
+    out_dir: Path,
+    epochs: int = 6,
+    seed: int = 0,
+    count: int = 6000,
+    max_tokens: int = 64,
+    on_epoch: OnEpoch | None = None,
+) -> TrainResult:
+    """The Transformer text classifier on the generated sentiment corpus (`servekit.datasets.sentiment_corpus`)."""
+    if epochs < 1:
+        raise ValueError("epochs must be at least 1")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    texts, labels = sentiment_corpus(count, seed)
+    train_idx, test_idx = train_test_split(np.arange(len(texts)), test_size=0.2, random_state=seed, stratify=labels)
+    tokenizer = Tokenizer.from_texts([texts[i] for i in train_idx])
+    encoded = [tokenizer.encode(text)[:max_tokens] for text in texts]
+    all_labels = torch.tensor(labels)
+    train_ids, test_ids = [encoded[i] for i in train_idx], [encoded[i] for i in test_idx]
+    model_kwargs = {"vocab_size": len(tokenizer.vocabulary), "num_classes": 2, "max_tokens": max_tokens}
+    model = build_model("TextClassifier", model_kwargs)
+    fit(
+        model,
+        lambda b: pad_batch([train_ids[i] for i in b]),
+        all_labels[train_idx],
+        epochs,
+        seed,
+        max_learning_rate=1e-3,
+        on_epoch=on_epoch,
+    )
+    test_labels = all_labels[test_idx]
+    result = TrainResult(
+        out_dir,
+        accuracy(model, lambda b: pad_batch([test_ids[i] for i in b]), test_labels),
+        epochs,
+        time.perf_counter() - started,
+        len(train_idx),
+        len(test_idx),
+    )
+    handler = {
+        "model_class": "TextClassifier",
+        "model_kwargs": model_kwargs,
+        "max_tokens": max_tokens,
+        "top_k": 2,
+        "example_input": {"shape": [16], "dtype": "int64", "variable_dims": [0], "fill": Tokenizer.UNK},
+    }
+    dataset = "generated sentiment reviews (servekit.datasets.sentiment_corpus)"
+    save_outputs(
+        out_dir,
+        model,
+        SENTIMENT_LABELS,
+        handler,
+        result,
+        {"model": "TextClassifier", "dataset": dataset, "corpus_size": count, "seed": seed},
+    )
+    tokenizer.save(out_dir / VOCAB_FILE)
+    write_texts([texts[i] for i in test_idx], [SENTIMENT_LABELS[labels[i]] for i in test_idx], out_dir / HELD_OUT_DIR)
     return result

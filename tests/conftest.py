@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import socket
 import struct
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO / "handlers"))
 from servekit import server  # noqa: E402
 from servekit.archive import build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
-from servekit.datasets import read_held_out  # noqa: E402
+from servekit.datasets import HeldOutSample, read_held_out  # noqa: E402
 from servekit.train import HELD_OUT_DIR, train_digits  # noqa: E402
 
 
@@ -39,9 +40,30 @@ class FakeContext:
         self.model_yaml_config = yaml_config or {}
         self.metrics = None
         self.statuses: dict[int, tuple[int, str]] = {}
+        self.content_types: dict[int, str] = {}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
+
+    def get_request_header(self, idx: int, name: str):
+        """As TorchServe: each body parameter maps to {"content-type": ...}."""
+        if idx in self.content_types and name in ("body", "data"):
+            return {"content-type": self.content_types[idx]}
+        return None
+
+
+def extracted_archive(archive: Path, folder: Path) -> FakeContext:
+    """Unpacks a .mar as TorchServe does and returns a context with its manifest and model-config.yaml."""
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(folder)
+    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+    return FakeContext(folder, manifest, yaml.safe_load((folder / "model-config.yaml").read_text()))
+
+
+def requests_for(bodies: list[tuple[bytes, str]], context: FakeContext) -> list[dict]:
+    """TorchServe's request list for (body, content type) pairs, with the context knowing the content types."""
+    context.content_types = {i: content_type for i, (_, content_type) in enumerate(bodies)}
+    return [{"body": worker_payload(body, content_type)} for body, content_type in bodies]
 
 
 def worker_payload(body: bytes, content_type: str):
@@ -85,7 +107,7 @@ def bad_inputs(good_png: bytes) -> dict[str, tuple[bytes, str]]:
         "json_nan": (
             b'{"input": [' + b",".join([json.dumps(row).encode()] * 27) + b", [NaN" + b", 0.5" * 27 + b"]]}",
             "application/json",
-        ),  # fmt: skip
+        ),
         "json_out_of_range": (json.dumps({"input": [[255.0] * 28] * 28}).encode(), "application/json"),
         "json_strings": (json.dumps({"input": [["a"] * 28] * 28}).encode(), "application/json"),
         "json_wrong_key": (json.dumps({"image": [row] * 28}).encode(), "application/json"),
@@ -115,13 +137,13 @@ def trained_digits(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def held_out(trained_digits) -> list[tuple[Path, str]]:
+def held_out(trained_digits) -> list[HeldOutSample]:
     return read_held_out(trained_digits / HELD_OUT_DIR)
 
 
 @pytest.fixture(scope="session")
 def good_png(held_out) -> bytes:
-    return held_out[0][0].read_bytes()
+    return held_out[0].path.read_bytes()
 
 
 @pytest.fixture(scope="session")
@@ -130,16 +152,6 @@ def model_store(tmp_path_factory, trained_digits) -> Path:
     store = tmp_path_factory.mktemp("model_store")
     build_archive("digits", "1.0.0", trained_digits, store)
     return store
-
-
-@pytest.fixture
-def handler_model_dir(tmp_path, trained_digits) -> tuple[Path, dict]:
-    """The files an extracted digits .mar holds, and its manifest."""
-    shutil.copy(REPO / "servekit" / "models.py", tmp_path / "models.py")
-    for name in ("model.pt", "labels.json"):
-        shutil.copy(trained_digits / name, tmp_path / name)
-    manifest = {"model": {"modelName": "digits", "modelFile": "models.py", "serializedFile": "model.pt"}}
-    return tmp_path, manifest
 
 
 def start_server(store: Path, workdir: Path) -> server.ServerState:

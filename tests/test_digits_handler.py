@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FakeContext, bad_inputs, png_bytes, worker_payload
-from digits import DigitsHandler, image_to_tensor, json_to_decoded, prediction
+from conftest import FakeContext, bad_inputs, extracted_archive, png_bytes, requests_for
+from digits import DigitsHandler, image_to_tensor, json_to_decoded
 from PIL import Image
-from servekit_base import RequestError, request_payload, select_device
+from servekit_base import RequestError, classification, request_payload, select_device
 
 from servekit.datasets import digits_split
 
 
 @pytest.fixture
-def handler(handler_model_dir) -> DigitsHandler:
-    model_dir, manifest = handler_model_dir
+def handler(model_store, tmp_path) -> DigitsHandler:
+    """The digits handler initialised from the files of digits-1.0.0.mar, as a worker would."""
     handler = DigitsHandler()
-    handler.initialize(FakeContext(model_dir, manifest, {"handler": {"model_class": "SimpleCNN"}}))
+    handler.initialize(extracted_archive(model_store / "digits-1.0.0.mar", tmp_path))
     return handler
 
 
 def test_png_decodes_to_the_training_tensor_exactly(held_out):
     split = digits_split()
-    path, _ = held_out[5]
-    assert torch.equal(image_to_tensor(path.read_bytes(), 10_000), split.test_images[5].unsqueeze(0))
+    assert torch.equal(image_to_tensor(held_out[5].path.read_bytes(), 10_000), split.test_images[5].unsqueeze(0))
 
 
 def test_any_size_rgb_image_becomes_one_28x28_grayscale_sample():
@@ -41,10 +40,10 @@ def test_dark_digit_on_white_paper_is_inverted_to_the_training_convention():
 
 def test_json_input_and_inputs_shapes():
     image = [[0.0] * 28 for _ in range(28)]
-    assert json_to_decoded({"input": image}, 8).tensor.shape == (1, 1, 28, 28)
-    assert json_to_decoded({"input": [image]}, 8).tensor.shape == (1, 1, 28, 28)
+    assert [s.shape for s in json_to_decoded({"input": image}, 8).samples] == [(1, 1, 28, 28)]
+    assert [s.shape for s in json_to_decoded({"input": [image]}, 8).samples] == [(1, 1, 28, 28)]
     decoded = json_to_decoded({"inputs": [image, [image]]}, 8)
-    assert decoded.many and decoded.tensor.shape == (2, 1, 28, 28)
+    assert decoded.many and [s.shape for s in decoded.samples] == [(1, 1, 28, 28)] * 2
 
 
 def test_too_many_inputs_in_one_request_is_refused_with_413():
@@ -56,7 +55,7 @@ def test_too_many_inputs_in_one_request_is_refused_with_413():
 
 def test_prediction_gives_label_index_and_top3_sorted():
     logits = torch.tensor([0.0, 1.0, 5.0, 2.0, 0, 0, 0, 0, 0, 0])
-    answer = prediction(logits, [str(i) for i in range(10)])
+    answer = classification(logits, [str(i) for i in range(10)])
     assert answer["label"] == "2" and answer["index"] == 2
     assert list(answer["probabilities"]) == ["2", "3", "1"]
     assert answer["probabilities"]["2"] == pytest.approx(float(torch.softmax(logits, 0)[2]), abs=1e-6)
@@ -64,9 +63,8 @@ def test_prediction_gives_label_index_and_top3_sorted():
 
 @pytest.mark.parametrize("case", sorted(bad_inputs(b"\x89PNG\r\n\x1a\n")))
 def test_each_bad_input_gets_its_own_400_and_the_good_ones_are_answered(handler, good_png, case):
-    body, content_type = bad_inputs(good_png)[case]
     context = FakeContext(handler.model_dir, handler.manifest)
-    batch = [{"body": good_png}, {"body": worker_payload(body, content_type)}, {"body": good_png}]
+    batch = requests_for([(good_png, "image/png"), bad_inputs(good_png)[case], (good_png, "image/png")], context)
     answers = handler.handle(batch, context)
     assert len(answers) == 3
     assert context.statuses == {1: (400, "Bad Request")}
@@ -77,17 +75,17 @@ def test_each_bad_input_gets_its_own_400_and_the_good_ones_are_answered(handler,
 def test_a_batch_of_requests_is_one_forward_pass(handler, held_out):
     calls = []
     handler.model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    batch = [{"body": path.read_bytes()} for path, _ in held_out[:4]]
+    batch = [{"body": sample.path.read_bytes()} for sample in held_out[:4]]
     answers = handler.handle(batch, FakeContext(handler.model_dir, handler.manifest))
     assert calls == [4]
-    assert [a["label"] for a in answers] == [label for _, label in held_out[:4]]
+    assert [a["label"] for a in answers] == [sample.label for sample in held_out[:4]]
 
 
 def test_handler_answers_equal_the_in_process_model(handler, held_out, trained_digits):
     model = handler.model
-    batch = [{"body": path.read_bytes()} for path, _ in held_out[:16]]
+    batch = [{"body": sample.path.read_bytes()} for sample in held_out[:16]]
     answers = handler.handle(batch, FakeContext(handler.model_dir, handler.manifest))
-    images = torch.cat([image_to_tensor(path.read_bytes(), 10**6) for path, _ in held_out[:16]])
+    images = torch.cat([image_to_tensor(sample.path.read_bytes(), 10**6) for sample in held_out[:16]])
     with torch.inference_mode():
         expected = model(images).argmax(dim=1).tolist()
     assert [a["index"] for a in answers] == expected

@@ -33,10 +33,10 @@ def in_process_labels(trained_digits, held_out) -> dict[str, str]:
     model = SimpleCNN()
     model.load_state_dict(torch.load(trained_digits / "model.pt", weights_only=True))
     model.eval()
-    images = torch.cat([image_to_tensor(path.read_bytes(), 10**6) for path, _ in held_out])
+    images = torch.cat([image_to_tensor(sample.path.read_bytes(), 10**6) for sample in held_out])
     with torch.inference_mode():
         indices = model(images).argmax(dim=1).tolist()
-    return {path.name: str(index) for (path, _), index in zip(held_out, indices, strict=True)}
+    return {sample.path.name: str(index) for sample, index in zip(held_out, indices, strict=True)}
 
 
 def test_served_accuracy_and_answers_match_the_in_process_model(served_digits, trained_digits, held_out):
@@ -59,8 +59,13 @@ def test_each_bad_input_gets_400_json_and_the_worker_survives(served_digits, goo
             served_digits.predict("digits", body, content_type=content_type)
         assert info.value.status == 400, f"{case}: {info.value}"
         assert info.value.message.split(":")[0] in {
-            "invalid_image", "image_too_large", "empty_body", "invalid_shape", "invalid_input", "invalid_json",
-        }, case  # fmt: skip
+            "invalid_image",
+            "image_too_large",
+            "empty_body",
+            "invalid_shape",
+            "invalid_input",
+            "invalid_json",
+        }, case
     assert worker_pids(served_digits) == pids_before
     assert served_digits.predict("digits", good_png, content_type="image/png")["label"] == "7"
 
@@ -69,15 +74,16 @@ def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, he
     """8 concurrent clients: TorchServe batches good and bad requests together (batch size 4)."""
     pids_before = worker_pids(served_digits)
     bad = list(bad_inputs(good_png).values())
-    jobs = [("good", path.read_bytes(), "image/png", label) for path, label in held_out[:48]]
+    jobs = [("good", sample.path.read_bytes(), "image/png", sample.label) for sample in held_out[:48]]
     jobs += [("bad", body, content_type, None) for body, content_type in bad * 2]
     jobs.sort(key=lambda job: hash(job[1]))  # interleave good and bad
 
     def send(job):
         kind, body, content_type, label = job
         url = f"{served_digits.endpoints.inference_url}/predictions/digits"
-        response = requests.post(url, data=body, headers={**served_digits._headers("inference"),
-                                 "Content-Type": content_type}, timeout=60)  # fmt: skip
+        response = requests.post(
+            url, data=body, headers={**served_digits._headers("inference"), "Content-Type": content_type}, timeout=60
+        )
         return kind, label, response.status_code, response.json()
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -92,10 +98,10 @@ def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, he
 
 
 def test_json_inputs_are_answered_like_images(served_digits, held_out):
-    image = image_to_tensor(held_out[3][0].read_bytes(), 10**6)[0, 0].tolist()
+    image = image_to_tensor(held_out[3].path.read_bytes(), 10**6)[0, 0].tolist()
     single = served_digits.predict("digits", {"input": image})
     several = served_digits.predict("digits", {"inputs": [image, image]})
-    assert single["label"] == held_out[3][1]
+    assert single["label"] == held_out[3].label
     assert several == [single, single]
 
 
@@ -127,9 +133,15 @@ def test_cli_register_predict_and_models_against_a_running_server(torchserve, tr
     assert json.loads(predicted.output)[str(png)]["label"] == "7"
     listing = runner.invoke(cli, ["models", "--workdir", workdir, "--json"])
     assert json.loads(listing.output) == [
-        {"name": "digits", "version": "1.0.0", "default": True, "workers": "1/1 ready", "batch_size": 4,
-         "archive": "digits-1.0.0.mar"}
-    ]  # fmt: skip
+        {
+            "name": "digits",
+            "version": "1.0.0",
+            "default": True,
+            "workers": "1/1 ready",
+            "batch_size": 4,
+            "archive": "digits-1.0.0.mar",
+        }
+    ]
     again = runner.invoke(cli, ["register", "digits", "--version", "1.0.0", "--workdir", workdir])
     assert again.exit_code == 1 and "409" in again.output and "already registered" in again.output
     unknown = runner.invoke(cli, ["register", "digits", "--version", "3.0.0", "--workdir", workdir])

@@ -1,0 +1,56 @@
+"""TorchServe handler for the Transformer text classifier, its vocabulary shipped in the archive.
+
+A request is UTF-8 text (`text/plain`) or JSON: `{"text": "..."}` answers one prediction, `{"texts": [...]}` a
+list. Empty text, invalid UTF-8, more than `handler.max_text_chars` characters or `handler.max_tokens` tokens get 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from servekit_base import Decoded, RequestError, ServekitHandler, as_text, classification, json_items, parse_json
+
+JSON_FORMAT = '{"text": "..."} or {"texts": ["...", ...]}'
+
+
+class TextClassifierHandler(ServekitHandler):
+    """Tokenizes with the archive's vocab.json, pads each batch to its longest text."""
+
+    content_types = ("text/plain", "application/json")
+
+    def setup(self) -> None:
+        self.labels = self.read_labels()
+        self.tokenizer = self.definitions.Tokenizer.load(self.model_dir / "vocab.json")
+        self.max_tokens = int(self.config.get("max_tokens", 64))
+        self.max_chars = int(self.config.get("max_text_chars", 2000))
+
+    def token_ids(self, text: Any, what: str) -> list[int]:
+        if not isinstance(text, str):
+            raise RequestError("invalid_input", f"{what} must be a string")
+        if not text.strip():
+            raise RequestError("empty_text", f"{what} is empty")
+        if len(text) > self.max_chars:
+            raise RequestError("text_too_long", f"{what} has {len(text)} characters; the limit is {self.max_chars}")
+        ids = self.tokenizer.encode(text)
+        if len(ids) > self.max_tokens:
+            raise RequestError("text_too_long", f"{what} has {len(ids)} tokens; the limit is {self.max_tokens}")
+        return ids
+
+    def decode_request(self, payload: Any, content_type: str) -> Decoded:
+        if isinstance(payload, (dict, list)) or content_type == "application/json":
+            items, many = json_items(
+                parse_json(payload), "text", "texts", int(self.config["max_inputs_per_request"]), JSON_FORMAT
+            )
+            return Decoded([self.token_ids(item, f"text {i}") for i, item in enumerate(items)], many)
+        return Decoded([self.token_ids(as_text(payload), "the text")])
+
+    def collate(self, samples: list) -> torch.Tensor:
+        return self.definitions.pad_batch(samples)
+
+    def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
+        answers = [classification(row, self.labels, int(self.config["top_k"])) for row in outputs]
+        return answers if many else answers[0]
+
+    def example_samples(self, count: int) -> list:
+        return [[self.tokenizer.CLS] + [self.tokenizer.UNK] * 8] * count

@@ -1,0 +1,85 @@
+"""Turning a trained folder's eager model into the serialized formats the handlers load.
+
+Every format keeps the batch dimension dynamic (and the token dimension for text), so TorchServe's batches of
+any size go through one artefact. The handler reads the format from model-config.yaml, never from file names.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from servekit.errors import UsageError
+from servekit.models import build_model
+
+FORMAT_FILES = {
+    "state_dict": "model.pt",
+    "torchscript": "model.torchscript.pt",
+    "export": "model.pt2",
+    "aoti": "model.aoti.pt2",
+    "onnx": "model.onnx",
+}
+MAX_BATCH = 1024
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The eager model of a folder written by `servekit train`, in eval mode, and its handler settings."""
+    handler_path = source_dir / "handler.json"
+    if not handler_path.is_file():
+        raise UsageError(f"{handler_path} not found: train the model with `servekit train` first")
+    handler = json.loads(handler_path.read_text())
+    model = build_model(handler["model_class"], handler.get("model_kwargs"))
+    model.load_state_dict(torch.load(source_dir / FORMAT_FILES["state_dict"], map_location="cpu", weights_only=True))
+    return model.eval(), handler
+
+
+def example_batch(handler: dict, batch: int = 2) -> torch.Tensor:
+    """A batch shaped like real inputs, from handler.json's `example_input`."""
+    spec = handler.get("example_input")
+    if not spec:
+        raise UsageError("handler.json has no example_input: it is needed to export this model")
+    return torch.full((batch, *spec["shape"]), spec.get("fill", 0), dtype=DTYPES[spec.get("dtype", "float32")])
+
+
+def dynamic_shapes(handler: dict) -> tuple[dict, ...]:
+    """Batch is dynamic; so are the per-sample dims listed in `example_input.variable_dims` (text length)."""
+    spec = handler["example_input"]
+    dims = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    for dim in spec.get("variable_dims", []):
+        dims[dim + 1] = torch.export.Dim(f"dim{dim}", min=2, max=int(handler.get("max_tokens", 512)))
+    return (dims,)
+
+
+def export_model(model: torch.nn.Module, handler: dict, model_format: str, out_dir: Path) -> tuple[Path, dict]:
+    """Writes `model` in `model_format` into out_dir; returns the file and handler settings the format adds."""
+    if model_format not in FORMAT_FILES:
+        raise UsageError(f"unknown format {model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
+    path = out_dir / FORMAT_FILES[model_format]
+    example = example_batch(handler)
+    if model_format == "state_dict":
+        torch.save(model.state_dict(), path)
+        return path, {}
+    if model_format == "torchscript":
+        with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, still widely deployed
+            warnings.simplefilter("ignore")
+            traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+        traced.save(str(path))
+        return path, {}
+    if model_format == "onnx":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, dynamic_shapes=dynamic_shapes(handler),
+                external_data=False, verbose=False,
+            )  # fmt: skip
+        return path, {}
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(handler))
+    if model_format == "export":
+        torch.export.save(program, str(path))
+        return path, {}
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path, {"aoti_device": "cpu"}
