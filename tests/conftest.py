@@ -23,7 +23,7 @@ from servekit import server  # noqa: E402
 from servekit.archive import build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
 from servekit.datasets import HeldOutSample, read_held_out  # noqa: E402
-from servekit.train import HELD_OUT_DIR, train_digits  # noqa: E402
+from servekit.train import HELD_OUT_DIR, train_digits, train_image, train_text  # noqa: E402
 
 
 class FakeRequestStatus:
@@ -147,10 +147,28 @@ def good_png(held_out) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def model_store(tmp_path_factory, trained_digits) -> Path:
-    """A model store holding digits-1.0.0.mar and its catalog entry."""
+def trained_image(tmp_path_factory) -> Path:
+    """mobilenet_v3_small trained one epoch on 32x32 RGB digits: small and quick, not accurate."""
+    out = tmp_path_factory.mktemp("work") / "image"
+    train_image(out, "mobilenet_v3_small", image_size=32, epochs=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_text(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("work") / "text"
+    train_text(out, epochs=5, count=4000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -> Path:
+    """A model store with digits, image, text and tensor (SimpleCNN on tensors) archives, version 1.0.0."""
     store = tmp_path_factory.mktemp("model_store")
     build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("image", "1.0.0", trained_image, store, handler="image")
+    build_archive("text", "1.0.0", trained_text, store, handler="text")
+    build_archive("tensor", "1.0.0", trained_digits, store, handler="tensor")
     return store
 
 

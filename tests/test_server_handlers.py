@@ -1,0 +1,182 @@
+"""The image, tensor and text handlers on a real TorchServe (batch size 4): parity, a malformed-input corpus
+under concurrent traffic, multipart uploads, and the handlers' metrics on the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from conftest import FakeContext, bad_inputs, extracted_archive, png_header_bomb, requests_for
+from digits import DigitsHandler
+from image_classifier import ImageClassifierHandler
+from tensor_handler import TensorHandler
+from text_classifier import TextClassifierHandler
+
+from servekit.datasets import read_held_out
+from servekit.rollout import register_verified
+
+pytestmark = pytest.mark.server
+MAX_REQUEST_SIZE = 16 * 1024 * 1024  # config.properties: max_request_size
+
+HANDLER_CLASSES = {
+    "digits": DigitsHandler,
+    "image": ImageClassifierHandler,
+    "tensor": TensorHandler,
+    "text": TextClassifierHandler,
+}
+
+
+@pytest.fixture(scope="session")
+def served_all(served_digits, torchserve, model_store):
+    for name in ("image", "tensor", "text"):
+        register_verified(served_digits, model_store, name, "1.0.0")
+    return served_digits
+
+
+@pytest.fixture(scope="session")
+def in_process(model_store, tmp_path_factory):
+    """Each archive's handler run in this process, to compute the answers TorchServe must give."""
+    handlers = {}
+    for name, handler_class in HANDLER_CLASSES.items():
+        handler = handler_class()
+        handler.initialize(extracted_archive(model_store / f"{name}-1.0.0.mar", tmp_path_factory.mktemp(name)))
+        handlers[name] = handler
+
+    def answer(name: str, body: bytes, content_type: str):
+        handler = handlers[name]
+        context = FakeContext(handler.model_dir, handler.manifest)
+        return handler.handle(requests_for([(body, content_type)], context), context)[0]
+
+    return answer
+
+
+def post(client, name: str, body: bytes, content_type: str) -> requests.Response:
+    return requests.post(
+        f"{client.endpoints.inference_url}/predictions/{name}",
+        data=body,
+        headers={**client._headers("inference"), "Content-Type": content_type},
+        timeout=60,
+    )
+
+
+def worker_pids(client) -> dict[str, list[int]]:
+    return {name: sorted(w["pid"] for w in client.describe(name, "1.0.0")[0]["workers"]) for name in HANDLER_CLASSES}
+
+
+def good_requests(trained_digits, trained_text) -> list[tuple[str, bytes, str]]:
+    pngs = [sample.path.read_bytes() for sample in read_held_out(trained_digits / "heldout")[:12]]
+    texts = [sample.path.read_bytes() for sample in read_held_out(trained_text / "heldout")[:12]]
+    samples = torch.rand(6, 1, 28, 28)
+    return (
+        [("digits", png, "image/png") for png in pngs]
+        + [("image", png, "image/png") for png in pngs]
+        + [
+            ("image", json.dumps({"image": base64.b64encode(png).decode()}).encode(), "application/json")
+            for png in pngs[:4]
+        ]
+        + [("text", text, "text/plain; charset=utf-8") for text in texts]
+        + [("tensor", sample.numpy().astype("<f4").tobytes(), "application/octet-stream") for sample in samples]
+        + [("tensor", json.dumps({"input": sample.tolist()}).encode(), "application/json") for sample in samples[:3]]
+    )
+
+
+def malformed_corpus(good_png: bytes) -> list[tuple[str, bytes, str]]:
+    """More than 20 ways to get it wrong, each of which must get a 4xx JSON error and never a 5xx."""
+    deep = b"[" * 50_000 + b"]" * 50_000
+    corpus = [("digits", body, content_type) for body, content_type in bad_inputs(good_png).values()]
+    corpus += [
+        ("digits", b"hello", "text/plain"),
+        ("image", b'{"image": "%%%not-base64%%%"}', "application/json"),
+        ("image", b"GIF89a garbage", "image/gif"),
+        ("image", png_header_bomb(), "image/png"),
+        ("image", b"plain words", "text/plain"),
+        ("image", deep, "application/json"),
+        ("tensor", struct.pack("<f", float("nan")) * 784, "application/octet-stream"),
+        ("tensor", struct.pack("<f", float("inf")) * 784, "application/octet-stream"),
+        ("tensor", b"\0" * 1001, "application/octet-stream"),
+        ("tensor", json.dumps({"input": [[[True] * 28] * 28]}).encode(), "application/json"),
+        ("tensor", json.dumps({"inputs": [[[[0.0] * 28] * 28]] * 65}).encode(), "application/json"),
+        ("tensor", b"<xml/>", "application/xml"),
+        ("text", b"\xff\xfe\xfd not utf-8", "text/plain"),
+        ("text", b"", "text/plain"),
+        ("text", ("word " * 400).encode(), "text/plain"),
+        ("text", good_png, "image/png"),
+        ("text", deep, "application/json"),
+        ("text", json.dumps({"texts": []}).encode(), "application/json"),
+        ("text", b"\0" * (17 * 1024 * 1024), "text/plain"),  # over TorchServe's max_request_size
+    ]
+    return corpus
+
+
+def test_each_handler_answers_like_the_in_process_model(served_all, in_process, trained_digits, trained_text):
+    for name, body, content_type in good_requests(trained_digits, trained_text):
+        response = post(served_all, name, body, content_type)
+        assert response.status_code == 200, (name, response.text)
+        expected = in_process(name, body, content_type.split(";")[0])
+        served = response.json()
+        if name == "tensor":
+            key = "outputs" if "outputs" in expected else "output"
+            assert torch.allclose(torch.tensor(served[key]), torch.tensor(expected[key]), atol=1e-4)
+        else:
+            assert served["index"] == expected["index"], (name, served, expected)
+
+
+def test_text_classifier_served_accuracy(served_all, trained_text):
+    samples = read_held_out(trained_text / "heldout")[:100]
+    labels = [post(served_all, "text", s.path.read_bytes(), "text/plain").json()["label"] for s in samples]
+    assert sum(label == s.label for label, s in zip(labels, samples, strict=True)) >= 90
+
+
+def test_malformed_corpus_under_concurrent_traffic(served_all, in_process, trained_digits, trained_text, good_png):
+    """8 clients send good and bad requests interleaved: bad ones get 4xx JSON, good ones their right answers."""
+    pids_before = worker_pids(served_all)
+    corpus = malformed_corpus(good_png)
+    assert len(corpus) >= 20
+    good = good_requests(trained_digits, trained_text)
+    jobs = [("bad", *case) for case in corpus] + [("good", *case) for case in good]
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7919) % len(jobs))]  # interleave
+
+    def send(job):
+        kind, name, body, content_type = job
+        return job, post(served_all, name, body, content_type)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(send, jobs))
+    for (kind, name, body, content_type), response in results:
+        if kind == "bad":
+            assert 400 <= response.status_code < 500, (name, content_type, response.status_code, response.text[:200])
+            if len(body) > MAX_REQUEST_SIZE:  # refused by TorchServe's frontend itself: a bare 413, no body
+                assert response.status_code == 413
+                continue
+            document = response.json()
+            assert document.get("error") and document.get("detail"), document
+        else:
+            assert response.status_code == 200, (name, response.text)
+            expected = in_process(name, body, content_type.split(";")[0])
+            if name != "tensor":
+                assert response.json()["index"] == expected["index"]
+    assert worker_pids(served_all) == pids_before
+
+
+def test_multipart_upload_to_the_image_classifier(served_all, good_png, in_process):
+    response = requests.post(
+        f"{served_all.endpoints.inference_url}/predictions/image",
+        files={"data": ("digit.png", good_png, "image/png")},
+        headers=served_all._headers("inference"),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["index"] == in_process("image", good_png, "image/png")["index"]
+
+
+def test_handler_metrics_reach_the_prometheus_endpoint(served_all, good_png):
+    post(served_all, "digits", good_png, "image/png")
+    post(served_all, "digits", b"not an image", "image/png")
+    text = served_all.metrics()
+    for name in ("ServekitInferenceMs", "ServekitBatchSize", "ServekitRejectedRequests"):
+        assert any(line.startswith(name) and 'ModelName="digits"' in line for line in text.splitlines()), name
