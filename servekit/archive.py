@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +19,7 @@ import yaml
 
 from servekit import __version__
 from servekit.catalog import Catalog, CatalogEntry, utc_now
+from servekit.datasets import HELD_OUT_INDEX, read_held_out, write_bodies
 from servekit.errors import ArchiveError, UsageError
 from servekit.formats import FORMAT_FILES, export_model, load_trained
 
@@ -40,6 +44,7 @@ HANDLERS = {
     "text": HandlerSpec("text_classifier.py", extra_files=("labels.json", "vocab.json")),
 }
 SHARED_HANDLER_FILES = ("servekit_base.py",)
+GOLDEN_SAMPLES = 32
 MODEL_DEFINITIONS = PACKAGE_DIR / "models.py"
 
 
@@ -114,8 +119,13 @@ def build_archive(
     handler: str = "digits",
     options: BuildOptions | None = None,
     force: bool = False,
+    parent_version: str | None = None,
 ) -> CatalogEntry:
-    """Packs a trained folder into `store/NAME-VERSION.mar` (in `options.model_format`) and catalogs it."""
+    """Packs a trained folder into `store/NAME-VERSION.mar` (in `options.model_format`) and catalogs it.
+
+    The lineage parent defaults to the highest cataloged version below this one. Up to GOLDEN_SAMPLES held-out
+    samples of the trained folder are kept in `store/golden/NAME-VERSION/`: rollouts smoke-test with them.
+    """
     options = options or BuildOptions()
     options.validate()
     check_name_version(name, version)
@@ -133,6 +143,10 @@ def build_archive(
     catalog = Catalog.load(store)
     if not force and (archive_path.exists() or catalog.get(name, version)):
         raise ArchiveError(f"{archive_path.name} already exists in {store}: pick a new version or pass --force")
+    if parent_version is None:
+        parent_version = catalog.latest_before(name, version)
+    elif parent_version and not catalog.get(name, parent_version):
+        raise UsageError(f"parent version {name} {parent_version} is not in the catalog of {store}")
 
     with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
         staging = Path(tmp)
@@ -159,6 +173,7 @@ def build_archive(
             raise ArchiveError(f"torch-model-archiver failed: {(result.stderr or result.stdout).strip()}")
         os.replace(built, archive_path)
 
+    golden_dir = keep_golden_samples(source_dir / "heldout", store / "golden" / f"{name}-{version}")
     metrics_path = source_dir / "metrics.json"
     entry = CatalogEntry(
         name=name,
@@ -169,6 +184,9 @@ def build_archive(
         created=utc_now(),
         handler=handler,
         model_format=options.model_format,
+        parent_version=parent_version,
+        built_by=f"{getpass.getuser()}@{socket.gethostname()}",
+        golden_dir=str(golden_dir.relative_to(store)) if golden_dir else "",
         source_dir=str(source_dir.resolve()),
         source_weights_sha256=sha256_file(source_dir / FORMAT_FILES["state_dict"]),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
@@ -178,6 +196,16 @@ def build_archive(
     catalog.add(entry, replace=force)
     catalog.save()
     return entry
+
+
+def keep_golden_samples(held_out: Path, destination: Path) -> Path | None:
+    """Copies the first GOLDEN_SAMPLES held-out samples (and their labels) next to the archive."""
+    if not (held_out / HELD_OUT_INDEX).is_file():
+        return None
+    samples = read_held_out(held_out)[:GOLDEN_SAMPLES]
+    shutil.rmtree(destination, ignore_errors=True)
+    write_bodies({s.path.name: s.path.read_bytes() for s in samples}, [s.label for s in samples], destination)
+    return destination
 
 
 def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:

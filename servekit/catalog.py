@@ -14,6 +14,13 @@ CATALOG_FILE = "catalog.json"
 SCHEMA_VERSION = 1
 
 
+def version_key(version: str) -> tuple:
+    """Semantic-version order: 1.2.0-rc.1 < 1.2.0 < 1.10.0."""
+    core, _, prerelease = version.partition("-")
+    numbers = tuple(int(part) for part in core.split("."))
+    return (*numbers, 0 if prerelease else 1, prerelease)
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -28,6 +35,9 @@ class CatalogEntry:
     created: str
     handler: str
     model_format: str = "state_dict"
+    parent_version: str = ""
+    built_by: str = ""
+    golden_dir: str = ""
     source_dir: str = ""
     source_weights_sha256: str = ""
     metrics: dict = field(default_factory=dict)
@@ -62,6 +72,11 @@ class Catalog:
 
     def entries(self) -> list[CatalogEntry]:
         return [entry for versions in self.models.values() for entry in versions.values()]
+
+    def latest_before(self, name: str, version: str) -> str:
+        """The highest cataloged version of `name` below `version` ('' if none): the default lineage parent."""
+        older = [v for v in self.models.get(name, {}) if version_key(v) < version_key(version)]
+        return max(older, key=version_key, default="")
 
     def add(self, entry: CatalogEntry, replace: bool = False) -> None:
         versions = self.models.setdefault(entry.name, {})

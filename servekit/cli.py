@@ -13,9 +13,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from servekit import __version__, server
+from servekit import rollout as rollouts
 from servekit.archive import HANDLERS, BuildOptions, build_archive
 from servekit.catalog import Catalog
-from servekit.client import ServeClient
+from servekit.client import Endpoints, FailoverClient, ServeClient
+from servekit.datasets import read_held_out
 from servekit.errors import ServekitError, UsageError
 from servekit.evaluate import evaluate_served
 from servekit.formats import FORMAT_FILES
@@ -75,6 +77,14 @@ def json_option(function):
 
 def connect(workdir: Path) -> ServeClient:
     return ServeClient(server.ServerState.load(workdir.resolve()).endpoints())
+
+
+def failover_client(urls: tuple[str, ...], key_files: tuple[Path, ...]) -> FailoverClient:
+    if len(key_files) != len(urls):
+        raise UsageError(f"{len(urls)} --url but {len(key_files)} --key-file: give one key_file.json per server")
+    return FailoverClient(
+        [ServeClient(Endpoints(url.rstrip("/"), "", "", key)) for url, key in zip(urls, key_files, strict=True)]
+    )
 
 
 def print_json(value: Any) -> None:
@@ -196,10 +206,27 @@ def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
 @click.option("--max-batch-delay", type=int, default=50, show_default=True, help="maxBatchDelay in ms.")
 @click.option("--workers", type=int, default=1, show_default=True, help="minWorkers = maxWorkers.")
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
+@click.option(
+    "--parent",
+    "parent_version",
+    default=None,
+    help="Lineage parent version [default: the highest cataloged version below this one].",
+)
 @store_option
 @json_option
 def build(
-    name, version, source_dir, handler, model_format, batch_size, max_batch_delay, workers, force, store, as_json
+    name,
+    version,
+    source_dir,
+    handler,
+    model_format,
+    batch_size,
+    max_batch_delay,
+    workers,
+    force,
+    parent_version,
+    store,
+    as_json,
 ):
     """Pack a trained model into STORE/NAME-VERSION.mar and record it in the catalog.
 
@@ -210,7 +237,14 @@ def build(
         raise UsageError(f"no handler named {name!r}: pass --handler ({', '.join(sorted(HANDLERS))})")
     options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format)
     entry = build_archive(
-        name, version, source_dir or DEFAULT_WORK / name, store, handler=handler, options=options, force=force
+        name,
+        version,
+        source_dir or DEFAULT_WORK / name,
+        store,
+        handler=handler,
+        options=options,
+        force=force,
+        parent_version=parent_version,
     )
     if as_json:
         print_json(entry.__dict__)
@@ -218,6 +252,7 @@ def build(
     console.print(
         f"built {store / entry.archive} ({entry.handler} handler, {entry.model_format}, "
         f"{entry.size_bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}...), batch size {batch_size}, {workers} worker(s)"
+        + (f", parent {entry.parent_version}" if entry.parent_version else "")
     )
 
 
@@ -242,16 +277,26 @@ def serve() -> None:
 @click.option("--grpc-inference-port", type=int, default=None, help="Overrides the gRPC inference port.")
 @click.option("--grpc-management-port", type=int, default=None, help="Overrides the gRPC management port.")
 @click.option("--no-snapshots", is_flag=True, help="Start without config snapshots (torchserve --ncs).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Restart from WORKDIR's newest snapshot: the same models, versions, defaults and ports.",
+)
 @store_option
 @workdir_option
-def serve_start(config_path, no_snapshots, store, workdir, **port_options) -> None:
+def serve_start(config_path, no_snapshots, resume, store, workdir, **port_options) -> None:
     """Start TorchServe in the background and wait until it is healthy.
 
     Every address binds 127.0.0.1. Example: servekit serve start --config config.properties
     """
     ports = {name.removesuffix("_port"): port for name, port in port_options.items() if port is not None}
     settings = server.ServerSettings(
-        base_config=config_path, model_store=store, workdir=workdir, ports=ports, snapshots=not no_snapshots
+        base_config=config_path,
+        model_store=store,
+        workdir=workdir,
+        ports=ports,
+        snapshots=not no_snapshots,
+        resume=resume,
     )
     state = server.start(settings)
     console.print(
@@ -333,7 +378,7 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
     """List the models the server has (versions, default, workers), or with --store the built archives."""
     if from_store:
         rows = [entry.__dict__ for entry in Catalog.load(store_dir).entries()]
-        columns = ("name", "version", "archive", "size_bytes", "sha256", "created")
+        columns = ("name", "version", "parent_version", "model_format", "archive", "size_bytes", "sha256", "created")
     else:
         client = connect(workdir)
         rows = []
@@ -364,14 +409,29 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
 @click.argument("name")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--version", "version", default=None, help="A specific version [default: the server's default].")
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="Inference URL of a TorchServe; repeat for failover (needs --key-file for each, in order).",
+)
+@click.option(
+    "--key-file",
+    "key_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="key_file.json of the server at the --url in the same position.",
+)
 @workdir_option
 @json_option
-def predict(name: str, files: tuple[Path, ...], version: str | None, workdir: Path, as_json: bool) -> None:
+def predict(name, files, version, urls, key_files, workdir, as_json) -> None:
     """Send each FILE (an image, a .txt text or a .json document) to NAME and print the answer.
+
+    Inference is retried on 503 with backoff; with several --url, a server that is down is failed over.
 
     Example: servekit predict digits model_store/work/digits/heldout/0000_7.png
     """
-    client = connect(workdir)
+    client = failover_client(urls, key_files) if urls else connect(workdir)
     answers = {str(path): client.predict_file(name, path, version=version) for path in files}
     if as_json:
         print_json(answers)
@@ -414,6 +474,120 @@ def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency:
         )
         return
     console.print(f"served accuracy of {name}: [bold]{result.accuracy:.4f}[/] ({result.correct}/{result.total})")
+
+
+# rollout / rollback / retire / scale ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", required=True, help="The version to promote.")
+@click.option(
+    "--samples",
+    "samples_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Labelled held-out folder for the shadow comparison [default: the archive's golden samples].",
+)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True)
+@click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True), default=1.5, show_default=True)
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--shadow-samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--watch",
+    "watch_s",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to watch live traffic after promotion.",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers for the new version.")
+@workdir_option
+@json_option
+def rollout(
+    name,
+    version,
+    samples_dir,
+    min_agreement,
+    max_latency_ratio,
+    max_error_rate,
+    shadow_samples,
+    watch_s,
+    workers,
+    workdir,
+    as_json,
+) -> None:
+    """Register VERSION beside the default, smoke-test, shadow-compare, check latency, promote, watch.
+
+    Any failed check stops the rollout with the previous default in place (restored if the watch fails).
+    Example: servekit rollout digits --version 1.1.0
+    """
+    state = server.ServerState.load(workdir.resolve())
+    client = ServeClient(state.endpoints())
+    policy = rollouts.RolloutPolicy(min_agreement, max_latency_ratio, max_error_rate, shadow_samples, watch_s, workers)
+    samples = read_held_out(samples_dir) if samples_dir else None
+
+    def show(step: rollouts.Step) -> None:
+        if not as_json:
+            mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
+            console.print(f"{step.name:>8} {mark} {step.detail}", highlight=False)
+
+    history = rollouts.DefaultHistory(Path(state.workdir))
+    report = rollouts.rollout(client, Path(state.model_store), name, version, history, samples, policy, show)
+    if as_json:
+        print_json(
+            {
+                "name": name,
+                "version": version,
+                "previous": report.previous,
+                "promoted": report.promoted,
+                "steps": [step.__dict__ for step in report.steps],
+            }
+        )
+        return
+    console.print(f"{name} default is now {version} (was {report.previous or 'none'})")
+
+
+@cli.command()
+@click.argument("name")
+@workdir_option
+def rollback(name: str, workdir: Path) -> None:
+    """Make the previous default (set through servekit, still registered) the default again."""
+    state = server.ServerState.load(workdir.resolve())
+    current, previous = rollouts.rollback(
+        ServeClient(state.endpoints()), rollouts.DefaultHistory(Path(state.workdir)), name
+    )
+    console.print(f"{name} default rolled back from {current} to {previous}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", required=True)
+@workdir_option
+def retire(name: str, version: str, workdir: Path) -> None:
+    """Unregister a version that is not the default."""
+    rollouts.retire(connect(workdir), name, version)
+    console.print(f"{name} {version} unregistered")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", default=None, help="[default: the default version]")
+@click.option("--min-workers", type=click.IntRange(min=0), required=True)
+@click.option("--max-workers", type=click.IntRange(min=1), required=True)
+@workdir_option
+def scale(name: str, version: str | None, min_workers: int, max_workers: int, workdir: Path) -> None:
+    """Set a version's worker range and wait until TorchServe applied it."""
+    if min_workers > max_workers:
+        raise UsageError(f"--min-workers {min_workers} is above --max-workers {max_workers}")
+    client = connect(workdir)
+    version = version or rollouts.default_version(client, name)
+    if version is None:
+        raise UsageError(f"{name} is not registered on this server")
+    client.scale(name, version, min_workers, max_workers)
+    description = client.describe(name, version)[0]
+    console.print(
+        f"{name} {version}: {ready_workers(description)} worker(s) ready "
+        f"(min {description['minWorkers']}, max {description['maxWorkers']})"
+    )
 
 
 def main() -> None:

@@ -14,11 +14,56 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from servekit.errors import ApiError, ServerError
 
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
+TRANSIENT_STATUSES = (503, 507)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for the inference API, which is safe to repeat (a prediction changes nothing on the server).
+
+    TorchServe answers 503 while no worker is free or the queue is full, and 507 "Worker died." to the requests a
+    crashed worker held: both are retried with exponential backoff (0.25, 0.5, 1, 2 s...) while TorchServe
+    restarts the worker. A refused connection is retried once, then it is the failover's turn.
+    Management calls that change state are never retried.
+    """
+
+    unavailable: int = 5
+    connect: int = 1
+    backoff_s: float = 0.25
+
+    def inference(self) -> Retry:
+        return Retry(
+            total=None,
+            connect=self.connect,
+            read=1,
+            status=self.unavailable,
+            other=0,
+            backoff_factor=self.backoff_s,
+            status_forcelist=TRANSIENT_STATUSES,
+            allowed_methods=frozenset({"GET", "POST"}),
+            raise_on_status=False,
+            respect_retry_after_header=True,
+        )
+
+    def management(self) -> Retry:
+        return Retry(
+            total=2, connect=2, read=0, status=0, backoff_factor=self.backoff_s, allowed_methods=frozenset({"GET"})
+        )
+
+
+def session_with(retry: Retry) -> requests.Session:
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 @dataclass(frozen=True)
@@ -58,10 +103,11 @@ def error_message(response: requests.Response) -> str:
 class ServeClient:
     """Methods named after what users do: `register`, `predict`, `set_default`, `unregister`, ..."""
 
-    def __init__(self, endpoints: Endpoints, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, endpoints: Endpoints, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None):
         self.endpoints = endpoints
         self.timeout_s = timeout_s
-        self.session = requests.Session()
+        retry = retry or RetryPolicy()
+        self.sessions = {"inference": session_with(retry.inference()), "management": session_with(retry.management())}
 
     # Plumbing --------------------------------------------------------------------------------------------------
     def _headers(self, api: str) -> dict[str, str]:
@@ -74,12 +120,14 @@ class ServeClient:
         url = f"{base}{path}"
         headers = {**self._headers(api), **kwargs.pop("headers", {})}
         try:
-            response = self.session.request(method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs)
+            response = self.sessions[api].request(
+                method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs
+            )
         except requests.Timeout:
             raise ServerError(
                 f"TorchServe did not answer {method} {url} within {timeout_s or self.timeout_s:g} s"
             ) from None
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.exceptions.RetryError):
             raise ServerError(f"cannot reach TorchServe at {base}: is it running? (servekit serve status)") from None
         if not response.ok:
             raise ApiError(response.status_code, error_message(response), url)
@@ -146,9 +194,49 @@ class ServeClient:
     def metrics(self) -> str:
         """The Prometheus text from the metrics address (no token needed there)."""
         try:
-            response = self.session.get(f"{self.endpoints.metrics_url}/metrics", timeout=self.timeout_s)
+            response = self.sessions["management"].get(f"{self.endpoints.metrics_url}/metrics", timeout=self.timeout_s)
         except requests.RequestException as exc:
             raise ServerError(f"cannot read metrics from {self.endpoints.metrics_url}: {exc}") from None
         if not response.ok:
             raise ApiError(response.status_code, error_message(response), self.endpoints.metrics_url)
         return response.text
+
+
+class FailoverClient:
+    """Predictions across several TorchServe instances: a refused connection or a lasting 503/507 moves on to the next.
+
+    Sticks to the last instance that answered, so a healthy server keeps the traffic.
+    """
+
+    def __init__(self, clients: list[ServeClient]):
+        if not clients:
+            raise ValueError("FailoverClient needs at least one ServeClient")
+        self.clients = clients
+        self.preferred = 0
+
+    def predict(
+        self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None
+    ):
+        return self._first_answer(lambda client: client.predict(name, body, version, content_type))
+
+    def predict_file(self, name: str, path: Path, version: str | None = None):
+        return self._first_answer(lambda client: client.predict_file(name, path, version))
+
+    def _first_answer(self, call):
+        failures = []
+        start = self.preferred
+        for offset in range(len(self.clients)):
+            index = (start + offset) % len(self.clients)
+            try:
+                answer = call(self.clients[index])
+            except ServerError as exc:
+                failures.append(str(exc))
+                continue
+            except ApiError as exc:
+                if exc.status not in TRANSIENT_STATUSES:
+                    raise
+                failures.append(str(exc))
+                continue
+            self.preferred = index
+            return answer
+        raise ServerError("no TorchServe answered: " + "; ".join(failures))

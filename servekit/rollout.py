@@ -1,11 +1,28 @@
-"""Putting archives on a running TorchServe safely: verified, registered, scaled to the asked worker count."""
+"""Putting versions on a running TorchServe safely: verify, register, smoke-test, shadow-compare, promote, watch.
+
+Every step reports its numbers; a failed check stops the rollout and leaves (or restores) the previous default.
+The defaults a rollout set are remembered per server in `WORKDIR/defaults.json`, which `rollback` reads.
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from servekit.archive import verify_archive
+from servekit.catalog import version_key
 from servekit.client import ServeClient
+from servekit.datasets import HeldOutSample, read_held_out
+from servekit.errors import ApiError, ServekitError, UsageError
+
+HISTORY_FILE = "defaults.json"
 
 
 def ready_workers(description: dict) -> int:
@@ -25,3 +42,313 @@ def register_verified(client: ServeClient, store: Path, name: str, version: str,
         client.scale(name, version, min_workers=workers, max_workers=workers)
         description = client.describe(name, version)[0]
     return description
+
+
+# What the server has --------------------------------------------------------------------------------------------
+def registered_versions(client: ServeClient, name: str) -> list[str]:
+    try:
+        return sorted((d["modelVersion"] for d in client.describe(name)), key=version_key)
+    except ApiError as exc:
+        if exc.status == 404:
+            return []
+        raise
+
+
+def default_version(client: ServeClient, name: str) -> str | None:
+    """The version TorchServe answers /predictions/NAME with (None if NAME is not registered)."""
+    for model in client.list_models():
+        if model["modelName"] == name:
+            return next(d["modelVersion"] for d in client.describe(name) if d["modelUrl"] == model["modelUrl"])
+    return None
+
+
+class DefaultHistory:
+    """The defaults set through servekit on one server, oldest first, per model."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / HISTORY_FILE
+
+    def read(self) -> dict[str, list[str]]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def record(self, name: str, version: str) -> None:
+        history = self.read()
+        versions = history.setdefault(name, [])
+        if not versions or versions[-1] != version:
+            versions.append(version)
+        self.path.write_text(json.dumps(history, indent=2))
+
+    def previous(self, name: str, current: str, registered: list[str]) -> str | None:
+        for version in reversed(self.read().get(name, [])):
+            if version != current and version in registered:
+                return version
+        return None
+
+
+def set_default(client: ServeClient, history: DefaultHistory, name: str, version: str) -> None:
+    client.set_default(name, version)
+    history.record(name, version)
+
+
+def rollback(client: ServeClient, history: DefaultHistory, name: str) -> tuple[str, str]:
+    """Makes the previous default (still registered) the default again; returns (from, to)."""
+    current = default_version(client, name)
+    if current is None:
+        raise UsageError(f"{name} is not registered on this server")
+    previous = history.previous(name, current, registered_versions(client, name))
+    if previous is None:
+        raise UsageError(f"no earlier default of {name} is registered here: nothing to roll back to from {current}")
+    set_default(client, history, name, previous)
+    return current, previous
+
+
+def retire(client: ServeClient, name: str, version: str) -> None:
+    """Unregisters a version; the current default is refused (promote or roll back first)."""
+    registered = registered_versions(client, name)
+    if version not in registered:
+        raise UsageError(f"{name} {version} is not registered; registered: {', '.join(registered) or 'none'}")
+    if default_version(client, name) == version:
+        raise UsageError(f"{name} {version} is the default: roll back or promote another version before retiring it")
+    client.unregister(name, version)
+
+
+# The rollout ------------------------------------------------------------------------------------------------------
+@dataclass
+class RolloutPolicy:
+    min_agreement: float = 0.95  # top-1 agreement with the default on the shadow sample
+    max_latency_ratio: float = 1.5  # candidate p50 / default p50 on the same requests
+    max_error_rate: float = 0.01  # 5xx share during the watch window
+    shadow_samples: int = 64
+    watch_s: float = 10.0
+    workers: int | None = None
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    detail: str
+    numbers: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutReport:
+    name: str
+    version: str
+    previous: str | None
+    promoted: bool = False
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        failed = [step for step in self.steps if not step.ok]
+        return failed[-1].detail if failed else ""
+
+
+class RolloutFailed(ServekitError):
+    def __init__(self, report: RolloutReport):
+        self.report = report
+        super().__init__(f"rollout of {report.name} {report.version} stopped: {report.reason}")
+
+
+def answer_key(answer: Any) -> Any:
+    """What two versions must agree on: the top-1 class, or the argmax of raw outputs."""
+    if isinstance(answer, list):
+        return tuple(answer_key(a) for a in answer)
+    if isinstance(answer, dict) and "index" in answer:
+        return answer["index"]
+    if isinstance(answer, dict) and "output" in answer:
+        values = answer["output"]
+        return max(range(len(values)), key=values.__getitem__) if values else None
+    return json.dumps(answer, sort_keys=True)
+
+
+def timed_predict(client: ServeClient, name: str, version: str, sample: HeldOutSample) -> tuple[Any, float]:
+    started = time.perf_counter()
+    answer = client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)
+    return answer, (time.perf_counter() - started) * 1000
+
+
+def version_timings(client: ServeClient, name: str) -> dict[str, dict[str, float]]:
+    """Per version label: cumulative request count, and inference and queue latency sums (microseconds)."""
+    wanted = {
+        "ts_inference_requests_total": "requests",
+        "ts_inference_latency_microseconds": "latency_us",
+        "ts_queue_latency_microseconds": "queue_us",
+    }
+    timings: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(client.metrics()):
+        for sample in family.samples:
+            if sample.name in wanted and sample.labels.get("model_name") == name:
+                version = timings.setdefault(sample.labels["model_version"], dict.fromkeys(wanted.values(), 0.0))
+                version[wanted[sample.name]] += sample.value
+    return timings
+
+
+def service_ms(before: dict, after: dict, version: str) -> float | None:
+    """Mean time from leaving the queue to the answer, per request of `version` between two readings."""
+    start, end = before.get(version, {}), after.get(version, {})
+    requests = end.get("requests", 0) - start.get("requests", 0)
+    if requests <= 0:
+        return None
+    busy_us = (end["latency_us"] - start.get("latency_us", 0)) - (end["queue_us"] - start.get("queue_us", 0))
+    return busy_us / requests / 1000
+
+
+def server_counters(client: ServeClient) -> dict[str, float]:
+    """Host-level response counts by class, parsed from the Prometheus endpoint."""
+    counters = {"Requests2XX": 0.0, "Requests4XX": 0.0, "Requests5XX": 0.0}
+    for family in text_string_to_metric_families(client.metrics()):
+        for sample in family.samples:
+            if sample.name in counters:
+                counters[sample.name] += sample.value
+    return counters
+
+
+def rollout(
+    client: ServeClient,
+    store: Path,
+    name: str,
+    version: str,
+    history: DefaultHistory,
+    samples: list[HeldOutSample] | None = None,
+    policy: RolloutPolicy | None = None,
+    on_step: Callable[[Step], None] | None = None,
+) -> RolloutReport:
+    """Moves NAME's default to VERSION only if every check passes; raises RolloutFailed (default kept) if not."""
+    policy = policy or RolloutPolicy()
+    entry = verify_archive(store, name, version)
+    golden = read_held_out(store / entry.golden_dir) if entry.golden_dir else []
+    shadow = (samples or golden)[: policy.shadow_samples]
+    if not golden or not shadow:
+        raise UsageError(f"{name} {version} has no golden samples: rebuild it from a folder with heldout/")
+    previous = default_version(client, name)
+    report = RolloutReport(name, version, previous)
+    registered_here = False
+
+    def step(step_name: str, ok: bool, detail: str, **numbers) -> None:
+        report.steps.append(Step(step_name, ok, detail, numbers))
+        if on_step:
+            on_step(report.steps[-1])
+        if not ok:
+            if registered_here and default_version(client, name) != version:
+                client.unregister(name, version)  # leave the server as the rollout found it
+            raise RolloutFailed(report)
+
+    if previous == version:
+        raise UsageError(f"{name} {version} is already the default")
+    if version not in registered_versions(client, name):
+        description = register_verified(client, store, name, version, policy.workers)
+        registered_here = True
+        step(
+            "register",
+            True,
+            f"registered {entry.archive} (sha256 verified), {ready_workers(description)} worker(s) ready",
+            workers=ready_workers(description),
+        )
+    else:
+        step("register", True, f"{name} {version} was already registered")
+
+    failures = []
+    for sample in golden:
+        try:
+            client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)
+        except ServekitError as exc:
+            failures.append(f"{sample.path.name}: {exc}")
+    step(
+        "smoke",
+        not failures,
+        f"{len(golden) - len(failures)}/{len(golden)} golden inputs answered"
+        + (f"; first failure {failures[0]}" if failures else ""),
+        answered=len(golden) - len(failures),
+    )
+
+    if previous is not None:
+        agree, correct_new, correct_old, latency_new, latency_old = 0, 0, 0, [], []
+        timings_before = version_timings(client, name)
+        for sample in shadow:
+            old, old_ms = timed_predict(client, name, previous, sample)
+            new, new_ms = timed_predict(client, name, version, sample)
+            agree += answer_key(old) == answer_key(new)
+            correct_old += isinstance(old, dict) and str(old.get("label")) == sample.label
+            correct_new += isinstance(new, dict) and str(new.get("label")) == sample.label
+            latency_old.append(old_ms)
+            latency_new.append(new_ms)
+        timings_after = version_timings(client, name)
+        agreement = agree / len(shadow)
+        step(
+            "shadow",
+            agreement >= policy.min_agreement,
+            f"top-1 agreement with {previous} {agreement:.3f} on {len(shadow)} inputs "
+            f"(need >= {policy.min_agreement}); accuracy {correct_new / len(shadow):.3f} vs "
+            f"{correct_old / len(shadow):.3f}",
+            agreement=agreement,
+            accuracy=correct_new / len(shadow),
+            previous_accuracy=correct_old / len(shadow),
+        )
+        # Server-side service time (queue wait excluded): under live traffic the default's batches fill at once
+        # while the candidate's lone requests wait out maxBatchDelay, so client round trips are not comparable.
+        new_ms = service_ms(timings_before, timings_after, version)
+        old_ms = service_ms(timings_before, timings_after, previous)
+        ratio = new_ms / old_ms if new_ms is not None and old_ms else 1.0
+        step(
+            "latency",
+            ratio <= policy.max_latency_ratio,
+            f"service time {new_ms or 0:.2f} ms vs {old_ms or 0:.2f} ms per request: ratio {ratio:.2f} "
+            f"(limit {policy.max_latency_ratio}); round trip p50 {statistics.median(latency_new):.1f} ms vs "
+            f"{statistics.median(latency_old):.1f} ms",
+            service_ms=new_ms,
+            previous_service_ms=old_ms,
+            ratio=ratio,
+            p50_ms=statistics.median(latency_new),
+            previous_p50_ms=statistics.median(latency_old),
+        )
+
+    set_default(client, history, name, version)
+    report.promoted = True
+    step("promote", True, f"default {previous or '(none)'} -> {version}")
+    watch(client, history, report, golden, policy, step)
+    return report
+
+
+def watch(
+    client: ServeClient,
+    history: DefaultHistory,
+    report: RolloutReport,
+    golden: list[HeldOutSample],
+    policy: RolloutPolicy,
+    step: Callable[..., None],
+) -> None:
+    """Probes the new default with golden inputs for `policy.watch_s` while live traffic flows, then reads the
+    server's 2xx/4xx/5xx counters; too many 5xx or a failed probe restores the previous default."""
+    before = server_counters(client)
+    deadline = time.monotonic() + policy.watch_s
+    probes, probe_failures, index = 0, 0, 0
+    while time.monotonic() < deadline:
+        sample = golden[index % len(golden)]
+        index += 1
+        probes += 1
+        try:
+            client.predict(report.name, sample.path.read_bytes(), content_type=sample.content_type)
+        except ServekitError:
+            probe_failures += 1
+        time.sleep(0.05)
+    after = server_counters(client)
+    delta = {key: after[key] - before[key] for key in after}
+    total = sum(delta.values())
+    error_rate = delta["Requests5XX"] / total if total else 0.0
+    healthy = probe_failures == 0 and error_rate <= policy.max_error_rate
+    if not healthy and report.previous is not None:
+        set_default(client, history, report.name, report.previous)
+        report.promoted = False
+    step(
+        "watch",
+        healthy,
+        f"{policy.watch_s:g} s: {int(total)} requests, 5xx rate {error_rate:.4f} (limit {policy.max_error_rate}), "
+        f"{probes - probe_failures}/{probes} probes answered"
+        + ("" if healthy else f"; default restored to {report.previous}"),
+        requests=int(total),
+        error_rate=error_rate,
+        probes=probes,
+        probe_failures=probe_failures,
+    )

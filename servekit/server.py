@@ -52,6 +52,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=dict)
     snapshots: bool = True
+    resume: bool = False  # start from the newest snapshot in workdir: same models, versions, defaults and ports
     start_timeout_s: float = 90.0
 
 
@@ -88,7 +89,7 @@ class ServerState:
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """Java-style `key=value` lines; `#` and `!` start comments."""
+    """Java-style `key=value` lines (`#` and `!` start comments; `\\:` and `\\n` escapes, as in snapshots)."""
     if not path.is_file():
         raise UsageError(f"TorchServe config {path} not found")
     properties = {}
@@ -97,8 +98,16 @@ def read_properties(path: Path) -> dict[str, str]:
         if not line or line[0] in "#!" or "=" not in line:
             continue
         key, value = line.split("=", 1)
-        properties[key.strip()] = value.strip()
+        properties[key.strip()] = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), value.strip())
     return properties
+
+
+def latest_snapshot(workdir: Path) -> Path:
+    """The newest config snapshot TorchServe wrote in this working folder (models, versions, defaults)."""
+    snapshots = sorted((workdir / "logs" / "config").glob("*.cfg"))
+    if not snapshots:
+        raise ServerError(f"no TorchServe snapshot in {workdir / 'logs' / 'config'}: start without --resume")
+    return snapshots[-1]
 
 
 def write_properties(properties: dict[str, str], path: Path) -> None:
@@ -180,9 +189,15 @@ def start(settings: ServerSettings) -> ServerState:
         folder.mkdir(parents=True, exist_ok=True)
     pid_file = tmp_dir / ".model_server.pid"
     pid_file.unlink(missing_ok=True)
-    properties = effective_properties(settings)
-    config_path = workdir / "config.properties"
-    write_properties(properties, config_path)
+    if settings.resume:
+        if settings.ports:
+            raise UsageError("--resume restores the snapshot's own ports: leave the port options out")
+        config_path = latest_snapshot(workdir)
+        properties = read_properties(config_path)
+    else:
+        properties = effective_properties(settings)
+        config_path = workdir / "config.properties"
+        write_properties(properties, config_path)
     torchserve = Path(sys.executable).with_name("torchserve")
     command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"]]
     if not settings.snapshots:
@@ -213,7 +228,7 @@ def start(settings: ServerSettings) -> ServerState:
     state.save()
     try:
         wait_until_healthy(state, settings.start_timeout_s)
-    except ServerError:
+    except BaseException:  # whatever went wrong, including Ctrl-C, leave no java behind
         stop(workdir)
         raise
     return state

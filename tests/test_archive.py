@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from servekit.archive import BuildOptions, build_archive, sha256_file, verify_archive
-from servekit.catalog import Catalog
+from servekit.catalog import Catalog, version_key
+from servekit.datasets import read_held_out
 from servekit.errors import ArchiveError, UsageError
 
 
@@ -43,7 +44,7 @@ def test_existing_version_is_not_overwritten_without_force(tmp_path, trained_dig
     )
     assert replaced.config["batchSize"] == 8 and first.config["batchSize"] == 4
     assert Catalog.load(tmp_path).get("digits", "1.0.0").config["batchSize"] == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "digits-1.0.0.mar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "digits-1.0.0.mar", "golden"]
 
 
 @pytest.mark.parametrize(
@@ -86,3 +87,21 @@ def test_unknown_version_and_corrupt_catalog_give_clear_errors(tmp_path, model_s
     (tmp_path / "catalog.json").write_text("{not json")
     with pytest.raises(ArchiveError, match="not a servekit catalog"):
         Catalog.load(tmp_path)
+
+
+def test_lineage_parent_defaults_to_the_previous_version_and_golden_samples_are_kept(tmp_path, trained_digits):
+    build_archive("digits", "1.0.0", trained_digits, tmp_path)
+    build_archive("digits", "1.10.0", trained_digits, tmp_path)
+    middle = build_archive("digits", "1.2.0", trained_digits, tmp_path)
+    assert middle.parent_version == "1.0.0"
+    assert Catalog.load(tmp_path).get("digits", "1.0.0").parent_version == ""
+    assert middle.built_by and middle.metrics["weights_sha256"] == middle.source_weights_sha256
+    golden = read_held_out(tmp_path / middle.golden_dir)
+    assert len(golden) == 32 and all(sample.path.is_file() for sample in golden)
+    with pytest.raises(UsageError, match="parent version digits 0.9.0"):
+        build_archive("digits", "2.0.0", trained_digits, tmp_path, parent_version="0.9.0")
+
+
+def test_semantic_versions_sort_numerically_with_prereleases_first():
+    versions = ["1.10.0", "1.2.0", "1.2.0-rc.1", "0.9.9", "1.2.1"]
+    assert sorted(versions, key=version_key) == ["0.9.9", "1.2.0-rc.1", "1.2.0", "1.2.1", "1.10.0"]

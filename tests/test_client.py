@@ -1,0 +1,63 @@
+"""The client's failover and the rollout's bookkeeping, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from servekit.client import FailoverClient, read_keys
+from servekit.errors import ApiError, ServerError
+from servekit.rollout import DefaultHistory, answer_key
+
+
+class FakeClient:
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.calls = 0
+
+    def predict(self, *args):
+        self.calls += 1
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_failover_skips_a_down_server_and_sticks_to_the_one_that_answered():
+    down, up = FakeClient(ServerError("refused")), FakeClient({"label": "3"})
+    failover = FailoverClient([down, up])
+    assert failover.predict("digits", b"png") == {"label": "3"}
+    assert failover.predict("digits", b"png") == {"label": "3"}
+    assert (down.calls, up.calls, failover.preferred) == (1, 2, 1)
+
+
+def test_failover_moves_on_for_503_and_507_but_not_for_client_errors():
+    assert FailoverClient([FakeClient(ApiError(507, "Worker died.")), FakeClient("ok")]).predict("m", b"") == "ok"
+    with pytest.raises(ApiError, match="400"):
+        FailoverClient([FakeClient(ApiError(400, "bad image")), FakeClient("ok")]).predict("m", b"")
+    with pytest.raises(ServerError, match="no TorchServe answered: .*a; .*b"):
+        FailoverClient([FakeClient(ServerError("a")), FakeClient(ServerError("b"))]).predict("m", b"")
+
+
+def test_key_file_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ServerError, match="not found"):
+        read_keys(tmp_path / "key_file.json")
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"nokey": 1}}))
+    with pytest.raises(ServerError, match="not a TorchServe key file"):
+        read_keys(tmp_path / "key_file.json")
+
+
+def test_default_history_finds_the_previous_registered_default(tmp_path):
+    history = DefaultHistory(tmp_path)
+    for version in ("1.0.0", "1.1.0", "1.1.0", "2.0.0"):
+        history.record("digits", version)
+    assert history.read() == {"digits": ["1.0.0", "1.1.0", "2.0.0"]}
+    assert history.previous("digits", "2.0.0", ["1.0.0", "1.1.0", "2.0.0"]) == "1.1.0"
+    assert history.previous("digits", "2.0.0", ["1.0.0", "2.0.0"]) == "1.0.0"
+    assert history.previous("digits", "1.0.0", ["1.0.0"]) is None
+
+
+def test_answers_are_compared_by_top1_class_or_output_argmax():
+    assert answer_key({"label": "7", "index": 7, "probabilities": {}}) == 7
+    assert answer_key({"output": [0.1, 3.0, -1.0]}) == 1
+    assert answer_key([{"index": 1}, {"index": 2}]) == (1, 2)

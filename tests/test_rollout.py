@@ -1,0 +1,269 @@
+"""Versions and safe rollout on real TorchServe instances, under live traffic (loopback, bounded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, FakeContext, extracted_archive, requests_for, start_server
+from digits import DigitsHandler
+
+from servekit import server
+from servekit.archive import build_archive
+from servekit.cli import cli
+from servekit.client import FailoverClient, ServeClient
+from servekit.errors import ArchiveError, UsageError
+from servekit.models import SimpleCNN
+from servekit.rollout import (
+    DefaultHistory,
+    RolloutFailed,
+    RolloutPolicy,
+    default_version,
+    register_verified,
+    registered_versions,
+    retire,
+    rollback,
+    rollout,
+)
+from servekit.train import train_digits
+
+pytestmark = pytest.mark.server
+QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def rollout_store(tmp_path_factory, trained_digits):
+    """digits 1.0.0, 1.1.0 (retrained with another seed) and 6.6.6 (untrained weights: must never go live)."""
+    store = tmp_path_factory.mktemp("rollout_store")
+    build_archive("digits", "1.0.0", trained_digits, store)
+    retrained = tmp_path_factory.mktemp("work") / "digits-seed1"
+    train_digits(retrained, seed=1)
+    build_archive("digits", "1.1.0", retrained, store)
+    broken = tmp_path_factory.mktemp("work") / "digits-broken"
+    shutil.copytree(trained_digits, broken)
+    torch.manual_seed(3)
+    torch.save(SimpleCNN().state_dict(), broken / "model.pt")
+    build_archive("digits", "6.6.6", broken, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, rollout_store):
+    """A TorchServe with digits 1.0.0 deployed as default through a first rollout."""
+    workdir = tmp_path_factory.mktemp("rollout_ts")
+    state = start_server(rollout_store, workdir)
+    try:
+        client = ServeClient(state.endpoints())
+        history = DefaultHistory(workdir)
+        report = rollout(client, rollout_store, "digits", "1.0.0", history, policy=RolloutPolicy(watch_s=0.5))
+        assert report.promoted and report.previous is None
+        yield state, client, history
+    finally:
+        server.stop(workdir)
+
+
+def expected_answers(store, version, pngs, folder) -> list[dict]:
+    handler = DigitsHandler()
+    handler.initialize(extracted_archive(store / f"digits-{version}.mar", folder))
+    context = FakeContext(handler.model_dir, handler.manifest)
+    return handler.handle(requests_for([(png, "image/png") for png in pngs], context), context)
+
+
+class Traffic:
+    """`threads` clients posting PNGs in a loop until stopped (at most `limit_s`), recording every outcome."""
+
+    def __init__(self, client, pngs: list[bytes], threads: int = 8, limit_s: float = 90.0):
+        self.client, self.pngs, self.limit_s = client, pngs, limit_s
+        self.results: list[tuple[int, float, object]] = []  # (png index, time, answer or exception)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+
+    def run(self, offset: int) -> None:
+        deadline = time.monotonic() + self.limit_s
+        i = offset
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            index = i % len(self.pngs)
+            try:
+                answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
+            except Exception as exc:  # recorded, and the test fails on it
+                answer = exc
+            self.results.append((index, time.monotonic(), answer))
+            i += len(self.threads)
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def failures(self) -> list:
+        return [answer for _, _, answer in self.results if isinstance(answer, Exception)]
+
+
+def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, tmp_path):
+    state, client, history = live
+    pngs = [sample.path.read_bytes() for sample in held_out[:24]]
+    v1 = expected_answers(rollout_store, "1.0.0", pngs, tmp_path / "v1")
+    v2 = expected_answers(rollout_store, "1.1.0", pngs, tmp_path / "v2")
+    assert any(a != b for a, b in zip(v1, v2, strict=True)), "the two versions must be told apart by their answers"
+    with Traffic(client, pngs) as traffic:
+        time.sleep(1)
+        report = rollout(client, rollout_store, "digits", "1.1.0", history, policy=QUICK)
+        promoted_at = time.monotonic()
+        time.sleep(1)
+    assert report.promoted and [s.name for s in report.steps] == [
+        "register",
+        "smoke",
+        "shadow",
+        "latency",
+        "promote",
+        "watch",
+    ]
+    assert report.steps[2].numbers["agreement"] >= 0.95
+    assert traffic.failures() == [] and len(traffic.results) > 50
+    for index, _, answer in traffic.results:
+        assert answer in (v1[index], v2[index]), answer
+    late = [(index, answer) for index, at, answer in traffic.results if at > promoted_at + 0.5]
+    assert late and all(answer == v2[index] for index, answer in late)
+    assert default_version(client, "digits") == "1.1.0"
+
+
+def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store):
+    state, client, history = live
+    before = default_version(client, "digits")
+    with pytest.raises(RolloutFailed) as info:
+        rollout(client, rollout_store, "digits", "6.6.6", history, policy=QUICK)
+    report = info.value.report
+    assert [s.name for s in report.steps][-1] == "shadow" and not report.promoted
+    assert "agreement" in str(info.value) and report.steps[-1].numbers["agreement"] < 0.95
+    assert default_version(client, "digits") == before
+    assert "6.6.6" not in registered_versions(client, "digits")
+
+
+def test_rollback_retire_and_scale(live):
+    state, client, history = live
+    assert rollback(client, history, "digits") == ("1.1.0", "1.0.0")
+    assert default_version(client, "digits") == "1.0.0"
+    with pytest.raises(UsageError, match="is the default"):
+        retire(client, "digits", "1.0.0")
+    with pytest.raises(UsageError, match="not registered"):
+        retire(client, "digits", "9.9.9")
+    client.scale("digits", "1.0.0", min_workers=2, max_workers=2)
+    workers = client.describe("digits", "1.0.0")[0]["workers"]
+    assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
+
+
+def test_snapshot_restores_models_versions_and_default_after_a_restart(live, rollout_store):
+    state, client, history = live
+    before = {d["modelVersion"] for d in client.describe("digits")}, default_version(client, "digits")
+    workdir = Path(state.workdir)
+    server.stop(workdir)
+    restarted = server.start(
+        server.ServerSettings(
+            base_config=REPO / "config.properties", model_store=rollout_store, workdir=workdir, resume=True
+        )
+    )
+    client = ServeClient(restarted.endpoints())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        d["workers"] and d["workers"][0]["status"] == "READY" for d in client.describe("digits")
+    ):
+        time.sleep(0.5)
+    after = {d["modelVersion"] for d in client.describe("digits")}, default_version(client, "digits")
+    assert after == before
+    assert restarted.inference_url == state.inference_url
+
+
+def test_cli_rollout_rollback_retire_and_scale(live):
+    """What a user types; runs after the restart, so it also proves the restored server is fully usable."""
+    workdir = live[0].workdir
+    runner = CliRunner()
+    promoted = runner.invoke(cli, ["rollout", "digits", "--version", "1.1.0", "--watch", "1", "--workdir", workdir])
+    assert promoted.exit_code == 0, promoted.output
+    for step in ("register", "smoke", "shadow", "latency", "promote", "watch"):
+        assert step in promoted.output
+    assert "default is now 1.1.0" in promoted.output
+    back = runner.invoke(cli, ["rollback", "digits", "--workdir", workdir])
+    assert back.exit_code == 0 and "from 1.1.0 to 1.0.0" in back.output
+    refused = runner.invoke(cli, ["retire", "digits", "--version", "1.0.0", "--workdir", workdir])
+    assert refused.exit_code == 2 and "is the default" in refused.output
+    scaled = runner.invoke(cli, ["scale", "digits", "--min-workers", "1", "--max-workers", "1", "--workdir", workdir])
+    assert scaled.exit_code == 0 and "1 worker(s) ready" in scaled.output
+    retired = runner.invoke(cli, ["retire", "digits", "--version", "1.1.0", "--workdir", workdir])
+    assert retired.exit_code == 0 and registered_versions(live[1], "digits") == ["1.0.0"]
+
+
+def test_tampered_archive_is_refused_and_nothing_is_registered(tmp_path, rollout_store, live):
+    state, client, history = live
+    store = tmp_path / "store"
+    shutil.copytree(rollout_store, store)
+    with (store / "digits-6.6.6.mar").open("ab") as archive:
+        archive.write(b"tampered")
+    with pytest.raises(ArchiveError, match="modified or truncated"):
+        register_verified(client, store, "digits", "6.6.6")
+    assert "6.6.6" not in registered_versions(ServeClient(state.endpoints()), "digits")
+
+
+def test_killed_worker_loses_no_request_with_client_retries(tmp_path, rollout_store, held_out):
+    state = start_server(rollout_store, tmp_path / "ts")
+    try:
+        client = ServeClient(state.endpoints())
+        register_verified(client, rollout_store, "digits", "1.0.0")
+        victim = client.describe("digits", "1.0.0")[0]["workers"][0]["pid"]
+        pngs = [sample.path.read_bytes() for sample in held_out[:8]]
+        with Traffic(client, pngs, threads=4) as traffic:
+            time.sleep(1)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                workers = client.describe("digits", "1.0.0")[0]["workers"]
+                if workers and workers[0]["pid"] != victim and workers[0]["status"] == "READY":
+                    break
+                time.sleep(0.25)
+            time.sleep(1)
+        assert traffic.failures() == []
+        assert workers[0]["pid"] != victim and workers[0]["status"] == "READY"
+        assert len(traffic.results) > 20
+    finally:
+        server.stop(tmp_path / "ts")
+
+
+def test_failover_client_loses_nothing_when_one_instance_stops(tmp_path, rollout_store, held_out):
+    first, second = tmp_path / "a", tmp_path / "b"
+    states = [start_server(rollout_store, first), start_server(rollout_store, second)]
+    try:
+        clients = [ServeClient(s.endpoints()) for s in states]
+        for client in clients:
+            register_verified(client, rollout_store, "digits", "1.0.0")
+        failover = FailoverClient(clients)
+        pngs = [sample.path.read_bytes() for sample in held_out[:8]]
+        with Traffic(failover, pngs, threads=4) as traffic:
+            time.sleep(1.5)
+            server.stop(first)
+            stopped_at = time.monotonic()
+            time.sleep(2)
+        assert traffic.failures() == []
+        assert sum(1 for _, at, _ in traffic.results if at > stopped_at) > 5
+        assert failover.preferred == 1
+        png = held_out[0].path
+        args = ["predict", "digits", str(png), "--json"]
+        for state in states:
+            args += ["--url", state.inference_url, "--key-file", state.key_file]
+        answered = CliRunner().invoke(cli, args)
+        assert answered.exit_code == 0, answered.output
+        assert json.loads(answered.output)[str(png)]["label"] == held_out[0].label
+    finally:
+        server.stop(first)
+        server.stop(second)
