@@ -42,6 +42,7 @@ DEFAULT_CONFIG = {
     "compile": False,
 }
 MODEL_FORMATS = ("state_dict", "torchscript", "export", "aoti", "onnx")
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RequestError(Exception):
@@ -327,7 +328,8 @@ class ServekitHandler(BaseHandler):
         model = load_model(
             self.config["format"], self.archive_file("serializedFile"), self.definitions, self.config, self.device
         )
-        model = model.to(self.device)
+        self.dtype = FLOAT_DTYPES[self.config.get("dtype", "float32")]
+        model = model.to(self.device, self.dtype) if self.config["format"] == "state_dict" else model.to(self.device)
         # Exported programs refuse .eval(): they were exported in eval mode.
         self.model = model if self.config["format"] == "export" else model.eval()
         if self.config["compile"]:
@@ -358,8 +360,10 @@ class ServekitHandler(BaseHandler):
         return torch.cat(samples)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """One pass over the batch on the worker's device (floating inputs in the model's dtype), float32 out."""
+        batch = batch.to(self.device, self.dtype) if batch.is_floating_point() else batch.to(self.device)
         with torch.inference_mode():
-            return self.model(batch.to(self.device)).float().cpu()
+            return self.model(batch).float().cpu()
 
     # Helpers for subclasses -------------------------------------------------------------------------------------
     def archive_file(self, manifest_key: str) -> Path:

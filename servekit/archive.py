@@ -56,7 +56,7 @@ class BuildOptions:
     max_batch_delay_ms: int = 50
     workers: int = 1
     response_timeout_s: int = 60
-    model_format: str = "state_dict"
+    model_format: str | None = None  # None: the trained folder's own format (an optimized variant), else state_dict
     handler: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -65,7 +65,7 @@ class BuildOptions:
                 raise UsageError(f"{label} must be at least 1, got {value}")
         if self.max_batch_delay_ms < 0:
             raise UsageError(f"max batch delay must be >= 0 ms, got {self.max_batch_delay_ms}")
-        if self.model_format not in FORMAT_FILES:
+        if self.model_format is not None and self.model_format not in FORMAT_FILES:
             raise UsageError(f"unknown format {self.model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
 
 
@@ -132,7 +132,7 @@ def build_archive(
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
-    needed = (FORMAT_FILES["state_dict"], "handler.json", *spec.extra_files)
+    needed = ("handler.json", *spec.extra_files)
     missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:
         raise UsageError(
@@ -150,8 +150,18 @@ def build_archive(
 
     with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
         staging = Path(tmp)
-        model, trained = load_trained(source_dir)
-        weights, format_settings = export_model(model, trained, options.model_format, staging)
+        trained = json.loads((source_dir / "handler.json").read_text())
+        prebuilt = trained.get("format")
+        if prebuilt and options.model_format not in (None, prebuilt):
+            raise UsageError(
+                f"{source_dir} holds a {prebuilt} variant: build it without --format {options.model_format}"
+            )
+        options.model_format = prebuilt or options.model_format or "state_dict"
+        if prebuilt:  # an optimized variant: its file is packed as it is
+            weights, format_settings = source_dir / FORMAT_FILES[prebuilt], {}
+        else:
+            model, trained = load_trained(source_dir)
+            weights, format_settings = export_model(model, trained, options.model_format, staging)
         config = model_config(handler, trained, options, format_settings)
         config_path = staging / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -188,7 +198,7 @@ def build_archive(
         built_by=f"{getpass.getuser()}@{socket.gethostname()}",
         golden_dir=str(golden_dir.relative_to(store)) if golden_dir else "",
         source_dir=str(source_dir.resolve()),
-        source_weights_sha256=sha256_file(source_dir / FORMAT_FILES["state_dict"]),
+        source_weights_sha256=source_weights_sha256(source_dir),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
         config=config,
         servekit_version=__version__,
@@ -196,6 +206,16 @@ def build_archive(
     catalog.add(entry, replace=force)
     catalog.save()
     return entry
+
+
+def source_weights_sha256(source_dir: Path) -> str:
+    """The trained weights an archive descends from (an optimized variant records its original's)."""
+    metrics_path = source_dir / "metrics.json"
+    if metrics_path.is_file():
+        recorded = json.loads(metrics_path.read_text()).get("weights_sha256")
+        if recorded:
+            return recorded
+    return sha256_file(source_dir / FORMAT_FILES["state_dict"])
 
 
 def keep_golden_samples(held_out: Path, destination: Path) -> Path | None:

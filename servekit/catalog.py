@@ -51,6 +51,7 @@ class Catalog:
 
     path: Path
     models: dict[str, dict[str, CatalogEntry]] = field(default_factory=dict)
+    optimizations: dict[str, dict] = field(default_factory=dict)  # name -> best variant, report, variant folders
 
     @classmethod
     def load(cls, store: Path) -> Catalog:
@@ -63,9 +64,10 @@ class Catalog:
                 name: {version: CatalogEntry(**entry) for version, entry in versions.items()}
                 for name, versions in document["models"].items()
             }
+            optimizations = dict(document.get("optimizations", {}))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ArchiveError(f"{path} is not a servekit catalog ({exc}): fix or remove it") from None
-        return cls(path, models)
+        return cls(path, models, optimizations)
 
     def get(self, name: str, version: str) -> CatalogEntry | None:
         return self.models.get(name, {}).get(version)
@@ -92,6 +94,7 @@ class Catalog:
                 name: {version: asdict(entry) for version, entry in sorted(versions.items())}
                 for name, versions in sorted(self.models.items())
             },
+            "optimizations": self.optimizations,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".json.tmp")

@@ -13,6 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from servekit import __version__, server
+from servekit import optimize as optimizer
 from servekit import rollout as rollouts
 from servekit.archive import HANDLERS, BuildOptions, build_archive
 from servekit.catalog import Catalog
@@ -21,12 +22,14 @@ from servekit.datasets import read_held_out
 from servekit.errors import ServekitError, UsageError
 from servekit.evaluate import evaluate_served
 from servekit.formats import FORMAT_FILES
+from servekit.optimize import QUICK_VARIANTS, VARIANTS, variant_dir
 from servekit.rollout import ready_workers, register_verified
 from servekit.train import (
     HELD_OUT_DIR,
     IMAGE_ARCHITECTURES,
     OnEpoch,
     TrainResult,
+    distill_digits,
     train_digits,
     train_image,
     train_text,
@@ -198,13 +201,18 @@ def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
     "--format",
     "model_format",
     type=click.Choice(list(FORMAT_FILES)),
-    default="state_dict",
-    show_default=True,
-    help="How the model is serialized in the archive (exported at build time).",
+    default=None,
+    help="How the model is serialized in the archive, exported at build time [default: state_dict, or the "
+    "format of an optimized variant].",
 )
 @click.option("--batch-size", type=int, default=4, show_default=True, help="TorchServe batchSize.")
 @click.option("--max-batch-delay", type=int, default=50, show_default=True, help="maxBatchDelay in ms.")
 @click.option("--workers", type=int, default=1, show_default=True, help="minWorkers = maxWorkers.")
+@click.option(
+    "--variant",
+    default=None,
+    help="Pack an optimized variant recorded by `servekit optimize --pick fastest` ('best' or its name).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
 @click.option(
     "--parent",
@@ -223,6 +231,7 @@ def build(
     batch_size,
     max_batch_delay,
     workers,
+    variant,
     force,
     parent_version,
     store,
@@ -235,6 +244,10 @@ def build(
     handler = handler or name
     if handler not in HANDLERS:
         raise UsageError(f"no handler named {name!r}: pass --handler ({', '.join(sorted(HANDLERS))})")
+    if variant and source_dir:
+        raise UsageError("--variant and --from both name the folder to pack: give one")
+    if variant:
+        source_dir = variant_dir(store, name, variant)
     options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format)
     entry = build_archive(
         name,
@@ -474,6 +487,159 @@ def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency:
         )
         return
     console.print(f"served accuracy of {name}: [bold]{result.accuracy:.4f}[/] ({result.correct}/{result.total})")
+
+
+# optimize / distill ------------------------------------------------------------------------------------------------
+def variant_list(value: str) -> tuple[str, ...]:
+    if value == "all":
+        return VARIANTS
+    if value == "quick":
+        return QUICK_VARIANTS
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--from",
+    "source_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained model folder [default: model_store/work/NAME].",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Report and variant folders [default: model_store/work/NAME-optimized].",
+)
+@click.option(
+    "--variants", default="quick", show_default=True, help=f"'quick', 'all', or a comma list of: {', '.join(VARIANTS)}."
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Points of held-out accuracy a variant may lose against eager fp32.",
+)
+@click.option(
+    "--pick",
+    type=click.Choice(["fastest"]),
+    default=None,
+    help="Record the fastest accepted variant in the catalog (for build --variant best).",
+)
+@click.option(
+    "--student",
+    "student_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A distilled student (servekit distill) to measure beside the variants.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ONNX Runtime threads [all cores].")
+@click.option(
+    "--budget",
+    "budget_s",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds of timing per variant and batch size.",
+)
+@store_option
+@json_option
+def optimize(
+    name, source_dir, out_dir, variants, max_accuracy_drop, pick, student_dir, threads, budget_s, store, as_json
+) -> None:
+    """Build, time and score every variant of a trained model; gate on accuracy; report table, JSON, Markdown, PNG.
+
+    Example: servekit optimize digits --variants all --pick fastest
+    """
+    source_dir = source_dir or DEFAULT_WORK / name
+    out_dir = out_dir or DEFAULT_WORK / f"{name}-optimized"
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"optimizing {name}", total=None)
+        report = optimizer.optimize(
+            name,
+            source_dir,
+            out_dir,
+            variant_list(variants),
+            max_accuracy_drop,
+            threads,
+            budget_s,
+            student_dir,
+            lambda r: progress.update(task, description=r.name),
+        )
+    if pick:
+        optimizer.record_best(store, report, out_dir)
+    if as_json:
+        print_json(json.loads((out_dir / "report.json").read_text()))
+        return
+    table = Table(
+        "variant",
+        "status",
+        "bs1 p50 ms",
+        "bs1 p95",
+        "bs8 p50",
+        "speedup",
+        "size",
+        "accuracy",
+        "agree",
+        "max |dlogit|",
+        "note",
+        title=f"{name}: {report.threads} threads",
+    )
+    for r in report.results:
+        table.add_row(
+            r.name,
+            r.status,
+            f"{r.bs1_p50_ms:.3f}",
+            f"{r.bs1_p95_ms:.3f}",
+            f"{r.bs8_p50_ms:.3f}",
+            f"{r.speedup_bs1:.2f}x",
+            f"{r.size_ratio:.2f}x",
+            f"{r.accuracy:.4f}",
+            f"{r.agreement:.3f}",
+            f"{r.max_logit_diff:.2g}",
+            r.reason,
+        )
+    console.print(table)
+    console.print(
+        f"fastest accepted: [bold]{report.best}[/]; report in {out_dir}/report.md and "
+        f"latency_vs_accuracy.png" + (f"; recorded in {store}/catalog.json" if pick else "")
+    )
+
+
+@cli.group()
+def distill() -> None:
+    """Knowledge distillation into a smaller student."""
+
+
+@distill.command("digits")
+@click.option(
+    "--teacher", "teacher_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "digits", show_default=True
+)
+@out_option("digits-student")
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.7,
+    show_default=True,
+    help="Weight of the teacher's soft targets (the rest: the labels).",
+)
+def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperature: float, alpha: float) -> None:
+    """SimpleCNN teacher -> SmallCNN student (about 40x fewer weights), on the same digits split.
+
+    Example: servekit distill digits && servekit optimize digits --student model_store/work/digits-student
+    """
+    run_training(
+        "distilling SmallCNN",
+        epochs,
+        lambda cb: distill_digits(teacher_dir, out, epochs, temperature, alpha, on_epoch=cb),
+        out,
+    )
 
 
 # rollout / rollback / retire / scale ------------------------------------------------------------------------------

@@ -40,6 +40,22 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class SmallCNN(nn.Module):
+    """A distillation student for SimpleCNN: 8 and 16 channels, fc 32 (about 40x fewer weights)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, kernel_size=3), nn.ReLU(), nn.Conv2d(8, 16, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 12 * 12, 32), nn.ReLU(), nn.Linear(32, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class TextClassifier(nn.Module):
     """A small Transformer encoder over token ids (0 = padding, position 0 = the class token)."""
 
@@ -67,9 +83,11 @@ def build_model(model_class: str, model_kwargs: dict | None = None) -> nn.Module
         import torchvision
 
         return torchvision.models.get_model(model_class.removeprefix(TORCHVISION_PREFIX), weights=None, **kwargs)
-    factory = {"SimpleCNN": SimpleCNN, "TextClassifier": TextClassifier}.get(model_class)
+    factory = {"SimpleCNN": SimpleCNN, "SmallCNN": SmallCNN, "TextClassifier": TextClassifier}.get(model_class)
     if factory is None:
-        raise ValueError(f"unknown model class {model_class!r}: use SimpleCNN, TextClassifier or torchvision:NAME")
+        raise ValueError(
+            f"unknown model class {model_class!r}: use SimpleCNN, SmallCNN, TextClassifier or torchvision:NAME"
+        )
     return factory(**kwargs)
 
 

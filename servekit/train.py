@@ -59,14 +59,18 @@ def fit(
     batch_size: int = 64,
     max_learning_rate: float = 2e-3,
     on_epoch: OnEpoch | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """AdamW with a one-cycle schedule; `make_batch(indices)` builds (and may augment) one input batch."""
+    """AdamW with a one-cycle schedule; `make_batch(indices)` builds (and may augment) one input batch.
+
+    `loss_fn(logits, indices)` defaults to cross-entropy against `labels[indices]`.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=max_learning_rate)
     steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_learning_rate, total_steps=epochs * steps_per_epoch
     )
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or (lambda logits, indices: nn.functional.cross_entropy(logits, labels[indices]))
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         model.train()
@@ -75,7 +79,7 @@ def fit(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(model(make_batch(batch)), labels[batch])
+            loss = loss_fn(model(make_batch(batch)), batch)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -286,4 +290,68 @@ def train_text(
     )
     tokenizer.save(out_dir / VOCAB_FILE)
     write_texts([texts[i] for i in test_idx], [SENTIMENT_LABELS[labels[i]] for i in test_idx], out_dir / HELD_OUT_DIR)
+    return result
+
+
+def distill_digits(
+    teacher_dir: Path,
+    out_dir: Path,
+    epochs: int = 15,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    seed: int = 0,
+    on_epoch: OnEpoch | None = None,
+) -> TrainResult:
+    """Knowledge distillation of a trained SimpleCNN into SmallCNN on the same digits split.
+
+    Loss: alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * cross-entropy with the labels; the teacher sees
+    the same shifted batch as the student.
+    """
+    from servekit.formats import load_trained
+
+    if epochs < 1 or not 0 <= alpha <= 1 or temperature <= 0:
+        raise ValueError("epochs must be >= 1, alpha in [0, 1] and temperature > 0")
+    started = time.perf_counter()
+    teacher, teacher_handler = load_trained(teacher_dir)
+    if teacher_handler["model_class"] != "SimpleCNN":
+        raise ValueError(
+            f"distill digits expects a SimpleCNN teacher, {teacher_dir} holds {teacher_handler['model_class']}"
+        )
+    torch.manual_seed(seed)
+    split = digits_split(seed=seed)
+    student = build_model("SmallCNN")
+    generator = torch.Generator().manual_seed(seed + 1)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_batch(indices: torch.Tensor) -> torch.Tensor:
+        current["images"] = shifted(split.train_images[indices], 2, generator)
+        return current["images"]
+
+    def loss_fn(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft_targets = torch.softmax(teacher(current["images"]) / temperature, dim=1)
+        soft = nn.functional.kl_div(torch.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
+        hard = nn.functional.cross_entropy(logits, split.train_labels[indices])
+        return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+    fit(student, make_batch, split.train_labels, epochs, seed, on_epoch=on_epoch, loss_fn=loss_fn)
+    result = TrainResult(
+        out_dir,
+        accuracy(student, lambda b: split.test_images[b], split.test_labels),
+        epochs,
+        time.perf_counter() - started,
+        len(split.train_labels),
+        len(split.test_labels),
+    )
+    handler = {"model_class": "SmallCNN", "example_input": {"shape": [1, 28, 28], "dtype": "float32"}}
+    metrics = {
+        "model": "SmallCNN",
+        "teacher": str(teacher_dir),
+        "temperature": temperature,
+        "alpha": alpha,
+        "dataset": "sklearn load_digits, 8x8 upscaled to 28x28",
+        "seed": seed,
+    }
+    save_outputs(out_dir, student, DIGIT_LABELS, handler, result, metrics)
+    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
     return result

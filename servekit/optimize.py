@@ -1,0 +1,540 @@
+"""`servekit optimize`: one trained model -> measured variants, an accuracy gate, and the fastest one to archive.
+
+Every variant is built, loaded and timed in this one process with the same threads and inputs: latency p50/p95
+at batch 1 and 8, throughput, file size, load time, held-out accuracy, and agreement with the eager fp32 baseline
+(top-1 agreement, max |logit diff|). A variant that torch or ONNX Runtime cannot produce here is reported as
+skipped with the error, never dropped silently.
+
+Each accepted variant is saved as a folder `servekit build --from` (or `--variant`) packs as it is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from servekit.catalog import Catalog
+from servekit.datasets import read_held_out
+from servekit.errors import UsageError
+from servekit.formats import FORMAT_FILES, dynamic_shapes, example_batch, export_model, load_trained
+from servekit.models import Tokenizer, image_transform, pad_batch
+
+CALIBRATION_SAMPLES = 64
+VARIANTS = (
+    "eager",
+    "torchscript",
+    "export",
+    "aoti",
+    "compile",
+    "dynamic_int8",
+    "pt2e_int8",
+    "bf16",
+    "fp16",
+    "pruned_l1_50",
+    "onnx",
+    "onnx_int8",
+    "onnx_dynamic_int8",
+)
+QUICK_VARIANTS = ("eager", "torchscript", "export", "dynamic_int8", "bf16", "pruned_l1_50", "onnx", "onnx_int8")
+COPIED_FILES = ("labels.json", "vocab.json", "metrics.json", "model.pt")
+
+
+# Inputs -------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    """Held-out inputs as the handler would build them: `calibration` for static quantization, `samples` to score."""
+
+    calibration: list[torch.Tensor]
+    samples: list[torch.Tensor]
+    labels: torch.Tensor
+    text: bool = False
+
+    def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        return pad_batch([s.tolist() for s in samples]) if self.text else torch.stack(samples)
+
+    def batches(self, size: int):
+        for start in range(0, len(self.samples), size):
+            yield self.collate(self.samples[start : start + size])
+
+
+def load_eval_set(source_dir: Path, handler: dict) -> EvalSet:
+    """Decodes the trained folder's held-out set exactly as the handlers do (PNG -> pixels, text -> token ids)."""
+    samples = read_held_out(source_dir / "heldout")
+    if len(samples) <= CALIBRATION_SAMPLES + 10:
+        raise UsageError(f"{source_dir / 'heldout'} has {len(samples)} samples; optimize needs more than 74")
+    labels_path = source_dir / "labels.json"
+    labels = json.loads(labels_path.read_text())
+    text = handler["model_class"] == "TextClassifier"
+    if text:
+        tokenizer = Tokenizer.load(source_dir / "vocab.json")
+        tensors = [torch.tensor(tokenizer.encode(s.path.read_text())) for s in samples]
+    elif "preprocess" in handler:
+        transform = image_transform(**handler["preprocess"])
+        tensors = [
+            transform(torch.from_numpy(np.array(Image.open(s.path).convert("RGB"))).permute(2, 0, 1)) for s in samples
+        ]
+    else:
+        shape = handler["example_input"]["shape"]
+        tensors = [
+            torch.from_numpy(np.array(Image.open(s.path).convert("L"), dtype=np.float32) / 255).reshape(shape)
+            for s in samples
+        ]
+    targets = torch.tensor([labels.index(s.label) for s in samples])
+    return EvalSet(tensors[:CALIBRATION_SAMPLES], tensors[CALIBRATION_SAMPLES:], targets[CALIBRATION_SAMPLES:], text)
+
+
+# Variants -------------------------------------------------------------------------------------------------------
+@dataclass
+class Built:
+    """A variant ready to time: `run` maps a batch to float32 logits; `save` writes its archive folder."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    files: list[Path]
+    handler: dict = field(default_factory=dict)  # handler.json settings for its archive (format, dtype, compile)
+    archivable: str = ""  # why it cannot be archived ('' when it can)
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+
+
+class Builder:
+    """Builds each variant of one model into `work/NAME/`."""
+
+    def __init__(self, model: torch.nn.Module, handler: dict, eval_set: EvalSet, work: Path, threads: int):
+        self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
+
+    def folder(self, name: str) -> Path:
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def eager_like(self, name: str, model: torch.nn.Module, handler: dict, dtype=torch.float32) -> Built:
+        folder = self.folder(name)
+        path = folder / FORMAT_FILES["state_dict"]
+        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+        model = model.to(dtype)
+
+        def run(batch):
+            return model(batch.to(dtype) if batch.is_floating_point() else batch).float()
+
+        return Built(run, [path], {"format": "state_dict", **handler})
+
+    def exported(self, name: str, model_format: str, model: torch.nn.Module | None = None) -> Built:
+        folder = self.folder(name)
+        path, _ = export_model(model or self.model, self.handler, model_format, folder)
+        if model_format == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = torch.jit.load(str(path))
+            return Built(loaded, [path], {"format": "torchscript"})
+        if model_format == "export":
+            return Built(torch.export.load(str(path)).module(), [path], {"format": "export"})
+        if model_format == "aoti":
+            return Built(torch._inductor.aoti_load_package(str(path)), [path], {"format": "aoti", "aoti_device": "cpu"})
+        return Built(ort_session(path, self.threads), [path], {"format": "onnx"})
+
+    def build(self, name: str) -> Built:
+        model = self.model
+        if name == "eager":
+            return self.eager_like(name, model, {})
+        if name in ("torchscript", "export", "aoti", "onnx"):
+            return self.exported(name, name)
+        if name == "compile":
+            built = self.eager_like(name, model, {"compile": True})
+            built.run = torch.compile(model)
+            return built
+        if name == "dynamic_int8":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, torch.qint8)
+            # The Transformer fast path reads `linear.weight` as a tensor; a quantized Linear's is a method.
+            # Traced with the fast path off, the TorchScript graph takes the plain path wherever it runs.
+            fast_path = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return self.exported(name, "torchscript", quantized)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fast_path)
+        if name in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if name == "bf16" else torch.float16
+            clone = load_trained_clone(model)
+            return self.eager_like(name, clone, {"dtype": str(dtype).removeprefix("torch.")}, dtype)
+        if name == "pruned_l1_50":
+            return self.eager_like(name, pruned(load_trained_clone(model), 0.5), {})
+        if name == "pt2e_int8":
+            return self.pt2e()
+        if name in ("onnx_int8", "onnx_dynamic_int8"):
+            return self.onnx_quantized(name)
+        raise UsageError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+    def pt2e(self) -> Built:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+        example = example_batch(self.handler)
+        program = torch.export.export(self.model, (example,), dynamic_shapes=dynamic_shapes(self.handler)).module()
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(program, quantizer)
+        for batch in calibration_batches(self.eval_set):
+            prepared(batch)
+        compiled = torch.compile(convert_pt2e(prepared))
+        why = "measured only: the converted program needs torchao's quantized ops and torch.compile in the worker"
+        return Built(compiled, [], {}, archivable=why)
+
+    def onnx_quantized(self, name: str) -> Built:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+
+        folder = self.folder(name)
+        fp32, _ = export_model(self.model, self.handler, "onnx", folder)
+        source = folder / "fp32.onnx"
+        fp32.rename(source)
+        target = folder / FORMAT_FILES["onnx"]
+        if name == "onnx_dynamic_int8":
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        else:
+            batches = [b.numpy() for b in calibration_batches(self.eval_set)]
+            input_name = ort_input_name(source)
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.items = iter([{input_name: b} for b in batches])
+
+                def get_next(self):
+                    return next(self.items, None)
+
+            quantize_static(
+                str(source),
+                str(target),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
+        source.unlink()
+        return Built(ort_session(target, self.threads), [target], {"format": "onnx"})
+
+
+def ort_input_name(path: Path) -> str:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+
+def calibration_batches(eval_set: EvalSet, size: int = 8):
+    for start in range(0, len(eval_set.calibration), size):
+        yield eval_set.collate(eval_set.calibration[start : start + size])
+
+
+def load_trained_clone(model: torch.nn.Module) -> torch.nn.Module:
+    clone = io.BytesIO()
+    torch.save(model, clone)
+    clone.seek(0)
+    return torch.load(clone, weights_only=False).eval()
+
+
+def pruned(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+    """Magnitude (L1, unstructured) pruning of every conv and linear weight, made permanent."""
+    from torch.nn.utils import prune
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune.l1_unstructured(module, "weight", amount)
+            prune.remove(module, "weight")
+    return model
+
+
+# Measuring --------------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    name: str
+    status: str  # baseline | accepted | rejected | skipped
+    reason: str = ""
+    size_bytes: int = 0
+    load_ms: float = 0.0
+    bs1_p50_ms: float = 0.0
+    bs1_p95_ms: float = 0.0
+    bs8_p50_ms: float = 0.0
+    bs8_p95_ms: float = 0.0
+    throughput_per_s: float = 0.0
+    accuracy: float = 0.0
+    agreement: float = 0.0
+    max_logit_diff: float = 0.0
+    speedup_bs1: float = 0.0
+    size_ratio: float = 0.0
+    archive_dir: str = ""
+
+
+def latencies_ms(run: Callable, batches: list[torch.Tensor], budget_s: float, min_iterations: int) -> list[float]:
+    """Times `run` over the batches in turn after a warm-up, for `budget_s` seconds or `min_iterations`."""
+    with torch.inference_mode():
+        for batch in batches[:5]:
+            run(batch)
+        times, deadline, i = [], time.perf_counter() + budget_s, 0
+        while i < min_iterations or time.perf_counter() < deadline:
+            batch = batches[i % len(batches)]
+            started = time.perf_counter()
+            run(batch)
+            times.append((time.perf_counter() - started) * 1000)
+            i += 1
+            if i >= 20 * min_iterations:
+                break
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, budget_s: float) -> tuple[Result, dict]:
+    """Times and scores one built variant; returns its result and its logits (the baseline's are the reference)."""
+    with torch.inference_mode():
+        logits = torch.cat([built.run(batch).float() for batch in eval_set.batches(64)])
+    predictions = logits.argmax(dim=1)
+    singles = [eval_set.collate([s]) for s in eval_set.samples[:64]]
+    eights = [eval_set.collate(eval_set.samples[i : i + 8]) for i in range(0, 64, 8)]
+    bs1 = latencies_ms(built.run, singles, budget_s, 30)
+    bs8 = latencies_ms(built.run, eights, budget_s, 10)
+    result = Result(
+        name=name,
+        status="baseline" if baseline is None else "accepted",
+        size_bytes=sum(path.stat().st_size for path in built.files),
+        bs1_p50_ms=percentile(bs1, 50),
+        bs1_p95_ms=percentile(bs1, 95),
+        bs8_p50_ms=percentile(bs8, 50),
+        bs8_p95_ms=percentile(bs8, 95),
+        throughput_per_s=8000 / percentile(bs8, 50),
+        accuracy=float((predictions == eval_set.labels).float().mean()),
+    )
+    reference = baseline or {"logits": logits, "predictions": predictions}
+    result.agreement = float((predictions == reference["predictions"]).float().mean())
+    result.max_logit_diff = float((logits - reference["logits"]).abs().max())
+    return result, {"logits": logits, "predictions": predictions}
+
+
+@dataclass
+class Report:
+    name: str
+    source_dir: str
+    threads: int
+    max_accuracy_drop: float
+    results: list[Result]
+    best: str = ""
+    machine: str = ""
+
+    def by_name(self, name: str) -> Result:
+        return next(r for r in self.results if r.name == name)
+
+
+def optimize(
+    name: str,
+    source_dir: Path,
+    out_dir: Path,
+    variants: tuple[str, ...] = QUICK_VARIANTS,
+    max_accuracy_drop: float = 1.0,
+    threads: int | None = None,
+    budget_s: float = 2.0,
+    student_dir: Path | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> Report:
+    """Builds and measures every variant of the model trained in `source_dir`; writes report files to out_dir."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if max_accuracy_drop < 0:
+        raise UsageError("--max-accuracy-drop is in points and must be >= 0")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model, handler = load_trained(source_dir)
+    eval_set = load_eval_set(source_dir, handler)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builder = Builder(model, handler, eval_set, out_dir / "variants", threads)
+    ordered = ("eager", *[v for v in variants if v != "eager"])
+    baseline, results = None, []
+    jobs: list[tuple[str, Callable[[], Built]]] = [(v, lambda v=v: builder.build(v)) for v in ordered]
+    if student_dir is not None:
+        jobs.append(("distilled", lambda: student_variant(student_dir, builder)))
+    for variant, build in jobs:
+        started = time.perf_counter()
+        try:
+            built = build()
+        except Exception as exc:  # a variant torch cannot make here is reported, not hidden
+            result = Result(variant, "skipped", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        else:
+            load_ms = (time.perf_counter() - started) * 1000
+            result, outputs = measure(variant, built, eval_set, baseline, budget_s)
+            result.load_ms = load_ms
+            if baseline is None:
+                baseline = {**outputs, "result": result}
+            result.speedup_bs1 = baseline["result"].bs1_p50_ms / result.bs1_p50_ms
+            result.size_ratio = result.size_bytes / baseline["result"].size_bytes if result.size_bytes else 0.0
+            drop = (baseline["result"].accuracy - result.accuracy) * 100
+            if result.status != "baseline" and drop > max_accuracy_drop:
+                result.status, result.reason = "rejected", f"accuracy drop {drop:.2f} points > {max_accuracy_drop}"
+            if built.archivable:
+                result.reason = result.reason or built.archivable
+            else:
+                result.archive_dir = str(save_variant(source_dir, handler, built, builder.work / variant, variant))
+        results.append(result)
+        if on_result:
+            on_result(result)
+    report = Report(name, str(source_dir), threads, max_accuracy_drop, results, machine=machine_summary())
+    accepted = [r for r in results if r.status in ("baseline", "accepted") and r.archive_dir]
+    report.best = min(accepted, key=lambda r: r.bs1_p50_ms).name
+    write_report(report, out_dir)
+    return report
+
+
+def student_variant(student_dir: Path, builder: Builder) -> Built:
+    student, handler = load_trained(student_dir)
+    folder = builder.folder("distilled")
+    for file_name in (*COPIED_FILES, "handler.json"):
+        if (student_dir / file_name).is_file():
+            shutil.copy2(student_dir / file_name, folder / file_name)
+    return Built(student, [folder / FORMAT_FILES["state_dict"]], {"format": "state_dict", **handler})
+
+
+def save_variant(source_dir: Path, handler: dict, built: Built, folder: Path, variant: str) -> Path:
+    """Completes a variant's folder so that `servekit build --from folder` packs it as it is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name in COPIED_FILES:
+        if (source_dir / file_name).is_file() and not (folder / file_name).exists():
+            shutil.copy2(source_dir / file_name, folder / file_name)
+    if (source_dir / "heldout").is_dir() and not (folder / "heldout").exists():
+        shutil.copytree(source_dir / "heldout", folder / "heldout")
+    if not (folder / "handler.json").exists() or variant != "distilled":
+        settings = {**handler, **built.handler, "variant": variant}
+        (folder / "handler.json").write_text(json.dumps(settings, indent=2))
+    return folder
+
+
+def machine_summary() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# Reports ----------------------------------------------------------------------------------------------------------
+COLUMNS = (
+    "name",
+    "status",
+    "bs1_p50_ms",
+    "bs1_p95_ms",
+    "bs8_p50_ms",
+    "throughput_per_s",
+    "speedup_bs1",
+    "size_bytes",
+    "size_ratio",
+    "load_ms",
+    "accuracy",
+    "agreement",
+    "max_logit_diff",
+    "reason",
+)
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    document = {**asdict(report), "results": [asdict(r) for r in report.results]}
+    (out_dir / "report.json").write_text(json.dumps(document, indent=2))
+    (out_dir / "report.md").write_text(markdown(report))
+    chart(report, out_dir / "latency_vs_accuracy.png")
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"# servekit optimize: {report.name}",
+        "",
+        f"Source `{report.source_dir}`; {report.threads} threads; {report.machine}. Accuracy gate: "
+        f"at most {report.max_accuracy_drop} points below eager fp32. Fastest accepted at batch 1: **{report.best}**.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(cell(getattr(r, c)) for c in COLUMNS) + " |" for r in report.results]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    colors = {"baseline": "black", "accepted": "tab:green", "rejected": "tab:red"}
+    plotted = [result for result in report.results if result.status in colors]
+    for rank, result in enumerate(sorted(plotted, key=lambda r: r.bs1_p50_ms)):
+        axes.scatter(result.bs1_p50_ms, result.accuracy * 100, color=colors[result.status])
+        axes.annotate(
+            result.name,
+            (result.bs1_p50_ms, result.accuracy * 100),
+            fontsize=8,
+            xytext=(4, 4 - 10 * (rank % 4)),
+            textcoords="offset points",
+        )  # staggered: clusters stay legible
+    axes.set_xscale("log")
+    axes.set_xlabel("latency p50 at batch 1 (ms, log scale)")
+    axes.set_ylabel("held-out accuracy (%)")
+    axes.set_title(f"{report.name}: variants (green accepted, red rejected, black eager fp32)")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def record_best(store: Path, report: Report, out_dir: Path) -> None:
+    """Remembers the fastest accepted variant in the catalog, for `servekit build NAME --variant best`."""
+    catalog = Catalog.load(store)
+    catalog.optimizations[report.name] = {
+        "best": report.best,
+        "report": str((out_dir / "report.json").resolve()),
+        "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
+    }
+    catalog.save()
+
+
+def variant_dir(store: Path, name: str, variant: str) -> Path:
+    """The folder of an optimized variant recorded in the catalog (`best` = the fastest accepted)."""
+    record = Catalog.load(store).optimizations.get(name)
+    if record is None:
+        raise UsageError(
+            f"no optimization of {name} is recorded in {store}: run servekit optimize {name} --pick fastest"
+        )
+    chosen = record["best"] if variant == "best" else variant
+    if chosen not in record["variants"]:
+        raise UsageError(
+            f"variant {variant!r} of {name} is not an accepted variant; have: {', '.join(record['variants'])}"
+        )
+    return Path(record["variants"][chosen])
