@@ -167,16 +167,26 @@ def build_archive(
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         extra_files = [handlers_dir() / f for f in SHARED_HANDLER_FILES] + [source_dir / f for f in spec.extra_files]
         command = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", name,
-            "--version", version,
-            "--model-file", str(MODEL_DEFINITIONS),
-            "--serialized-file", str(weights),
-            "--handler", str(handlers_dir() / spec.handler_file),
-            "--extra-files", ",".join(str(f) for f in extra_files),
-            "--config-file", str(config_path),
-            "--export-path", str(staging),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--model-file",
+            str(MODEL_DEFINITIONS),
+            "--serialized-file",
+            str(weights),
+            "--handler",
+            str(handlers_dir() / spec.handler_file),
+            "--extra-files",
+            ",".join(str(f) for f in extra_files),
+            "--config-file",
+            str(config_path),
+            "--export-path",
+            str(staging),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         built = staging / f"{name}.mar"
         if result.returncode != 0 or not built.is_file():

@@ -90,6 +90,14 @@ def failover_client(urls: tuple[str, ...], key_files: tuple[Path, ...]) -> Failo
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -639,6 +647,136 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
         epochs,
         lambda cb: distill_digits(teacher_dir, out, epochs, temperature, alpha, on_epoch=cb),
         out,
+    )
+
+
+# bench / tune / status -------------------------------------------------------------------------------------------
+def levels_option(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--concurrency {text!r} is not a comma list of integers like 1,4,16") from None
+    if not levels or min(levels) < 1:
+        raise UsageError("--concurrency levels must be integers >= 1")
+    return levels
+
+
+def seconds_option(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise UsageError(f"duration {text!r} is not seconds like 20 or 20s") from None
+    if value <= 0:
+        raise UsageError("the duration must be positive")
+    return value
+
+
+@cli.command("bench")
+@click.argument("name")
+@click.option("--version", "version", default=None, help="[default: the server's default version]")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients per level.")
+@click.option("--duration", default="10s", show_default=True, help="Per level, e.g. 20s.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Open loop: requests per second, latency from the scheduled send time.",
+)
+@click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, help="Send this one file.")
+@click.option(
+    "--held-out",
+    "held_out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Send a labelled folder [default: the archive's golden samples].",
+)
+@click.option("--baseline", type=click.Choice(["flask"]), default=None, help="Also bench the Flask baseline.")
+@click.option(
+    "--baseline-model",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_WORK / "digits",
+    show_default=True,
+    help="Trained SimpleCNN folder the Flask baseline serves.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="bench.json, bench.md, bench.png [default: model_store/work/NAME-bench].",
+)
+@workdir_option
+@json_option
+def bench_command(
+    name,
+    version,
+    concurrency,
+    duration,
+    rate,
+    input_file,
+    held_out_dir,
+    baseline,
+    baseline_model,
+    out_dir,
+    workdir,
+    as_json,
+) -> None:
+    """Drive the inference API with concurrent clients; compare with the handler in process (and Flask).
+
+    Example: servekit bench digits --concurrency 1,4,16 --duration 20s --baseline flask
+    """
+    from servekit import bench as benchmarks
+
+    state = server.ServerState.load(workdir.resolve())
+    client = ServeClient(state.endpoints())
+    store = Path(state.model_store)
+    version = version or rollouts.default_version(client, name)
+    if version is None:
+        raise UsageError(f"{name} is not registered on this server: servekit register {name} --version V")
+    if held_out_dir is None and input_file is None:
+        entry = Catalog.load(store).get(name, version)
+        if entry is None or not entry.golden_dir:
+            raise UsageError(
+                f"{name} {version} has no golden samples in the catalog: pass --held-out DIR or --input FILE"
+            )
+        held_out_dir = store / entry.golden_dir
+    bodies = benchmarks.request_bodies(store, name, held_out_dir, input_file)
+
+    def show(kind: str, level) -> None:
+        result = level.served if kind == "served" else level.baseline
+        if not as_json:
+            console.print(
+                f"{kind:>8} concurrency {result.concurrency:>3}: {result.throughput_per_s:8.1f} req/s, "
+                f"p50 {result.p50_ms:7.2f} ms, p99 {result.p99_ms:7.2f} ms, {result.errors} errors"
+            )
+
+    port = free_port() if baseline else None
+    report = benchmarks.bench(
+        client,
+        store,
+        name,
+        version,
+        bodies,
+        levels_option(concurrency),
+        seconds_option(duration),
+        rate,
+        baseline_model if baseline else None,
+        port,
+        show,
+    )
+    out_dir = out_dir or DEFAULT_WORK / f"{name}-bench"
+    benchmarks.write_reports(report, out_dir)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    table = Table(*benchmarks.HEADERS, title=f"{name} {version}")
+    for row in benchmarks.rows(report):
+        table.add_row(*row)
+    console.print(table)
+    ip = report.in_process
+    console.print(
+        f"in process: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "
+        f"{ip.p50_ms:.2f} ms; reports in {out_dir}"
     )
 
 

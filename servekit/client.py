@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -110,7 +111,7 @@ class ServeClient:
         self.sessions = {"inference": session_with(retry.inference()), "management": session_with(retry.management())}
 
     # Plumbing --------------------------------------------------------------------------------------------------
-    def _headers(self, api: str) -> dict[str, str]:
+    def auth_headers(self, api: str) -> dict[str, str]:
         if self.endpoints.key_file is None:
             return {}
         return {"Authorization": f"Bearer {read_keys(self.endpoints.key_file)[api]}"}
@@ -118,7 +119,7 @@ class ServeClient:
     def _call(self, api: str, method: str, path: str, timeout_s: float | None = None, **kwargs) -> requests.Response:
         base = self.endpoints.inference_url if api == "inference" else self.endpoints.management_url
         url = f"{base}{path}"
-        headers = {**self._headers(api), **kwargs.pop("headers", {})}
+        headers = {**self.auth_headers(api), **kwargs.pop("headers", {})}
         try:
             response = self.sessions[api].request(
                 method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs
@@ -190,6 +191,18 @@ class ServeClient:
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"}
         path = f"/models/{quote(name)}/{quote(version)}"
         return self._call("management", "PUT", path, timeout_s=REGISTER_TIMEOUT_S, params=params).json()
+
+    def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """(name, labels, value) of every Prometheus sample, parsed with prometheus_client.
+
+        Counters come under their family name without `_total` (`ts_inference_requests`, `Requests2XX`), whether
+        TorchServe exposed them with the suffix or not.
+        """
+        return [
+            (family.name if family.type == "counter" else sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+        ]
 
     def metrics(self) -> str:
         """The Prometheus text from the metrics address (no token needed there)."""

@@ -22,6 +22,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from servekit.errors import UsageError
+
 IMAGE_SIZE = 28
 HELD_OUT_INDEX = "index.csv"
 
@@ -105,7 +107,7 @@ def read_held_out(folder: Path) -> list[HeldOutSample]:
     """The samples of a folder written by `servekit train`."""
     index_path = folder / HELD_OUT_INDEX
     if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} not found: run `servekit train` to write a held-out set")
+        raise UsageError(f"{index_path} not found: run `servekit train` to write a held-out set")
     with index_path.open(newline="") as index:
         return [HeldOutSample(folder / row["file"], row["label"]) for row in csv.DictReader(index)]
 

@@ -73,9 +73,14 @@ def export_model(model: torch.nn.Module, handler: dict, model_format: str, out_d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (example,), str(path), dynamo=True, dynamic_shapes=dynamic_shapes(handler),
-                external_data=False, verbose=False,
-            )  # fmt: skip
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes(handler),
+                external_data=False,
+                verbose=False,
+            )
         return path, {}
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(handler))
     if model_format == "export":

@@ -36,7 +36,8 @@ from servekit.rollout import (
 from servekit.train import train_digits
 
 pytestmark = pytest.mark.server
-QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
+# Latency slack for shared 2-core CI machines; the gate itself is exercised by test_the_latency_gate_stops_a_rollout.
+QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0, max_latency_ratio=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,9 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
         "watch",
     ]
     assert report.steps[2].numbers["agreement"] >= 0.95
+    latency, watch = report.steps[3].numbers, report.steps[5].numbers
+    assert latency["p50_ms"] > 0 and latency["service_ms"] > 0 and latency["previous_service_ms"] > 0
+    assert watch["requests"] > 0 and watch["error_rate"] == 0
     assert traffic.failures() == [] and len(traffic.results) > 50
     for index, _, answer in traffic.results:
         assert answer in (v1[index], v2[index]), answer
@@ -150,6 +154,16 @@ def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store
     assert "agreement" in str(info.value) and report.steps[-1].numbers["agreement"] < 0.95
     assert default_version(client, "digits") == before
     assert "6.6.6" not in registered_versions(client, "digits")
+
+
+def test_the_latency_gate_stops_a_rollout(live, rollout_store):
+    state, client, history = live
+    before = default_version(client, "digits")
+    strict = RolloutPolicy(shadow_samples=8, watch_s=0.5, max_latency_ratio=0.01)
+    with pytest.raises(RolloutFailed, match="ratio") as info:
+        rollout(client, rollout_store, "digits", "1.0.0" if before == "1.1.0" else "1.1.0", history, policy=strict)
+    assert info.value.report.steps[-1].name == "latency" and not info.value.report.promoted
+    assert default_version(client, "digits") == before
 
 
 def test_rollback_retire_and_scale(live):

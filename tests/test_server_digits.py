@@ -82,7 +82,10 @@ def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, he
         kind, body, content_type, label = job
         url = f"{served_digits.endpoints.inference_url}/predictions/digits"
         response = requests.post(
-            url, data=body, headers={**served_digits._headers("inference"), "Content-Type": content_type}, timeout=60
+            url,
+            data=body,
+            headers={**served_digits.auth_headers("inference"), "Content-Type": content_type},
+            timeout=60,
         )
         return kind, label, response.status_code, response.json()
 

@@ -59,7 +59,7 @@ def post(client, name: str, body: bytes, content_type: str) -> requests.Response
     return requests.post(
         f"{client.endpoints.inference_url}/predictions/{name}",
         data=body,
-        headers={**client._headers("inference"), "Content-Type": content_type},
+        headers={**client.auth_headers("inference"), "Content-Type": content_type},
         timeout=60,
     )
 
@@ -167,7 +167,7 @@ def test_multipart_upload_to_the_image_classifier(served_all, good_png, in_proce
     response = requests.post(
         f"{served_all.endpoints.inference_url}/predictions/image",
         files={"data": ("digit.png", good_png, "image/png")},
-        headers=served_all._headers("inference"),
+        headers=served_all.auth_headers("inference"),
         timeout=60,
     )
     assert response.status_code == 200, response.text

@@ -1,0 +1,299 @@
+"""`servekit bench`: served throughput and latency per concurrency level, next to the same archive's handler in
+process and, optionally, the original design's Flask baseline.
+
+Per level: throughput, latency p50/p95/p99, errors, and the server's own view from its Prometheus metrics (queue
+wait and service time per request; the handler's last batch size and stage times). In the same run: the handler
+in process on the same bodies at the archive's batch size, giving
+    serving efficiency = served throughput / in-process throughput
+    added latency      = served p50 - in-process p50 (one request).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from servekit.client import ServeClient
+from servekit.datasets import read_held_out
+from servekit.errors import ServerError, UsageError
+from servekit.inprocess import InProcessHandler
+from servekit.loadgen import LoadResult, run_load
+from servekit.rollout import service_ms, version_timings
+
+HANDLER_GAUGES = ("ServekitBatchSize", "ServekitPreprocessMs", "ServekitInferenceMs", "ServekitPostprocessMs")
+
+
+@dataclass
+class InProcess:
+    batch_size: int
+    throughput_per_s: float
+    p50_ms: float  # one request through the handler
+    batch_p50_ms: float
+
+
+@dataclass
+class Level:
+    served: LoadResult
+    queue_ms: float | None = None
+    service_ms: float | None = None
+    handler_last_batch: dict = field(default_factory=dict)
+    efficiency: float | None = None
+    added_latency_ms: float | None = None
+    baseline: LoadResult | None = None
+    ratio_over_baseline: float | None = None
+
+
+@dataclass
+class BenchReport:
+    name: str
+    version: str
+    archive: str
+    bodies: int
+    duration_s: float
+    in_process: InProcess
+    levels: list[Level]
+    baseline: str = ""
+    machine: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def request_bodies(store: Path, name: str, source: Path | None, input_file: Path | None) -> list[tuple[bytes, str]]:
+    """The bodies to send: one file, or a held-out folder (default: the archive's golden samples)."""
+    if input_file is not None:
+        from servekit.datasets import HeldOutSample
+
+        if not input_file.is_file():
+            raise UsageError(f"--input {input_file} is not a file")
+        return [(input_file.read_bytes(), HeldOutSample(input_file, "").content_type)]
+    if source is None:
+        raise UsageError("give --input FILE or --held-out DIR")
+    samples = read_held_out(source)
+    if not samples:
+        raise UsageError(f"{source} has no samples")
+    return [(sample.path.read_bytes(), sample.content_type) for sample in samples]
+
+
+def measure_in_process(handler: InProcessHandler, bodies: list[tuple[bytes, str]], budget_s: float) -> InProcess:
+    """Single-request latency and batch throughput of the archive's handler in this process."""
+
+    def timed(batch) -> float:
+        started = time.perf_counter()
+        handler.handle(batch)
+        return (time.perf_counter() - started) * 1000
+
+    for body in bodies[:5]:
+        handler.handle([body])
+    singles = [timed([bodies[i % len(bodies)]]) for i in range(max(50, len(bodies[:200])))]
+    size = handler.batch_size
+    batches, deadline, i = [], time.perf_counter() + budget_s, 0
+    while time.perf_counter() < deadline or len(batches) < 20:
+        batches.append(timed([bodies[(i + j) % len(bodies)] for j in range(size)]))
+        i += size
+    batch_p50 = float(np.percentile(batches, 50))
+    return InProcess(size, size * 1000 / batch_p50, float(np.percentile(singles, 50)), batch_p50)
+
+
+def handler_gauges(client: ServeClient, name: str) -> dict[str, float]:
+    return {
+        metric: round(value, 3)
+        for metric, labels, value in client.metric_samples()
+        if metric in HANDLER_GAUGES and labels.get("ModelName") == name
+    }
+
+
+class FlaskBaseline:
+    """The Flask app of `servekit.baseline` in a subprocess on a free port; stopped by PID on exit."""
+
+    def __init__(self, model_dir: Path, port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "servekit.baseline", "--model-dir", str(model_dir), "--port", str(port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> FlaskBaseline:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the Flask baseline exited with {self.process.returncode}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.__exit__()
+        raise ServerError("the Flask baseline did not answer /health within 60 s")
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def bench(
+    client: ServeClient,
+    store: Path,
+    name: str,
+    version: str,
+    bodies: list[tuple[bytes, str]],
+    concurrency: list[int],
+    duration_s: float,
+    rate: float | None = None,
+    baseline_model_dir: Path | None = None,
+    baseline_port: int | None = None,
+    on_level=None,
+) -> BenchReport:
+    """Runs every concurrency level against the served model (and the baseline), then the handler in process."""
+    from servekit.archive import verify_archive
+    from servekit.optimize import machine_summary
+
+    if not concurrency or min(concurrency) < 1 or duration_s <= 0:
+        raise UsageError("concurrency levels must be >= 1 and the duration > 0")
+    entry = verify_archive(store, name, version)
+    url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+    headers = client.auth_headers("inference")
+    levels = []
+    for level in concurrency:
+        before = version_timings(client, name)
+        served = run_load(url, headers, bodies, level, duration_s, rate)
+        after = version_timings(client, name)
+        queue = after.get(version, {}).get("queue_us", 0) - before.get(version, {}).get("queue_us", 0)
+        count = after.get(version, {}).get("requests", 0) - before.get(version, {}).get("requests", 0)
+        levels.append(
+            Level(
+                served,
+                queue / count / 1000 if count else None,
+                service_ms(before, after, version),
+                handler_gauges(client, name),
+            )
+        )
+        if on_level:
+            on_level("served", levels[-1])
+    if baseline_model_dir is not None:
+        with FlaskBaseline(baseline_model_dir, baseline_port) as flask:
+            for level in levels:
+                level.baseline = run_load(
+                    f"{flask.url}/predict", {}, bodies, level.served.concurrency, duration_s, rate
+                )
+                level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
+                if on_level:
+                    on_level("baseline", level)
+    in_process = measure_in_process(InProcessHandler(store / entry.archive), bodies, min(duration_s, 5.0))
+    for level in levels:
+        level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
+        level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None
+    return BenchReport(
+        name,
+        version,
+        entry.archive,
+        len(bodies),
+        duration_s,
+        in_process,
+        levels,
+        "flask" if baseline_model_dir else "",
+        machine_summary(),
+    )
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+# Reports ----------------------------------------------------------------------------------------------------------
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rows(report: BenchReport) -> list[list[str]]:
+    table = []
+    for level in report.levels:
+        s = level.served
+        table.append(
+            [
+                str(s.concurrency),
+                fmt(s.throughput_per_s, 1),
+                fmt(s.p50_ms),
+                fmt(s.p95_ms),
+                fmt(s.p99_ms),
+                f"{s.errors}/{s.requests}",
+                fmt(level.queue_ms),
+                fmt(level.service_ms),
+                str(level.handler_last_batch.get("ServekitBatchSize", "-")),
+                fmt(level.efficiency),
+                fmt(level.added_latency_ms),
+                fmt(level.baseline.throughput_per_s, 1) if level.baseline else "-",
+                fmt(level.ratio_over_baseline),
+            ]
+        )
+    return table
+
+
+HEADERS = [
+    "concurrency",
+    "req/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "errors",
+    "queue ms",
+    "service ms",
+    "last batch",
+    "efficiency",
+    "added p50 ms",
+    "flask req/s",
+    "x flask",
+]
+
+
+def write_reports(report: BenchReport, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
+    ip = report.in_process
+    lines = [
+        f"# servekit bench: {report.name} {report.version}",
+        "",
+        f"{report.bodies} request bodies, {report.duration_s:g} s per level, {report.machine}. In process "
+        f"(same handler, batch {ip.batch_size}): {ip.throughput_per_s:.1f} samples/s, one request p50 "
+        f"{ip.p50_ms:.2f} ms.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+        *("| " + " | ".join(row) + " |" for row in rows(report)),
+    ]
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
+    plot(report, out_dir / "bench.png")
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [level.served.concurrency for level in report.levels]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot(levels, [lv.served.throughput_per_s for lv in report.levels], "o-", label="TorchServe (servekit)")
+    left.axhline(report.in_process.throughput_per_s, color="gray", linestyle="--", label="handler in process")
+    right.plot(levels, [lv.served.p95_ms for lv in report.levels], "o-", label="TorchServe p95")
+    if report.baseline:
+        left.plot(levels, [lv.baseline.throughput_per_s for lv in report.levels], "s-", label="Flask baseline")
+        right.plot(levels, [lv.baseline.p95_ms for lv in report.levels], "s-", label="Flask p95")
+    left.set(xlabel="concurrent clients", ylabel="requests/s", title="throughput", xscale="log")
+    right.set(xlabel="concurrent clients", ylabel="ms", title="latency p95", xscale="log")
+    for axes in (left, right):
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"{report.name} {report.version}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
