@@ -20,6 +20,8 @@ import importlib.util
 import io
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -335,8 +337,10 @@ class ServekitHandler(BaseHandler):
         if self.config["compile"]:
             options = self.config["compile"] if isinstance(self.config["compile"], dict) else {}
             self.model = torch.compile(self.model, **options)
-        model_name = getattr(context, "model_name", None) or self.manifest.get("model", {}).get("modelName", "")
-        self.handler_metrics = HandlerMetrics(getattr(context, "metrics", None), model_name)
+        self.model_name = getattr(context, "model_name", None) or self.manifest.get("model", {}).get("modelName", "")
+        self.model_version = self.manifest.get("model", {}).get("modelVersion", "")
+        self.handler_metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
+        self.profile_left = int(os.environ.get("SERVEKIT_PROFILE") or 0)
         for _ in range(int(self.config["warmup"])):
             self.forward(self.collate(self.example_samples(int(properties.get("batch_size") or 1))))
         self.initialized = True
@@ -380,7 +384,30 @@ class ServekitHandler(BaseHandler):
 
     # The batch loop ---------------------------------------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[Any]:
-        """One answer per request, in order; one forward pass for all good requests of the batch."""
+        """One answer per request, in order; one forward pass for all good requests of the batch.
+
+        With SERVEKIT_PROFILE=N in the worker's environment, the first N batches run under torch.profiler and each
+        writes a Chrome trace (chrome://tracing, Perfetto) to SERVEKIT_PROFILE_DIR (default: the temp dir).
+        """
+        if self.profile_left > 0:
+            self.profile_left -= 1
+            return self.profiled(data, context)
+        return self.handle_batch(data, context)
+
+    def profiled(self, data: list[dict], context) -> list[Any]:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
+            answers = self.handle_batch(data, context)
+        folder = Path(os.environ.get("SERVEKIT_PROFILE_DIR") or tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.model_name}-{os.getpid()}-{int(time.time() * 1000)}.json"
+        profile.export_chrome_trace(str(path))
+        logger.info("wrote torch.profiler trace %s", path)
+        return answers
+
+    def handle_batch(self, data: list[dict], context) -> list[Any]:
         started = time.perf_counter()
         answers: list[Any] = [None] * len(data)
         accepted: list[tuple[int, Decoded]] = []
@@ -398,13 +425,33 @@ class ServekitHandler(BaseHandler):
             count = len(decoded.samples)
             answers[idx] = self.encode_response(outputs[start : start + count], decoded.many)
             start += count
+        timings = {
+            "preprocess_ms": round((decoded_at - started) * 1000, 3),
+            "inference_ms": round((inferred_at - decoded_at) * 1000, 3),
+            "postprocess_ms": round((time.perf_counter() - inferred_at) * 1000, 3),
+        }
         metrics = self.handler_metrics
-        metrics.record("ServekitPreprocessMs", (decoded_at - started) * 1000)
-        metrics.record("ServekitInferenceMs", (inferred_at - decoded_at) * 1000)
-        metrics.record("ServekitPostprocessMs", (time.perf_counter() - inferred_at) * 1000)
+        metrics.record("ServekitPreprocessMs", timings["preprocess_ms"])
+        metrics.record("ServekitInferenceMs", timings["inference_ms"])
+        metrics.record("ServekitPostprocessMs", timings["postprocess_ms"])
         metrics.record("ServekitBatchSize", len(samples))
         if len(accepted) < len(data):
             metrics.record("ServekitRejectedRequests", len(data) - len(accepted))
+        request_ids = getattr(context, "request_ids", None) or {}
+        logger.info(
+            json.dumps(
+                {
+                    "event": "servekit_batch",
+                    "model": self.model_name,
+                    "version": self.model_version,
+                    "request_ids": [request_ids.get(i) for i in range(len(data))],
+                    "requests": len(data),
+                    "samples": len(samples),
+                    "rejected": len(data) - len(accepted),
+                    **timings,
+                }
+            )
+        )
         return answers
 
     def decode_one(self, context, idx: int, request: dict) -> Decoded:

@@ -24,6 +24,7 @@ from servekit.evaluate import evaluate_served
 from servekit.formats import FORMAT_FILES
 from servekit.optimize import QUICK_VARIANTS, VARIANTS, variant_dir
 from servekit.rollout import ready_workers, register_verified
+from servekit.status import observe
 from servekit.train import (
     HELD_OUT_DIR,
     IMAGE_ARCHITECTURES,
@@ -34,6 +35,7 @@ from servekit.train import (
     train_image,
     train_text,
 )
+from servekit.tune import serving_defaults
 
 console = Console()
 errors = Console(stderr=True)
@@ -213,9 +215,9 @@ def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
     help="How the model is serialized in the archive, exported at build time [default: state_dict, or the "
     "format of an optimized variant].",
 )
-@click.option("--batch-size", type=int, default=4, show_default=True, help="TorchServe batchSize.")
-@click.option("--max-batch-delay", type=int, default=50, show_default=True, help="maxBatchDelay in ms.")
-@click.option("--workers", type=int, default=1, show_default=True, help="minWorkers = maxWorkers.")
+@click.option("--batch-size", type=int, default=None, help="TorchServe batchSize [serving.json from tune, else 4].")
+@click.option("--max-batch-delay", type=int, default=None, help="maxBatchDelay in ms [serving.json, else 50].")
+@click.option("--workers", type=int, default=None, help="minWorkers = maxWorkers [serving.json, else 1].")
 @click.option(
     "--variant",
     default=None,
@@ -256,11 +258,17 @@ def build(
         raise UsageError("--variant and --from both name the folder to pack: give one")
     if variant:
         source_dir = variant_dir(store, name, variant)
-    options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format)
+    source_dir = source_dir or DEFAULT_WORK / name
+    tuned = serving_defaults(source_dir)
+    batch_size = batch_size or tuned.get("batch_size", 4)
+    max_batch_delay = tuned.get("max_batch_delay_ms", 50) if max_batch_delay is None else max_batch_delay
+    workers = workers or tuned.get("workers", 1)
+    threads = {"torch_threads": tuned["torch_threads"]} if tuned.get("torch_threads") else {}
+    options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format, handler=threads)
     entry = build_archive(
         name,
         version,
-        source_dir or DEFAULT_WORK / name,
+        source_dir,
         store,
         handler=handler,
         options=options,
@@ -339,25 +347,10 @@ def serve_stop(workdir: Path) -> None:
 @serve.command("status")
 @workdir_option
 @json_option
-def serve_status(workdir: Path, as_json: bool) -> None:
-    """Is the server up, where, and with which models."""
-    state = server.running_state(workdir.resolve())
-    if state is None:
-        raise click.ClickException(f"no TorchServe is running from {workdir}: servekit serve start")
-    client = ServeClient(state.endpoints())
-    report = {
-        "pid": state.pid,
-        "health": client.ping().get("status"),
-        "inference_url": state.inference_url,
-        "management_url": state.management_url,
-        "models": client.list_models(),
-    }
-    if as_json:
-        print_json(report)
-        return
-    console.print(f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}")
-    for model in report["models"]:
-        console.print(f"  {model['modelName']} ({model['modelUrl']})")
+@click.pass_context
+def serve_status(ctx: click.Context, workdir: Path, as_json: bool) -> None:
+    """Same as `servekit status`."""
+    ctx.invoke(status_command, workdir=workdir, as_json=as_json)
 
 
 # register / models / predict / evaluate ---------------------------------------------------------------------------
@@ -778,6 +771,168 @@ def bench_command(
         f"in process: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "
         f"{ip.p50_ms:.2f} ms; reports in {out_dir}"
     )
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma list of integers") from None
+
+
+@cli.command("tune")
+@click.argument("name")
+@click.option(
+    "--from",
+    "source_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained folder [default: model_store/work/NAME]; serving.json is written there.",
+)
+@click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
+@click.option("--workers", "workers_grid", default="1,2", show_default=True)
+@click.option("--batch-sizes", default="1,4,8", show_default=True)
+@click.option("--delays", default="5,20", show_default=True, help="maxBatchDelay values in ms.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--duration", default="10s", show_default=True)
+@click.option(
+    "--p95-budget",
+    "p95_budget_ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=100.0,
+    show_default=True,
+    help="Milliseconds.",
+)
+@click.option(
+    "--held-out",
+    "held_out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Request bodies [default: the trained folder's heldout/].",
+)
+@workdir_option
+@json_option
+def tune_command(
+    name,
+    source_dir,
+    handler,
+    workers_grid,
+    batch_sizes,
+    delays,
+    concurrency,
+    duration,
+    p95_budget_ms,
+    held_out_dir,
+    workdir,
+    as_json,
+) -> None:
+    """Sweep workers x batch size x max batch delay on the running server; keep the best within a p95 budget.
+
+    Example: servekit tune digits --batch-sizes 1,4,8 --delays 5,20 --concurrency 16 --duration 10s
+    """
+    from servekit import bench as benchmarks
+    from servekit import tune as tuning
+
+    state = server.ServerState.load(workdir.resolve())
+    client = ServeClient(state.endpoints())
+    source_dir = source_dir or DEFAULT_WORK / name
+    handler = handler or name
+    if handler not in HANDLERS:
+        raise UsageError(f"no handler named {name!r}: pass --handler")
+    settings = tuning.grid(
+        int_list(workers_grid, "--workers"), int_list(batch_sizes, "--batch-sizes"), int_list(delays, "--delays")
+    )
+    bodies = benchmarks.request_bodies(Path(state.model_store), name, held_out_dir or source_dir / HELD_OUT_DIR, None)
+
+    def show(trial) -> None:
+        if not as_json:
+            s, r = trial.setting, trial.result
+            console.print(
+                f"workers {s.workers} batch {s.batch_size:>2} delay {s.max_batch_delay_ms:>3} ms: "
+                f"{r.throughput_per_s:8.1f} req/s, p95 {r.p95_ms:7.2f} ms, {r.errors} errors"
+                + ("" if trial.within_budget else "  (over budget)")
+            )
+
+    trials, best = tuning.tune(
+        client,
+        Path(state.model_store),
+        name,
+        handler,
+        source_dir,
+        settings,
+        bodies,
+        concurrency,
+        seconds_option(duration),
+        p95_budget_ms,
+        show,
+    )
+    if best is None:
+        raise ServekitError(f"no setting kept p95 under {p95_budget_ms} ms without errors: raise --p95-budget")
+    path = tuning.save_serving(source_dir, best, concurrency, p95_budget_ms)
+    if as_json:
+        print_json(
+            {
+                "trials": [
+                    {"setting": t.setting.__dict__, "result": t.result.to_dict(), "within_budget": t.within_budget}
+                    for t in trials
+                ],
+                "best": best.setting.__dict__,
+                "serving_json": str(path),
+            }
+        )
+        return
+    console.print(
+        f"best: workers {best.setting.workers}, batch {best.setting.batch_size}, delay "
+        f"{best.setting.max_batch_delay_ms} ms ({best.result.throughput_per_s:.1f} req/s, p95 "
+        f"{best.result.p95_ms:.1f} ms); written to {path} for the next servekit build"
+    )
+
+
+@cli.command("status")
+@workdir_option
+@json_option
+def status_command(workdir: Path, as_json: bool) -> None:
+    """Server health, models, versions, default, workers (PID, status, memory) and live figures from /metrics."""
+    state = server.running_state(workdir.resolve())
+    if state is None:
+        raise ServekitError(f"no TorchServe is running from {workdir}: servekit serve start")
+    report = observe(ServeClient(state.endpoints()), state)
+    if as_json:
+        print_json(report)
+        return
+    console.print(
+        f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}; responses "
+        + ", ".join(f"{k} {int(v)}" for k, v in report["responses"].items())
+    )
+    table = Table(
+        "model",
+        "version",
+        "default",
+        "workers (pid status MB)",
+        "requests",
+        "mean ms",
+        "queue ms",
+        "last batch",
+        "rejected",
+    )
+    for row in report["models"]:
+        workers = ", ".join(f"{w['pid']} {w['status']} {w['memoryUsage'] / 1e6:.0f}" for w in row["workers"])
+        table.add_row(
+            row["name"],
+            row["version"],
+            str(row["default"]),
+            workers,
+            str(int(row["requests"])),
+            fmt_ms(row["mean_ms"]),
+            fmt_ms(row["queue_ms"]),
+            str(row["handler"].get("ServekitBatchSize", "-")),
+            str(int(row["handler"].get("ServekitRejectedRequests", 0))),
+        )
+    console.print(table)
+
+
+def fmt_ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 # rollout / rollback / retire / scale ------------------------------------------------------------------------------

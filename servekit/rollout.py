@@ -20,6 +20,7 @@ from servekit.catalog import version_key
 from servekit.client import ServeClient
 from servekit.datasets import HeldOutSample, read_held_out
 from servekit.errors import ApiError, ServekitError, UsageError
+from servekit.status import RESPONSE_COUNTERS, VERSION_COUNTERS
 
 HISTORY_FILE = "defaults.json"
 
@@ -170,16 +171,11 @@ def timed_predict(client: ServeClient, name: str, version: str, sample: HeldOutS
 
 def version_timings(client: ServeClient, name: str) -> dict[str, dict[str, float]]:
     """Per version label: cumulative request count, and inference and queue latency sums (microseconds)."""
-    wanted = {
-        "ts_inference_requests": "requests",
-        "ts_inference_latency_microseconds": "latency_us",
-        "ts_queue_latency_microseconds": "queue_us",
-    }
     timings: dict[str, dict[str, float]] = {}
     for metric, labels, value in client.metric_samples():
-        if metric in wanted and labels.get("model_name") == name:
-            version = timings.setdefault(labels["model_version"], dict.fromkeys(wanted.values(), 0.0))
-            version[wanted[metric]] += value
+        if metric in VERSION_COUNTERS and labels.get("model_name") == name:
+            version = timings.setdefault(labels["model_version"], dict.fromkeys(VERSION_COUNTERS.values(), 0.0))
+            version[VERSION_COUNTERS[metric]] += value
     return timings
 
 
@@ -195,7 +191,7 @@ def service_ms(before: dict, after: dict, version: str) -> float | None:
 
 def server_counters(client: ServeClient) -> dict[str, float]:
     """Host-level response counts by class, from the Prometheus endpoint."""
-    counters = {"Requests2XX": 0.0, "Requests4XX": 0.0, "Requests5XX": 0.0}
+    counters = dict.fromkeys(RESPONSE_COUNTERS, 0.0)
     for metric, _, value in client.metric_samples():
         if metric in counters:
             counters[metric] += value

@@ -1,0 +1,149 @@
+"""bench, tune and status against a real TorchServe (short, bounded, loopback); the handler's logs and profiler."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+
+import pytest
+from click.testing import CliRunner
+from conftest import extracted_archive, free_port, requests_for
+from digits import DigitsHandler
+
+from servekit import bench as benchmarks
+from servekit import tune as tuning
+from servekit.archive import build_archive
+from servekit.catalog import Catalog
+from servekit.cli import cli
+from servekit.loadgen import run_load, summarize
+from servekit.rollout import register_verified
+from servekit.status import observe
+
+
+def test_load_summary_counts_add_up_and_only_2xx_count_as_success():
+    outcomes = [(10.0, "200"), (20.0, "200"), (30.0, "200"), (5.0, "503"), (1.0, "ClientConnectorError")]
+    result = summarize(outcomes, 2.0, concurrency=4, mode="closed")
+    assert (result.requests, result.ok, result.errors) == (5, 3, 2)
+    assert result.error_statuses == {"503": 1, "ClientConnectorError": 1}
+    assert result.throughput_per_s == 1.5 and result.p50_ms == 20.0 and result.p99_ms == pytest.approx(29.8)
+
+
+def test_each_batch_logs_one_structured_line(model_store, tmp_path, good_png, caplog):
+    handler = DigitsHandler()
+    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
+    handler.initialize(context)
+    context.request_ids = {0: "req-a", 1: "req-b"}
+    with caplog.at_level(logging.INFO, logger="servekit_base"):
+        handler.handle(requests_for([(good_png, "image/png"), (b"x", "image/png")], context), context)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event"')]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["event"] == "servekit_batch" and line["model"] == "digits" and line["version"] == "1.0.0"
+    assert line["request_ids"] == ["req-a", "req-b"] and (line["samples"], line["rejected"]) == (1, 1)
+    assert line["inference_ms"] >= 0 and line["preprocess_ms"] >= 0
+
+
+def test_servekit_profile_writes_a_chrome_trace_for_n_batches(model_store, tmp_path, good_png, monkeypatch):
+    monkeypatch.setenv("SERVEKIT_PROFILE", "2")
+    monkeypatch.setenv("SERVEKIT_PROFILE_DIR", str(tmp_path / "traces"))
+    handler = DigitsHandler()
+    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path / "mar")
+    handler.initialize(context)
+    for _ in range(3):
+        handler.handle(requests_for([(good_png, "image/png")], context), context)
+    traces = sorted((tmp_path / "traces").glob("digits-*.json"))
+    assert len(traces) == 2
+    assert json.loads(traces[0].read_text())["traceEvents"]
+
+
+@pytest.mark.server
+def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
+    served_digits, model_store, trained_digits, held_out, tmp_path
+):
+    bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:32]]
+    report = benchmarks.bench(
+        served_digits,
+        model_store,
+        "digits",
+        "1.0.0",
+        bodies,
+        [1, 4],
+        1.5,
+        baseline_model_dir=trained_digits,
+        baseline_port=free_port(),
+    )
+    benchmarks.write_reports(report, tmp_path)
+    document = json.loads((tmp_path / "bench.json").read_text())
+    assert [level["served"]["concurrency"] for level in document["levels"]] == [1, 4]
+    for level in report.levels:
+        served = level.served
+        assert served.requests == served.ok + served.errors and served.errors == 0 and served.ok > 0
+        assert served.p50_ms <= served.p95_ms <= served.p99_ms
+        assert level.efficiency > 0 and level.added_latency_ms is not None
+        assert (
+            level.queue_ms is not None and level.service_ms > 0 and level.handler_last_batch["ServekitBatchSize"] >= 1
+        )
+        assert level.baseline.ok > 0 and level.ratio_over_baseline > 0
+    assert report.in_process.throughput_per_s > 0 and report.in_process.batch_size == 4
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and "| 4 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.server
+def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, model_store, trained_digits, held_out):
+    build_archive("vanishing", "1.0.0", trained_digits, model_store)
+    register_verified(served_digits, model_store, "vanishing", "1.0.0")
+    url = f"{served_digits.endpoints.inference_url}/predictions/vanishing"
+    bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:8]]
+    remover = threading.Timer(1.0, lambda: served_digits.unregister("vanishing", "1.0.0"))
+    remover.start()
+    result = run_load(url, served_digits.auth_headers("inference"), bodies, 4, 3.0)
+    remover.join()
+    assert result.ok > 0 and result.errors > 0 and result.requests == result.ok + result.errors
+    assert "404" in result.error_statuses
+
+
+@pytest.mark.server
+def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
+    served_digits, model_store, trained_digits, held_out, tmp_path
+):
+    source = tmp_path / "digits"
+    shutil.copytree(trained_digits, source)
+    settings = tuning.grid([1], [1, 4], [5])
+    bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:16]]
+    trials, best = tuning.tune(served_digits, model_store, "digits", "digits", source, settings, bodies, 4, 1.5, 1e6)
+    assert [t.setting for t in trials] == settings and all(t.result.ok > 0 for t in trials)
+    assert best is max(trials, key=lambda t: t.result.throughput_per_s)
+    path = tuning.save_serving(source, best, 4, 1e6)
+    assert tuning.serving_defaults(source)["batch_size"] == best.setting.batch_size and path.is_file()
+    assert not [v for v in Catalog.load(model_store).models["digits"] if "tune" in v]
+    assert not list(model_store.glob("digits-0.0.0-tune*"))
+    assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
+    with pytest.raises(Exception, match="between 1 and"):
+        tuning.grid([1, 2, 3], [1, 2, 4, 8, 16], [0, 5])
+
+
+@pytest.mark.server
+def test_status_shows_workers_and_live_figures_from_the_metrics_endpoint(served_digits, torchserve, good_png):
+    for _ in range(3):
+        served_digits.predict("digits", good_png, content_type="image/png")
+    report = observe(served_digits, torchserve)
+    assert report["health"] == "Healthy" and report["responses"]["Requests2XX"] >= 3
+    digits = next(m for m in report["models"] if m["name"] == "digits" and m["version"] == "1.0.0")
+    assert digits["default"] and digits["requests"] >= 3 and digits["mean_ms"] > 0
+    assert digits["workers"][0]["pid"] > 0 and digits["handler"]["ServekitBatchSize"] >= 1
+    shown = CliRunner().invoke(cli, ["status", "--workdir", torchserve.workdir, "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["pid"] == torchserve.pid
+
+
+def test_durations_and_levels_are_validated():
+    from servekit.cli import levels_option, seconds_option
+    from servekit.errors import UsageError
+
+    assert levels_option("1,4,16") == [1, 4, 16] and seconds_option("20s") == 20.0
+    for bad in ("1,x", "0,4", ""):
+        with pytest.raises(UsageError):
+            levels_option(bad)
+    with pytest.raises(UsageError):
+        seconds_option("-3s")
