@@ -58,6 +58,7 @@ class BuildOptions:
     response_timeout_s: int = 60
     model_format: str | None = None  # None: the trained folder's own format (an optimized variant), else state_dict
     handler: dict = field(default_factory=dict)
+    model_config: dict = field(default_factory=dict)  # merged last, e.g. from `servekit config` (deviceType, ...)
 
     def validate(self) -> None:
         for label, value in (("batch size", self.batch_size), ("workers", self.workers)):
@@ -101,12 +102,15 @@ def model_config(handler_name: str, trained: dict, options: BuildOptions, format
     if handler_name == "tensor" and "example_input" in handler:
         handler.setdefault("input_shape", handler["example_input"]["shape"])
         handler.setdefault("input_dtype", handler["example_input"].get("dtype", "float32"))
+    extra = dict(options.model_config)
+    handler.update(extra.pop("handler", None) or {})
     return {
         "minWorkers": options.workers,
         "maxWorkers": options.workers,
         "batchSize": options.batch_size,
         "maxBatchDelay": options.max_batch_delay_ms,
         "responseTimeout": options.response_timeout_s,
+        **extra,
         "handler": handler,
     }
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -223,6 +224,13 @@ def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
     default=None,
     help="Pack an optimized variant recorded by `servekit optimize --pick fastest` ('best' or its name).",
 )
+@click.option(
+    "--model-config",
+    "model_config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A model-config.yaml from `servekit config` (devices, workers) to merge in.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
 @click.option(
     "--parent",
@@ -242,6 +250,7 @@ def build(
     max_batch_delay,
     workers,
     variant,
+    model_config_path,
     force,
     parent_version,
     store,
@@ -264,7 +273,17 @@ def build(
     max_batch_delay = tuned.get("max_batch_delay_ms", 50) if max_batch_delay is None else max_batch_delay
     workers = workers or tuned.get("workers", 1)
     threads = {"torch_threads": tuned["torch_threads"]} if tuned.get("torch_threads") else {}
-    options = BuildOptions(batch_size, max_batch_delay, workers, model_format=model_format, handler=threads)
+    extra = yaml.safe_load(model_config_path.read_text()) or {} if model_config_path else {}
+    if not isinstance(extra, dict):
+        raise UsageError(f"{model_config_path} is not a YAML mapping")
+    if model_config_path:  # the generated file's worker counts and batching win over the defaults
+        batch_size = extra.pop("batchSize", batch_size)
+        max_batch_delay = extra.pop("maxBatchDelay", max_batch_delay)
+        workers = extra.pop("minWorkers", workers)
+        extra.pop("maxWorkers", None)
+    options = BuildOptions(
+        batch_size, max_batch_delay, workers, model_format=model_format, handler=threads, model_config=extra
+    )
     entry = build_archive(
         name,
         version,
@@ -935,6 +954,112 @@ def fmt_ms(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# config / export --------------------------------------------------------------------------------------------------
+@cli.command("config")
+@click.option("--gpus", default="auto", show_default=True, help="GPUs to use: a number, or 'auto' (what torch sees).")
+@click.option("--workers-per-gpu", type=int, default=1, show_default=True, help="Workers per GPU (or on the CPU).")
+@click.option("--models", "models_text", required=True, help="Comma list of model names.")
+@click.option("--device-ids", default="", help="Comma list of GPU indices for the models [default: all].")
+@click.option(
+    "--parallel-type",
+    type=click.Choice(["pp", "tp", "pptp"]),
+    default=None,
+    help="Split one model over the GPUs with torchrun (large models only).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-batch-delay", type=click.IntRange(min=0), default=50, show_default=True)
+@click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("deploy/generated"), show_default=True)
+def config_command(
+    gpus, workers_per_gpu, models_text, device_ids, parallel_type, batch_size, max_batch_delay, job_queue_size, out_dir
+) -> None:
+    """Write config.properties and per-model model-config.yaml for N GPUs (or the CPU), every setting explained.
+
+    Example: servekit config --gpus 4 --workers-per-gpu 2 --models digits,image
+    """
+    from servekit import config as configs
+
+    if gpus != "auto" and not gpus.isdigit():
+        raise UsageError(f"--gpus {gpus!r} must be a number or auto")
+    plan = configs.make_plan(
+        gpus,
+        workers_per_gpu,
+        [m.strip() for m in models_text.split(",") if m.strip()],
+        int_list(device_ids, "--device-ids"),
+        parallel_type,
+        batch_size=batch_size,
+        max_batch_delay_ms=max_batch_delay,
+        job_queue_size=job_queue_size,
+    )
+    for path in configs.write(plan, out_dir):
+        console.print(f"wrote {path}")
+    console.print(
+        f"{plan.gpus} GPU(s), {plan.workers} worker(s) per model; build with "
+        f"servekit build NAME --version V --model-config {out_dir}/models/NAME/model-config.yaml"
+    )
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Deploy a cataloged archive beyond this machine: KServe or Docker."""
+
+
+@export_group.command("kserve")
+@click.argument("name")
+@click.option("--version", "version", required=True)
+@click.option("--storage-uri", required=True, help="Where you will upload the layout, e.g. gs://bucket/models/digits.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per replica.")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--canary-traffic-percent",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="Send this share of traffic to this revision (KServe canary rollout).",
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/kserve/NAME-VERSION]"
+)
+@store_option
+def export_kserve_command(
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, store
+) -> None:
+    """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
+
+    Example: servekit export kserve digits --version 1.1.0 --storage-uri gs://bucket/digits --canary-traffic-percent 10
+    """
+    from servekit.export import KServeSpec, export_kserve
+
+    spec = KServeSpec(name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent)
+    out_dir = out_dir or Path("deploy/kserve") / f"{name}-{version}"
+    for path in export_kserve(store, spec, out_dir):
+        console.print(f"wrote {path}")
+    console.print(
+        f"upload {out_dir}/config and {out_dir}/model-store to {storage_uri}, then "
+        f"kubectl apply -f {out_dir}/inferenceservice.yaml"
+    )
+
+
+@export_group.command("docker")
+@click.argument("name")
+@click.option("--version", "version", required=True)
+@click.option("--gpu", is_flag=True, help="Use the GPU image and one GPU.")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/docker/NAME-VERSION]"
+)
+@store_option
+def export_docker_command(name, version, gpu, out_dir, store) -> None:
+    """Write a Dockerfile on the official TorchServe image that serves this archive with token auth on.
+
+    Example: servekit export docker digits --version 1.1.0 && docker build -t digits deploy/docker/digits-1.1.0
+    """
+    from servekit.export import export_docker
+
+    out_dir = out_dir or Path("deploy/docker") / f"{name}-{version}"
+    for path in export_docker(store, name, version, out_dir, gpu):
+        console.print(f"wrote {path}")
+
+
 # rollout / rollback / retire / scale ------------------------------------------------------------------------------
 @cli.command()
 @click.argument("name")
@@ -1035,14 +1160,11 @@ def retire(name: str, version: str, workdir: Path) -> None:
 @workdir_option
 def scale(name: str, version: str | None, min_workers: int, max_workers: int, workdir: Path) -> None:
     """Set a version's worker range and wait until TorchServe applied it."""
-    if min_workers > max_workers:
-        raise UsageError(f"--min-workers {min_workers} is above --max-workers {max_workers}")
     client = connect(workdir)
     version = version or rollouts.default_version(client, name)
     if version is None:
         raise UsageError(f"{name} is not registered on this server")
-    client.scale(name, version, min_workers, max_workers)
-    description = client.describe(name, version)[0]
+    description = rollouts.scale(client, name, version, min_workers, max_workers)
     console.print(
         f"{name} {version}: {ready_workers(description)} worker(s) ready "
         f"(min {description['minWorkers']}, max {description['maxWorkers']})"

@@ -39,8 +39,7 @@ def register_verified(client: ServeClient, store: Path, name: str, version: str,
     client.register(entry.archive, initial_workers=workers or 1)
     description = client.describe(name, version)[0]
     if workers and (ready_workers(description) != workers or description["minWorkers"] != workers):
-        client.scale(name, version, min_workers=workers, max_workers=workers)
-        description = client.describe(name, version)[0]
+        description = scale(client, name, version, workers, workers)
     return description
 
 
@@ -100,6 +99,22 @@ def rollback(client: ServeClient, history: DefaultHistory, name: str) -> tuple[s
         raise UsageError(f"no earlier default of {name} is registered here: nothing to roll back to from {current}")
     set_default(client, history, name, previous)
     return current, previous
+
+
+def scale(
+    client: ServeClient, name: str, version: str, min_workers: int, max_workers: int, timeout_s: float = 120.0
+) -> dict:
+    """Resizes a version and waits until `min_workers` workers are READY (TorchServe's synchronous flag returns
+    once workers are spawned, not necessarily loaded); returns the description."""
+    if min_workers > max_workers:
+        raise UsageError(f"min workers {min_workers} is above max workers {max_workers}")
+    client.scale(name, version, min_workers, max_workers)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        description = client.describe(name, version)[0]
+        if ready_workers(description) >= min_workers or time.monotonic() > deadline:
+            return description
+        time.sleep(0.25)
 
 
 def retire(client: ServeClient, name: str, version: str) -> None:

@@ -125,6 +125,30 @@ def save_outputs(
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
 
 
+def finish_digits(
+    out_dir: Path,
+    model: nn.Module,
+    split,
+    test_inputs: torch.Tensor,
+    epochs: int,
+    started: float,
+    handler: dict,
+    metrics: dict,
+) -> TrainResult:
+    """Scores a model trained on the digits split, saves it with its settings and writes the held-out PNGs."""
+    result = TrainResult(
+        out_dir,
+        accuracy(model, lambda b: test_inputs[b], split.test_labels),
+        epochs,
+        time.perf_counter() - started,
+        len(split.train_labels),
+        len(split.test_labels),
+    )
+    save_outputs(out_dir, model, DIGIT_LABELS, handler, result, metrics)
+    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
+    return result
+
+
 def train_digits(out_dir: Path, epochs: int = 15, seed: int = 0, max_shift: int = 2, on_epoch: OnEpoch | None = None):
     """SimpleCNN on the digits split, with shift augmentation: 99 % held-out accuracy in about 10 s on 2 cores."""
     if epochs < 1:
@@ -142,25 +166,9 @@ def train_digits(out_dir: Path, epochs: int = 15, seed: int = 0, max_shift: int 
         seed,
         on_epoch=on_epoch,
     )
-    result = TrainResult(
-        out_dir,
-        accuracy(model, lambda b: split.test_images[b], split.test_labels),
-        epochs,
-        time.perf_counter() - started,
-        len(split.train_labels),
-        len(split.test_labels),
-    )
     handler = {"model_class": "SimpleCNN", "example_input": {"shape": [1, 28, 28], "dtype": "float32"}}
-    save_outputs(
-        out_dir,
-        model,
-        DIGIT_LABELS,
-        handler,
-        result,
-        {"model": "SimpleCNN", "dataset": "sklearn load_digits, 8x8 upscaled to 28x28", "seed": seed},
-    )
-    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
-    return result
+    metrics = {"model": "SimpleCNN", "dataset": "sklearn load_digits, 8x8 upscaled to 28x28", "seed": seed}
+    return finish_digits(out_dir, model, split, split.test_images, epochs, started, handler, metrics)
 
 
 def train_image(
@@ -205,14 +213,6 @@ def train_image(
             on_epoch=on_epoch,
         )
     model.eval()
-    result = TrainResult(
-        out_dir,
-        accuracy(model, lambda b: test_inputs[b], split.test_labels),
-        epochs,
-        time.perf_counter() - started,
-        len(split.train_labels),
-        len(split.test_labels),
-    )
     handler = {
         "model_class": f"torchvision:{architecture}",
         "model_kwargs": {"num_classes": 10},
@@ -221,16 +221,8 @@ def train_image(
         "example_input": {"shape": [3, image_size, image_size], "dtype": "float32"},
     }
     dataset = f"sklearn load_digits as RGB {image_size}x{image_size}"
-    save_outputs(
-        out_dir,
-        model,
-        DIGIT_LABELS,
-        handler,
-        result,
-        {"model": architecture, "dataset": dataset, "random_init": epochs == 0, "seed": seed},
-    )
-    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
-    return result
+    metrics = {"model": architecture, "dataset": dataset, "random_init": epochs == 0, "seed": seed}
+    return finish_digits(out_dir, model, split, test_inputs, epochs, started, handler, metrics)
 
 
 def train_text(
@@ -335,14 +327,6 @@ def distill_digits(
         return alpha * temperature**2 * soft + (1 - alpha) * hard
 
     fit(student, make_batch, split.train_labels, epochs, seed, on_epoch=on_epoch, loss_fn=loss_fn)
-    result = TrainResult(
-        out_dir,
-        accuracy(student, lambda b: split.test_images[b], split.test_labels),
-        epochs,
-        time.perf_counter() - started,
-        len(split.train_labels),
-        len(split.test_labels),
-    )
     handler = {"model_class": "SmallCNN", "example_input": {"shape": [1, 28, 28], "dtype": "float32"}}
     metrics = {
         "model": "SmallCNN",
@@ -352,6 +336,4 @@ def distill_digits(
         "dataset": "sklearn load_digits, 8x8 upscaled to 28x28",
         "seed": seed,
     }
-    save_outputs(out_dir, student, DIGIT_LABELS, handler, result, metrics)
-    write_held_out(split.test_images, split.test_labels, out_dir / HELD_OUT_DIR)
-    return result
+    return finish_digits(out_dir, student, split, split.test_images, epochs, started, handler, metrics)

@@ -23,6 +23,7 @@ from servekit import server  # noqa: E402
 from servekit.archive import build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
 from servekit.datasets import HeldOutSample, read_held_out  # noqa: E402
+from servekit.inprocess import worker_value  # noqa: E402
 from servekit.train import HELD_OUT_DIR, train_digits, train_image, train_text  # noqa: E402
 
 
@@ -63,22 +64,7 @@ def extracted_archive(archive: Path, folder: Path) -> FakeContext:
 def requests_for(bodies: list[tuple[bytes, str]], context: FakeContext) -> list[dict]:
     """TorchServe's request list for (body, content type) pairs, with the context knowing the content types."""
     context.content_types = {i: content_type for i, (_, content_type) in enumerate(bodies)}
-    return [{"body": worker_payload(body, content_type)} for body, content_type in bodies]
-
-
-def worker_payload(body: bytes, content_type: str):
-    """What a TorchServe 0.12 worker hands the handler for this body (it decodes JSON and text itself)."""
-    if content_type == "application/json":
-        try:
-            return json.loads(body.decode("utf-8"))
-        except Exception:
-            return body
-    if content_type.startswith("text"):
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            return body
-    return body
+    return [{"body": worker_value(body, content_type)} for body, content_type in bodies]
 
 
 def png_header_bomb(width: int = 20000, height: int = 20000) -> bytes:

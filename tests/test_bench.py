@@ -8,6 +8,7 @@ import shutil
 import threading
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import extracted_archive, free_port, requests_for
 from digits import DigitsHandler
@@ -147,3 +148,26 @@ def test_durations_and_levels_are_validated():
             levels_option(bad)
     with pytest.raises(UsageError):
         seconds_option("-3s")
+
+
+@pytest.mark.server
+def test_every_metric_the_grafana_dashboard_queries_is_exposed(served_digits, good_png):
+    import re
+
+    from conftest import REPO
+
+    served_digits.predict("digits", good_png, content_type="image/png")
+    with pytest.raises(Exception, match="400"):
+        served_digits.predict("digits", b"not an image", content_type="image/png")
+    exposed = {
+        re.split(r"[{ ]", line, maxsplit=1)[0]
+        for line in served_digits.metrics().splitlines()
+        if line and not line.startswith("#")
+    }
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    promql = {"sum", "by", "rate", "model_name", "model_version", "ModelName", "m", "h"}
+    queried = {token for expr in expressions for token in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", expr)} - promql
+    assert queried and queried <= exposed, queried - exposed
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8082"]

@@ -32,6 +32,7 @@ from servekit.rollout import (
     retire,
     rollback,
     rollout,
+    scale,
 )
 from servekit.train import train_digits
 
@@ -174,9 +175,10 @@ def test_rollback_retire_and_scale(live):
         retire(client, "digits", "1.0.0")
     with pytest.raises(UsageError, match="not registered"):
         retire(client, "digits", "9.9.9")
-    client.scale("digits", "1.0.0", min_workers=2, max_workers=2)
-    workers = client.describe("digits", "1.0.0")[0]["workers"]
+    workers = scale(client, "digits", "1.0.0", min_workers=2, max_workers=2)["workers"]
     assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
+    with pytest.raises(UsageError, match="above max workers"):
+        scale(client, "digits", "1.0.0", min_workers=3, max_workers=2)
 
 
 def test_snapshot_restores_models_versions_and_default_after_a_restart(live, rollout_store):

@@ -1,0 +1,180 @@
+"""Beyond one machine: a KServe InferenceService (TorchServe runtime) or a Docker image for a cataloged archive.
+
+KServe's TorchServe runtime reads, under the InferenceService's storageUri:
+    config/config.properties        TorchServe settings, with model_snapshot naming the archive to load
+    model-store/NAME.mar            the archive
+`export_kserve` writes that layout plus `inferenceservice.yaml`, built with the kserve package's own models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from servekit.archive import verify_archive
+from servekit.errors import UsageError
+
+
+@dataclass
+class KServeSpec:
+    name: str
+    version: str
+    storage_uri: str
+    gpus: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 3
+    canary_traffic_percent: int | None = None
+    cpu: str = "2"
+    memory: str = "4Gi"
+
+    def validate(self) -> None:
+        if "://" not in self.storage_uri:
+            raise UsageError(f"--storage-uri {self.storage_uri!r} must be a URI such as gs://bucket/path or pvc://...")
+        if self.gpus < 0 or self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise UsageError("need --gpus >= 0 and 0 <= --min-replicas <= --max-replicas (>= 1)")
+        if self.canary_traffic_percent is not None and not 0 <= self.canary_traffic_percent <= 100:
+            raise UsageError("--canary-traffic-percent is a percentage: 0..100")
+
+
+def kserve_properties(name: str, version: str, archive: str, config: dict) -> str:
+    """TorchServe settings inside KServe: KServe's proxy owns auth and routing, so tokens and the model API are
+    off, every address listens in the pod, and model_snapshot loads the one archive as the default version."""
+    snapshot = {
+        "name": "startup.cfg",
+        "modelCount": 1,
+        "models": {
+            name: {
+                version: {
+                    "defaultVersion": True,
+                    "marName": archive,
+                    "minWorkers": config.get("minWorkers", 1),
+                    "maxWorkers": config.get("maxWorkers", 1),
+                    "batchSize": config.get("batchSize", 1),
+                    "maxBatchDelay": config.get("maxBatchDelay", 50),
+                    "responseTimeout": config.get("responseTimeout", 120),
+                }
+            }
+        },
+    }
+    lines = [
+        "inference_address=http://0.0.0.0:8085",
+        "management_address=http://0.0.0.0:8085",
+        "metrics_address=http://0.0.0.0:8082",
+        "grpc_inference_port=7070",
+        "grpc_management_port=7071",
+        "enable_metrics_api=true",
+        "metrics_mode=prometheus",
+        "model_metrics_auto_detect=true",
+        "disable_token_authorization=true",
+        "enable_model_api=false",
+        "install_py_dep_per_model=false",
+        "model_store=/mnt/models/model-store",
+        f"model_snapshot={json.dumps(snapshot)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def inference_service(spec: KServeSpec) -> dict:
+    """The InferenceService, built with kserve's models (type-checked) and serialized as Kubernetes sees it."""
+    try:
+        from kserve import (
+            V1beta1InferenceService,
+            V1beta1InferenceServiceSpec,
+            V1beta1ModelFormat,
+            V1beta1ModelSpec,
+            V1beta1PredictorSpec,
+        )
+        from kserve.api_client import ApiClient
+        from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
+    except ImportError:
+        raise UsageError(
+            "the kserve package is needed to validate the manifest: pip install 'servekit[kserve]'"
+        ) from None
+    limits = {"cpu": spec.cpu, "memory": spec.memory}
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = str(spec.gpus)
+    predictor = V1beta1PredictorSpec(
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+        canary_traffic_percent=spec.canary_traffic_percent,
+        model=V1beta1ModelSpec(
+            name="kserve-container",
+            model_format=V1beta1ModelFormat(name="pytorch"),
+            protocol_version="v1",
+            storage_uri=spec.storage_uri,
+            resources=V1ResourceRequirements(limits=limits, requests=dict(limits)),
+        ),
+    )
+    service = V1beta1InferenceService(
+        api_version="serving.kserve.io/v1beta1",
+        kind="InferenceService",
+        metadata=V1ObjectMeta(name=spec.name, labels={"servekit/version": spec.version}),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor),
+    )
+    return ApiClient().sanitize_for_serialization(service)
+
+
+def export_kserve(store: Path, spec: KServeSpec, out_dir: Path) -> list[Path]:
+    """Writes inferenceservice.yaml and the storage layout to upload to `spec.storage_uri`."""
+    spec.validate()
+    entry = verify_archive(store, spec.name, spec.version)
+    manifest = inference_service(spec)
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    if yaml.safe_load(text) != manifest:
+        raise UsageError("the InferenceService did not survive a YAML round trip")
+    (out_dir / "config").mkdir(parents=True, exist_ok=True)
+    (out_dir / "model-store").mkdir(parents=True, exist_ok=True)
+    archive = out_dir / "model-store" / entry.archive
+    shutil.copy2(store / entry.archive, archive)
+    properties = out_dir / "config" / "config.properties"
+    properties.write_text(kserve_properties(spec.name, spec.version, entry.archive, entry.config))
+    service = out_dir / "inferenceservice.yaml"
+    service.write_text(text)
+    return [service, properties, archive]
+
+
+DOCKERFILE = """# Written by servekit export docker: {name} {version} on the official TorchServe image.
+FROM pytorch/torchserve:0.12.0-{flavour}
+# The worker imports yaml without declaring it; servekit's handlers need Pillow and ONNX Runtime for onnx archives.
+RUN pip install --no-cache-dir pyyaml pillow onnxruntime
+COPY model-store /home/model-server/model-store
+COPY config.properties /home/model-server/config.properties
+EXPOSE 8080 8081 8082
+# The image's entrypoint starts TorchServe with /home/model-server/config.properties.
+CMD ["serve"]
+"""
+
+
+def export_docker(store: Path, name: str, version: str, out_dir: Path, gpu: bool = False) -> list[Path]:
+    """Writes a Dockerfile, config.properties and model-store/ that serve NAME VERSION (token auth on)."""
+    entry = verify_archive(store, name, version)
+    (out_dir / "model-store").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(store / entry.archive, out_dir / "model-store" / entry.archive)
+    properties = out_dir / "config.properties"
+    properties.write_text(
+        "\n".join(
+            [
+                "# Written by servekit export docker. Token auth stays on: keys are in",
+                "# /home/model-server/key_file.json inside the container (docker exec ... cat it).",
+                "inference_address=http://0.0.0.0:8080",
+                "management_address=http://0.0.0.0:8081",
+                "metrics_address=http://0.0.0.0:8082",
+                "model_store=/home/model-server/model-store",
+                f"load_models={entry.archive}",
+                "disable_token_authorization=false",
+                "enable_model_api=false",
+                "metrics_mode=prometheus",
+                "model_metrics_auto_detect=true",
+                "install_py_dep_per_model=false",
+                f"number_of_gpu={1 if gpu else 0}",
+            ]
+        )
+        + "\n"
+    )
+    dockerfile = out_dir / "Dockerfile"
+    dockerfile.write_text(DOCKERFILE.format(name=name, version=version, flavour="gpu" if gpu else "cpu"))
+    return [dockerfile, properties, out_dir / "model-store" / entry.archive]
