@@ -21,7 +21,7 @@ import numpy as np
 import requests
 
 from servekit.client import ServeClient
-from servekit.datasets import read_held_out
+from servekit.datasets import HeldOutSample, read_held_out
 from servekit.errors import ServerError, UsageError
 from servekit.inprocess import InProcessHandler
 from servekit.loadgen import LoadResult, run_load
@@ -66,11 +66,9 @@ class BenchReport:
         return asdict(self)
 
 
-def request_bodies(store: Path, name: str, source: Path | None, input_file: Path | None) -> list[tuple[bytes, str]]:
-    """The bodies to send: one file, or a held-out folder (default: the archive's golden samples)."""
+def request_bodies(source: Path | None, input_file: Path | None) -> list[tuple[bytes, str]]:
+    """The bodies to send: one file, or every sample of a held-out folder."""
     if input_file is not None:
-        from servekit.datasets import HeldOutSample
-
         if not input_file.is_file():
             raise UsageError(f"--input {input_file} is not a file")
         return [(input_file.read_bytes(), HeldOutSample(input_file, "").content_type)]
@@ -188,7 +186,8 @@ def bench(
                 level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
                 if on_level:
                     on_level("baseline", level)
-    in_process = measure_in_process(InProcessHandler(store / entry.archive), bodies, min(duration_s, 5.0))
+    with InProcessHandler(store / entry.archive) as handler:
+        in_process = measure_in_process(handler, bodies, min(duration_s, 5.0))
     for level in levels:
         level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
         level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None

@@ -752,7 +752,7 @@ def bench_command(
                 f"{name} {version} has no golden samples in the catalog: pass --held-out DIR or --input FILE"
             )
         held_out_dir = store / entry.golden_dir
-    bodies = benchmarks.request_bodies(store, name, held_out_dir, input_file)
+    bodies = benchmarks.request_bodies(held_out_dir, input_file)
 
     def show(kind: str, level) -> None:
         result = level.served if kind == "served" else level.baseline
@@ -861,7 +861,7 @@ def tune_command(
     settings = tuning.grid(
         int_list(workers_grid, "--workers"), int_list(batch_sizes, "--batch-sizes"), int_list(delays, "--delays")
     )
-    bodies = benchmarks.request_bodies(Path(state.model_store), name, held_out_dir or source_dir / HELD_OUT_DIR, None)
+    bodies = benchmarks.request_bodies(held_out_dir or source_dir / HELD_OUT_DIR, None)
 
     def show(trial) -> None:
         if not as_json:

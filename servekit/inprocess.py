@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -19,7 +20,10 @@ from ts.context import Context, RequestProcessor
 
 
 class InProcessHandler:
-    """Unpacks a .mar into a temp folder and initialises its handler with a real `ts.context.Context`."""
+    """Unpacks a .mar into a temp folder and initialises its handler with a real `ts.context.Context`.
+
+    Use it as a context manager: leaving it removes the temp folder.
+    """
 
     def __init__(self, archive: Path, batch_size: int | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="servekit-inprocess-"))
@@ -45,6 +49,15 @@ class InProcessHandler:
         classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
         self.handler = classes[0]()
         self.handler.initialize(self.context)
+
+    def __enter__(self) -> InProcessHandler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Removes the unpacked archive and its place on sys.path."""
+        if str(self.folder) in sys.path:
+            sys.path.remove(str(self.folder))
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def handle(self, bodies: list[tuple[bytes, str]]) -> list[Any]:
         """One batch, as TorchServe would hand it over (JSON and text decoded the way its worker decodes them)."""

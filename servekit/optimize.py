@@ -10,7 +10,7 @@ Each accepted variant is saved as a folder `servekit build --from` (or `--varian
 
 from __future__ import annotations
 
-import io
+import copy
 import json
 import shutil
 import time
@@ -176,10 +176,10 @@ class Builder:
                 torch.backends.mha.set_fastpath_enabled(fast_path)
         if name in ("bf16", "fp16"):
             dtype = torch.bfloat16 if name == "bf16" else torch.float16
-            clone = load_trained_clone(model)
+            clone = copy.deepcopy(model)
             return self.eager_like(name, clone, {"dtype": str(dtype).removeprefix("torch.")}, dtype)
         if name == "pruned_l1_50":
-            return self.eager_like(name, pruned(load_trained_clone(model), 0.5), {})
+            return self.eager_like(name, pruned(copy.deepcopy(model), 0.5), {})
         if name == "pt2e_int8":
             return self.pt2e()
         if name in ("onnx_int8", "onnx_dynamic_int8"):
@@ -249,13 +249,6 @@ def ort_input_name(path: Path) -> str:
 def calibration_batches(eval_set: EvalSet, size: int = 8):
     for start in range(0, len(eval_set.calibration), size):
         yield eval_set.collate(eval_set.calibration[start : start + size])
-
-
-def load_trained_clone(model: torch.nn.Module) -> torch.nn.Module:
-    clone = io.BytesIO()
-    torch.save(model, clone)
-    clone.seek(0)
-    return torch.load(clone, weights_only=False).eval()
 
 
 def pruned(model: torch.nn.Module, amount: float) -> torch.nn.Module:

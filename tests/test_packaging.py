@@ -1,0 +1,58 @@
+"""What the code imports is what pyproject.toml installs on a fresh machine."""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+from conftest import REPO
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+# Import names that differ from their distribution's name.
+DISTRIBUTIONS = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
+    "ts": "torchserve",
+    "model_archiver": "torch-model-archiver",
+    "kubernetes": "kserve",
+    "urllib3": "requests",
+}
+LOCAL = {
+    "servekit",
+    "servekit_handlers",
+    "servekit_base",
+    "digits",
+    "image_classifier",
+    "tensor_handler",
+    "text_classifier",
+}
+
+
+def normalized(requirement: str) -> str:
+    for separator in "<>=!~[ ;":
+        requirement = requirement.split(separator)[0]
+    return requirement.strip().lower().replace("_", "-")
+
+
+def imported_top_level_modules() -> set[str]:
+    modules = set()
+    for path in [*(REPO / "servekit").glob("*.py"), *(REPO / "handlers").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return modules - LOCAL - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {normalized(r) for r in project["dependencies"]}
+    declared |= {normalized(r) for extra in project["optional-dependencies"].values() for r in extra}
+    needed = {normalized(DISTRIBUTIONS.get(module, module)) for module in imported_top_level_modules()}
+    assert needed - declared == set(), f"imported but not declared in pyproject.toml: {sorted(needed - declared)}"
