@@ -437,6 +437,9 @@ class ServekitHandler(BaseHandler):
         metrics.record("ServekitBatchSize", len(samples))
         if len(accepted) < len(data):
             metrics.record("ServekitRejectedRequests", len(data) - len(accepted))
+        for idx, _ in accepted:  # what this request's batch cost the model, for clients comparing versions
+            context.set_response_header(idx, "X-Servekit-Batch-Samples", str(len(samples)))
+            context.set_response_header(idx, "X-Servekit-Inference-Ms", f"{timings['inference_ms']:.3f}")
         request_ids = getattr(context, "request_ids", None) or {}
         logger.info(
             json.dumps(

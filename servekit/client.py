@@ -88,6 +88,13 @@ def read_keys(key_file: Path) -> dict[str, str]:
         raise ServerError(f"{key_file} is not a TorchServe key file ({exc})") from None
 
 
+def answer_of(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
 def error_message(response: requests.Response) -> str:
     """TorchServe's {"code", "type", "message"} or servekit's {"error", "detail"} as one line."""
     try:
@@ -142,16 +149,17 @@ class ServeClient:
         self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None
     ) -> Any:
         """POSTs raw bytes (content type guessed by the caller or sent as octet-stream) or a JSON document."""
+        return answer_of(self.predict_response(name, body, version, content_type))
+
+    def predict_response(
+        self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None
+    ) -> requests.Response:
+        """The whole HTTP response of a prediction (servekit's handlers add X-Servekit-* timing headers)."""
         path = f"/predictions/{quote(name)}" + (f"/{quote(version)}" if version else "")
         if isinstance(body, (dict, list)):
-            response = self._call("inference", "POST", path, json=body)
-        else:
-            headers = {"Content-Type": content_type or "application/octet-stream"}
-            response = self._call("inference", "POST", path, data=body, headers=headers)
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
+            return self._call("inference", "POST", path, json=body)
+        headers = {"Content-Type": content_type or "application/octet-stream"}
+        return self._call("inference", "POST", path, data=body, headers=headers)
 
     def predict_file(self, name: str, path: Path, version: str | None = None) -> Any:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -42,9 +42,13 @@ class FakeContext:
         self.metrics = None
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value
 
     def get_request_header(self, idx: int, name: str):
         """As TorchServe: each body parameter maps to {"content-type": ...}."""

@@ -68,6 +68,7 @@ def test_each_bad_input_gets_its_own_400_and_the_good_ones_are_answered(handler,
     answers = handler.handle(batch, context)
     assert len(answers) == 3
     assert context.statuses == {1: (400, "Bad Request")}
+    assert context.response_headers[0]["X-Servekit-Batch-Samples"] == "2" and 1 not in context.response_headers
     assert answers[1]["code"] == 400 and answers[1]["error"] and answers[1]["detail"]
     assert answers[0] == answers[2] and answers[0]["label"] == "7"
 

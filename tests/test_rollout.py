@@ -37,8 +37,9 @@ from servekit.rollout import (
 from servekit.train import train_digits
 
 pytestmark = pytest.mark.server
-# Latency slack for shared 2-core CI machines; the gate itself is exercised by test_the_latency_gate_stops_a_rollout.
-QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0, max_latency_ratio=3.0)
+# The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised by
+# test_the_latency_gate_stops_a_rollout.
+QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,8 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
     ]
     assert report.steps[2].numbers["agreement"] >= 0.95
     latency, watch = report.steps[3].numbers, report.steps[5].numbers
-    assert latency["p50_ms"] > 0 and latency["service_ms"] > 0 and latency["previous_service_ms"] > 0
+    assert latency["ms"] > 0 and latency["previous_ms"] > 0 and latency["p50_ms"] > 0 and latency["service_ms"] > 0
+    assert latency["served_compute_ms"] > 0  # the handlers' X-Servekit-* headers came through TorchServe
     assert watch["requests"] > 0 and watch["error_rate"] == 0
     assert traffic.failures() == [] and len(traffic.results) > 50
     for index, _, answer in traffic.results:
