@@ -93,14 +93,6 @@ def failover_client(urls: tuple[str, ...], key_files: tuple[Path, ...]) -> Failo
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -663,11 +655,15 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
 
 
 # bench / tune / status -------------------------------------------------------------------------------------------
-def levels_option(text: str) -> list[int]:
+def int_list(text: str, option: str) -> list[int]:
     try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UsageError(f"--concurrency {text!r} is not a comma list of integers like 1,4,16") from None
+        raise UsageError(f"{option} {text!r} is not a comma list of integers") from None
+
+
+def levels_option(text: str) -> list[int]:
+    levels = int_list(text, "--concurrency")
     if not levels or min(levels) < 1:
         raise UsageError("--concurrency levels must be integers >= 1")
     return levels
@@ -762,7 +758,7 @@ def bench_command(
                 f"p50 {result.p50_ms:7.2f} ms, p99 {result.p99_ms:7.2f} ms, {result.errors} errors"
             )
 
-    port = free_port() if baseline else None
+    port = server.free_port() if baseline else None
     report = benchmarks.bench(
         client,
         store,
@@ -790,13 +786,6 @@ def bench_command(
         f"in process: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "
         f"{ip.p50_ms:.2f} ms; reports in {out_dir}"
     )
-
-
-def int_list(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not a comma list of integers") from None
 
 
 @cli.command("tune")

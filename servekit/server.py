@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,13 @@ def effective_properties(settings: ServerSettings) -> dict[str, str]:
         properties[port_key] = str(settings.ports.get(api) or properties.get(port_key) or DEFAULT_PORTS[api])
     properties["model_store"] = str(settings.model_store.resolve())
     return properties
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def java_major_version() -> int:

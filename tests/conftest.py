@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import sys
 import zipfile
@@ -112,12 +111,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory) -> Path:
     """A SimpleCNN trained on digits, as `servekit train digits` leaves it."""
@@ -167,7 +160,7 @@ def start_server(store: Path, workdir: Path) -> server.ServerState:
         base_config=REPO / "config.properties",
         model_store=store,
         workdir=workdir,
-        ports={api: free_port() for api in server.DEFAULT_PORTS},
+        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
     )
     return server.start(settings)
 

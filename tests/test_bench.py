@@ -10,10 +10,11 @@ import threading
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import extracted_archive, free_port, requests_for
+from conftest import extracted_archive, requests_for
 from digits import DigitsHandler
 
 from servekit import bench as benchmarks
+from servekit import server
 from servekit import tune as tuning
 from servekit.archive import build_archive
 from servekit.catalog import Catalog
@@ -73,7 +74,7 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
         [1, 4],
         1.5,
         baseline_model_dir=trained_digits,
-        baseline_port=free_port(),
+        baseline_port=server.free_port(),
     )
     benchmarks.write_reports(report, tmp_path)
     document = json.loads((tmp_path / "bench.json").read_text())
