@@ -7,6 +7,7 @@ The defaults a rollout set are remembered per server in `WORKDIR/defaults.json`,
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -169,25 +170,40 @@ class RolloutFailed(ServekitError):
 def compare_in_process(
     store: Path, candidate, previous, samples: list[HeldOutSample], batch: int, rounds: int = 5
 ) -> tuple[float, float]:
-    """p50 handler time per batch of both archives in this process, measured alternately (same threads, inputs)."""
-    from servekit.inprocess import InProcessHandler
-
+    """p50 handler time per batch of both archives, timed alternately in a fresh process (no client threads there
+    competing for the GIL), each one first in every other pair so neither always pays for going first."""
     if previous is None:
         raise UsageError("the default version is not in this store's catalog: its latency cannot be compared")
     bodies = [(s.path.read_bytes(), s.content_type) for s in samples]
+    archives = (str(store / candidate.archive), str(store / previous.archive))
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(time_handlers, (archives, bodies, batch, rounds))
+
+
+def time_handlers(
+    archives: tuple[str, str], bodies: list[tuple[bytes, str]], batch: int, rounds: int
+) -> tuple[float, float]:
+    """Runs in the child process of compare_in_process."""
+    from servekit.inprocess import InProcessHandler
+
     batches = [bodies[i : i + batch] for i in range(0, len(bodies), batch)]
-    times: dict[str, list[float]] = {"new": [], "old": []}
-    with InProcessHandler(store / candidate.archive) as new, InProcessHandler(store / previous.archive) as old:
-        for handler in (new, old):  # warm-up: first passes of each batch shape are slow on CPU
+    times: list[list[float]] = [[], []]
+    with InProcessHandler(Path(archives[0])) as new, InProcessHandler(Path(archives[1])) as old:
+        handlers = (new, old)
+        for handler in handlers:  # warm-up: the first passes of each batch shape are slow on CPU
             for chunk in batches[:3]:
                 handler.handle(chunk)
+        pair = 0
         for _ in range(rounds):
             for chunk in batches:
-                for key, handler in (("new", new), ("old", old)):
+                order = (0, 1) if pair % 2 == 0 else (1, 0)
+                pair += 1
+                for which in order:
                     started = time.perf_counter()
-                    handler.handle(chunk)
-                    times[key].append((time.perf_counter() - started) * 1000)
-    return statistics.median(times["new"]), statistics.median(times["old"])
+                    handlers[which].handle(chunk)
+                    times[which].append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def label_of(answer: Any) -> str | None:
