@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import getpass
-import hashlib
+import importlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -14,19 +13,28 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
 from servekit import __version__
-from servekit.catalog import Catalog, CatalogEntry, utc_now
-from servekit.datasets import HELD_OUT_INDEX, read_held_out, write_bodies
+from servekit.catalog import Catalog, CatalogEntry, check_name_version, sha256_file, utc_now
 from servekit.errors import ArchiveError, UsageError
-from servekit.formats import FORMAT_FILES, export_model, load_trained
+from servekit.heldout import HELD_OUT_INDEX, read_held_out, write_bodies
+from servekit.server import check_max_batch_delay
+from servekit.workspace import (
+    FORMAT_FILES,
+    HANDLER_FILE,
+    HELD_OUT_DIR,
+    LABELS_FILE,
+    METRICS_FILE,
+    SERVING_FILE,
+    VOCAB_FILE,
+    Workspace,
+    archive_file_name,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-# Semantic versions (https://semver.org), without build metadata: TorchServe puts versions in URLs.
-VERSION_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,14 @@ class HandlerSpec:
     """A handler file of `handlers/` and the files of a trained folder its archives carry besides the weights."""
 
     handler_file: str
-    extra_files: tuple[str, ...] = ("labels.json",)
+    extra_files: tuple[str, ...] = (LABELS_FILE,)
 
 
 HANDLERS = {
     "digits": HandlerSpec("digits.py"),
     "image": HandlerSpec("image_classifier.py"),
     "tensor": HandlerSpec("tensor_handler.py", extra_files=()),
-    "text": HandlerSpec("text_classifier.py", extra_files=("labels.json", "vocab.json")),
+    "text": HandlerSpec("text_classifier.py", extra_files=(LABELS_FILE, VOCAB_FILE)),
 }
 SHARED_HANDLER_FILES = ("servekit_base.py",)
 GOLDEN_SAMPLES = 32
@@ -64,10 +72,72 @@ class BuildOptions:
         for label, value in (("batch size", self.batch_size), ("workers", self.workers)):
             if value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
-        if self.max_batch_delay_ms < 0:
-            raise UsageError(f"max batch delay must be >= 0 ms, got {self.max_batch_delay_ms}")
+        check_max_batch_delay(self.max_batch_delay_ms)
         if self.model_format is not None and self.model_format not in FORMAT_FILES:
             raise UsageError(f"unknown format {self.model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
+
+
+# Where each serving setting can come from, weakest first: BuildOptions' defaults, serving.json written by
+# `servekit tune`, a --model-config file (from `servekit config`), an explicit flag.
+SETTINGS = ("batch_size", "max_batch_delay_ms", "workers")
+MODEL_CONFIG_KEYS = {"batchSize": "batch_size", "maxBatchDelay": "max_batch_delay_ms", "minWorkers": "workers"}
+
+
+@dataclass
+class ResolvedOptions:
+    options: BuildOptions
+    sources: dict[str, str]  # setting -> where its value came from
+
+
+def resolve_options(
+    source_dir: Path,
+    flags: dict[str, int | None],
+    model_config_path: Path | None = None,
+    model_format: str | None = None,
+) -> ResolvedOptions:
+    """Build settings with one precedence: explicit flag > --model-config > serving.json (tune) > defaults."""
+    defaults = BuildOptions()
+    values = {setting: getattr(defaults, setting) for setting in SETTINGS}
+    sources = dict.fromkeys(SETTINGS, "default")
+    tuned = serving_defaults(source_dir)
+    extra: dict = {}
+    if model_config_path is not None:
+        try:
+            extra = yaml.safe_load(model_config_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"cannot read --model-config {model_config_path}: {exc}") from None
+        if not isinstance(extra, dict):
+            raise UsageError(f"{model_config_path} is not a YAML mapping")
+        extra.pop("maxWorkers", None)  # minWorkers = maxWorkers: the workers setting covers both
+    layers = [
+        (SERVING_FILE, {setting: tuned[setting] for setting in SETTINGS if setting in tuned}),
+        (
+            str(model_config_path),
+            {MODEL_CONFIG_KEYS[key]: extra.pop(key) for key in list(extra) if key in MODEL_CONFIG_KEYS},
+        ),
+        ("flag", {setting: value for setting, value in flags.items() if value is not None}),
+    ]
+    for source, layer in layers:
+        for setting, value in layer.items():
+            values[setting], sources[setting] = int(value), source
+    handler = {"torch_threads": tuned["torch_threads"]} if tuned.get("torch_threads") else {}
+    options = BuildOptions(**values, model_format=model_format, handler=handler, model_config=extra)
+    options.validate()
+    return ResolvedOptions(options, sources)
+
+
+def serving_defaults(source_dir: Path) -> dict:
+    """The tuned settings of a trained folder ({} when it was never tuned)."""
+    path = source_dir / SERVING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{path} is not JSON ({exc}): rerun servekit tune or delete it") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{path} is not a JSON object: rerun servekit tune or delete it")
+    return document
 
 
 def handlers_dir() -> Path:
@@ -77,23 +147,13 @@ def handlers_dir() -> Path:
     return Path(servekit_handlers.__file__).resolve().parent
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_name_version(name: str, version: str) -> None:
-    if not NAME_PATTERN.match(name):
-        raise UsageError(f"model name {name!r} must start with a letter and use only letters, digits, _ and -")
-    if not VERSION_PATTERN.match(version):
-        raise UsageError(f"version {version!r} is not a semantic version like 1.0.0 or 1.1.0-rc.1")
-
-
-def archive_file_name(name: str, version: str) -> str:
-    return f"{name}-{version}.mar"
+def handler_module(module_name: str) -> ModuleType:
+    """A handler file imported as TorchServe's worker imports it (handlers import each other as top-level modules),
+    so that servekit decodes inputs with the served code itself."""
+    folder = str(handlers_dir())
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return importlib.import_module(module_name)
 
 
 def model_config(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
@@ -136,7 +196,7 @@ def build_archive(
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
-    needed = ("handler.json", *spec.extra_files)
+    needed = (HANDLER_FILE, *spec.extra_files)
     missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:
         raise UsageError(
@@ -154,7 +214,7 @@ def build_archive(
 
     with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
         staging = Path(tmp)
-        trained = json.loads((source_dir / "handler.json").read_text())
+        trained = json.loads((source_dir / HANDLER_FILE).read_text())
         prebuilt = trained.get("format")
         if prebuilt and options.model_format not in (None, prebuilt):
             raise UsageError(
@@ -164,6 +224,8 @@ def build_archive(
         if prebuilt:  # an optimized variant: its file is packed as it is
             weights, format_settings = source_dir / FORMAT_FILES[prebuilt], {}
         else:
+            from servekit.formats import export_model, load_trained  # torch: only when a model is exported
+
             model, trained = load_trained(source_dir)
             weights, format_settings = export_model(model, trained, options.model_format, staging)
         config = model_config(handler, trained, options, format_settings)
@@ -197,8 +259,8 @@ def build_archive(
             raise ArchiveError(f"torch-model-archiver failed: {(result.stderr or result.stdout).strip()}")
         os.replace(built, archive_path)
 
-    golden_dir = keep_golden_samples(source_dir / "heldout", store / "golden" / f"{name}-{version}")
-    metrics_path = source_dir / "metrics.json"
+    golden_dir = keep_golden_samples(source_dir / HELD_OUT_DIR, Workspace(store).golden(name, version))
+    metrics_path = source_dir / METRICS_FILE
     entry = CatalogEntry(
         name=name,
         version=version,
@@ -224,7 +286,7 @@ def build_archive(
 
 def source_weights_sha256(source_dir: Path) -> str:
     """The trained weights an archive descends from (an optimized variant records its original's)."""
-    metrics_path = source_dir / "metrics.json"
+    metrics_path = source_dir / METRICS_FILE
     if metrics_path.is_file():
         recorded = json.loads(metrics_path.read_text()).get("weights_sha256")
         if recorded:
@@ -240,21 +302,3 @@ def keep_golden_samples(held_out: Path, destination: Path) -> Path | None:
     shutil.rmtree(destination, ignore_errors=True)
     write_bodies({s.path.name: s.path.read_bytes() for s in samples}, [s.label for s in samples], destination)
     return destination
-
-
-def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:
-    """The catalog entry of NAME VERSION, after checking the archive on disk still has its recorded sha256."""
-    check_name_version(name, version)
-    entry = Catalog.load(store).get(name, version)
-    if entry is None:
-        raise ArchiveError(f"{name} {version} is not in {store / 'catalog.json'}: build it with servekit build")
-    archive_path = store / entry.archive
-    if not archive_path.is_file():
-        raise ArchiveError(f"{archive_path} is missing: rebuild it with servekit build {name} --version {version}")
-    actual = sha256_file(archive_path)
-    if actual != entry.sha256:
-        raise ArchiveError(
-            f"{archive_path.name} has sha256 {actual[:12]}..., the catalog recorded {entry.sha256[:12]}...: "
-            "the archive was modified or truncated; rebuild it with --force"
-        )
-    return entry

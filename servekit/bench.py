@@ -17,17 +17,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import requests
 
+from servekit import metrics
+from servekit.catalog import Catalog
 from servekit.client import ServeClient
-from servekit.datasets import HeldOutSample, read_held_out
 from servekit.errors import ServerError, UsageError
-from servekit.inprocess import InProcessHandler
+from servekit.heldout import HeldOutSample, read_held_out
 from servekit.loadgen import LoadResult, run_load
-from servekit.rollout import service_ms, version_timings
-
-HANDLER_GAUGES = ("ServekitBatchSize", "ServekitPreprocessMs", "ServekitInferenceMs", "ServekitPostprocessMs")
+from servekit.registry import default_version
+from servekit.timing import machine_summary, percentile, time_calls
 
 
 @dataclass
@@ -80,32 +79,34 @@ def request_bodies(source: Path | None, input_file: Path | None) -> list[tuple[b
     return [(sample.path.read_bytes(), sample.content_type) for sample in samples]
 
 
-def measure_in_process(handler: InProcessHandler, bodies: list[tuple[bytes, str]], budget_s: float) -> InProcess:
+def bench_target(
+    client: ServeClient, store: Path, name: str, version: str | None, held_out: Path | None, input_file: Path | None
+) -> tuple[str, list[tuple[bytes, str]]]:
+    """The version to bench (the default unless given) and its bodies (the archive's golden samples unless given)."""
+    version = version or default_version(client, name)
+    if version is None:
+        raise UsageError(f"{name} is not registered on this server: servekit register {name} --version V")
+    if held_out is None and input_file is None:
+        entry = Catalog.load(store).get(name, version)
+        if entry is None or not entry.golden_dir:
+            raise UsageError(
+                f"{name} {version} has no golden samples in the catalog: pass --held-out DIR or --input FILE"
+            )
+        held_out = store / entry.golden_dir
+    return version, request_bodies(held_out, input_file)
+
+
+def measure_in_process(archive: Path, bodies: list[tuple[bytes, str]], budget_s: float) -> InProcess:
     """Single-request latency and batch throughput of the archive's handler in this process."""
+    from servekit.inprocess import InProcessHandler
 
-    def timed(batch) -> float:
-        started = time.perf_counter()
-        handler.handle(batch)
-        return (time.perf_counter() - started) * 1000
-
-    for body in bodies[:5]:
-        handler.handle([body])
-    singles = [timed([bodies[i % len(bodies)]]) for i in range(max(50, len(bodies[:200])))]
-    size = handler.batch_size
-    batches, deadline, i = [], time.perf_counter() + budget_s, 0
-    while time.perf_counter() < deadline or len(batches) < 20:
-        batches.append(timed([bodies[(i + j) % len(bodies)] for j in range(size)]))
-        i += size
-    batch_p50 = float(np.percentile(batches, 50))
-    return InProcess(size, size * 1000 / batch_p50, float(np.percentile(singles, 50)), batch_p50)
-
-
-def handler_gauges(client: ServeClient, name: str) -> dict[str, float]:
-    return {
-        metric: round(value, 3)
-        for metric, labels, value in client.metric_samples()
-        if metric in HANDLER_GAUGES and labels.get("ModelName") == name
-    }
+    with InProcessHandler(archive) as handler:
+        singles = time_calls(handler.handle, [[body] for body in bodies[:200]], 0.0, 50)
+        size = handler.batch_size
+        batches = [[bodies[(i + j) % len(bodies)] for j in range(size)] for i in range(0, len(bodies), size)]
+        batch_times = time_calls(handler.handle, batches, budget_s, 20, warmup=0)
+    batch_p50 = percentile(batch_times, 50)
+    return InProcess(size, size * 1000 / batch_p50, percentile(singles, 50), batch_p50)
 
 
 class FlaskBaseline:
@@ -152,8 +153,7 @@ def bench(
     on_level=None,
 ) -> BenchReport:
     """Runs every concurrency level against the served model (and the baseline), then the handler in process."""
-    from servekit.archive import verify_archive
-    from servekit.optimize import machine_summary
+    from servekit.catalog import verify_archive
 
     if not concurrency or min(concurrency) < 1 or duration_s <= 0:
         raise UsageError("concurrency levels must be >= 1 and the duration > 0")
@@ -162,19 +162,11 @@ def bench(
     headers = client.auth_headers("inference")
     levels = []
     for level in concurrency:
-        before = version_timings(client, name)
+        before = metrics.scrape(client).version(name, version)
         served = run_load(url, headers, bodies, level, duration_s, rate)
-        after = version_timings(client, name)
-        queue = after.get(version, {}).get("queue_us", 0) - before.get(version, {}).get("queue_us", 0)
-        count = after.get(version, {}).get("requests", 0) - before.get(version, {}).get("requests", 0)
-        levels.append(
-            Level(
-                served,
-                queue / count / 1000 if count else None,
-                service_ms(before, after, version),
-                handler_gauges(client, name),
-            )
-        )
+        after = metrics.scrape(client)
+        figures = after.version(name, version) - before
+        levels.append(Level(served, figures.queue_ms, figures.service_ms, after.handler.get(name, {})))
         if on_level:
             on_level("served", levels[-1])
     if baseline_model_dir is not None:
@@ -186,8 +178,7 @@ def bench(
                 level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
                 if on_level:
                     on_level("baseline", level)
-    with InProcessHandler(store / entry.archive) as handler:
-        in_process = measure_in_process(handler, bodies, min(duration_s, 5.0))
+    in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0))
     for level in levels:
         level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
         level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from servekit.errors import ArchiveError
+from servekit.errors import ArchiveError, UsageError
 
 CATALOG_FILE = "catalog.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Semantic versions (https://semver.org), without build metadata: TorchServe puts versions in URLs.
+VERSION_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 SCHEMA_VERSION = 1
 
 
@@ -80,6 +85,20 @@ class Catalog:
         older = [v for v in self.models.get(name, {}) if version_key(v) < version_key(version)]
         return max(older, key=version_key, default="")
 
+    def variant_dir(self, name: str, variant: str) -> Path:
+        """The folder of an optimized variant recorded by `servekit optimize --pick` (`best` = the fastest accepted)."""
+        record = self.optimizations.get(name)
+        if record is None:
+            raise UsageError(
+                f"no optimization of {name} is recorded in {self.path}: run servekit optimize {name} --pick fastest"
+            )
+        chosen = record["best"] if variant == "best" else variant
+        if chosen not in record["variants"]:
+            raise UsageError(
+                f"variant {variant!r} of {name} is not an accepted variant; have: {', '.join(record['variants'])}"
+            )
+        return Path(record["variants"][chosen])
+
     def add(self, entry: CatalogEntry, replace: bool = False) -> None:
         versions = self.models.setdefault(entry.name, {})
         if entry.version in versions and not replace:
@@ -100,3 +119,36 @@ class Catalog:
         temporary = self.path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(document, indent=2) + "\n")
         os.replace(temporary, self.path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name_version(name: str, version: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"model name {name!r} must start with a letter and use only letters, digits, _ and -")
+    if not VERSION_PATTERN.match(version):
+        raise UsageError(f"version {version!r} is not a semantic version like 1.0.0 or 1.1.0-rc.1")
+
+
+def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:
+    """The catalog entry of NAME VERSION, after checking the archive on disk still has its recorded sha256."""
+    check_name_version(name, version)
+    entry = Catalog.load(store).get(name, version)
+    if entry is None:
+        raise ArchiveError(f"{name} {version} is not in {store / 'catalog.json'}: build it with servekit build")
+    archive_path = store / entry.archive
+    if not archive_path.is_file():
+        raise ArchiveError(f"{archive_path} is missing: rebuild it with servekit build {name} --version {version}")
+    actual = sha256_file(archive_path)
+    if actual != entry.sha256:
+        raise ArchiveError(
+            f"{archive_path.name} has sha256 {actual[:12]}..., the catalog recorded {entry.sha256[:12]}...: "
+            "the archive was modified or truncated; rebuild it with --force"
+        )
+    return entry

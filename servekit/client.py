@@ -195,8 +195,8 @@ class ServeClient:
     def unregister(self, name: str, version: str) -> dict:
         return self._call("management", "DELETE", f"/models/{quote(name)}/{quote(version)}").json()
 
-    def scale(self, name: str, version: str, min_workers: int, max_workers: int) -> dict:
-        params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"}
+    def scale(self, name: str, version: str, min_workers: int, max_workers: int, synchronous: bool = True) -> dict:
+        params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": str(synchronous).lower()}
         path = f"/models/{quote(name)}/{quote(version)}"
         return self._call("management", "PUT", path, timeout_s=REGISTER_TIMEOUT_S, params=params).json()
 

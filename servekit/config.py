@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from servekit.errors import UsageError
+from servekit.server import check_max_batch_delay
 
 PARALLEL_TYPES = ("pp", "tp", "pptp")
 
@@ -76,6 +77,8 @@ def make_plan(
             raise UsageError(f"--parallel-type must be one of {', '.join(PARALLEL_TYPES)}")
         if count < 2:
             raise UsageError("--parallel-type splits one model across GPUs: it needs at least 2")
+    if "max_batch_delay_ms" in settings:
+        check_max_batch_delay(settings["max_batch_delay_ms"])
     return Plan(count, workers_per_gpu, models, ids, parallel_type=parallel_type, **settings)
 
 

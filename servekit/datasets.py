@@ -9,9 +9,7 @@ Held-out sets are written as the bodies a client would send (PNGs, or UTF-8 text
 
 from __future__ import annotations
 
-import csv
 import io
-import mimetypes
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +20,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from servekit.errors import UsageError
+from servekit.heldout import write_bodies
 
 IMAGE_SIZE = 28
-HELD_OUT_INDEX = "index.csv"
 
 
 @dataclass
@@ -75,41 +72,6 @@ def write_texts(texts: list[str], labels: list[str], folder: Path) -> Path:
         f"{i:04d}_{label}.txt": text.encode("utf-8") for i, (text, label) in enumerate(zip(texts, labels, strict=True))
     }
     return write_bodies(bodies, labels, folder)
-
-
-def write_bodies(bodies: dict[str, bytes], labels: list[str], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    index_path = folder / HELD_OUT_INDEX
-    with index_path.open("w", newline="") as index:
-        writer = csv.writer(index)
-        writer.writerow(["file", "label"])
-        for (name, body), label in zip(bodies.items(), labels, strict=True):
-            (folder / name).write_bytes(body)
-            writer.writerow([name, label])
-    return index_path
-
-
-@dataclass(frozen=True)
-class HeldOutSample:
-    path: Path
-    label: str
-
-    @property
-    def content_type(self) -> str:
-        return (
-            "text/plain"
-            if self.path.suffix == ".txt"
-            else mimetypes.guess_type(self.path.name)[0] or "application/octet-stream"
-        )
-
-
-def read_held_out(folder: Path) -> list[HeldOutSample]:
-    """The samples of a folder written by `servekit train`."""
-    index_path = folder / HELD_OUT_INDEX
-    if not index_path.is_file():
-        raise UsageError(f"{index_path} not found: run `servekit train` to write a held-out set")
-    with index_path.open(newline="") as index:
-        return [HeldOutSample(folder / row["file"], row["label"]) for row in csv.DictReader(index)]
 
 
 SENTIMENT_LABELS = ["negative", "positive"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.client import ServeClient
-from servekit.datasets import HeldOutSample, read_held_out
+from servekit.heldout import HeldOutSample, read_held_out
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from servekit.archive import verify_archive
+from servekit.catalog import verify_archive
 from servekit.errors import UsageError
 
 

@@ -14,21 +14,15 @@ import torch
 
 from servekit.errors import UsageError
 from servekit.models import build_model
+from servekit.workspace import FORMAT_FILES, HANDLER_FILE
 
-FORMAT_FILES = {
-    "state_dict": "model.pt",
-    "torchscript": "model.torchscript.pt",
-    "export": "model.pt2",
-    "aoti": "model.aoti.pt2",
-    "onnx": "model.onnx",
-}
 MAX_BATCH = 1024
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
     """The eager model of a folder written by `servekit train`, in eval mode, and its handler settings."""
-    handler_path = source_dir / "handler.json"
+    handler_path = source_dir / HANDLER_FILE
     if not handler_path.is_file():
         raise UsageError(f"{handler_path} not found: train the model with `servekit train` first")
     handler = json.loads(handler_path.read_text())

@@ -19,34 +19,29 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from servekit.archive import handler_module
 from servekit.catalog import Catalog
-from servekit.datasets import read_held_out
+from servekit.choices import QUICK_VARIANTS, VARIANTS
 from servekit.errors import UsageError
-from servekit.formats import FORMAT_FILES, dynamic_shapes, example_batch, export_model, load_trained
+from servekit.formats import dynamic_shapes, example_batch, export_model, load_trained
+from servekit.heldout import read_held_out
 from servekit.models import Tokenizer, image_transform, pad_batch
+from servekit.timing import machine_summary, percentile, time_calls
+from servekit.workspace import (
+    FORMAT_FILES,
+    HANDLER_FILE,
+    HELD_OUT_DIR,
+    LABELS_FILE,
+    METRICS_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+)
 
 CALIBRATION_SAMPLES = 64
-VARIANTS = (
-    "eager",
-    "torchscript",
-    "export",
-    "aoti",
-    "compile",
-    "dynamic_int8",
-    "pt2e_int8",
-    "bf16",
-    "fp16",
-    "pruned_l1_50",
-    "onnx",
-    "onnx_int8",
-    "onnx_dynamic_int8",
-)
-QUICK_VARIANTS = ("eager", "torchscript", "export", "dynamic_int8", "bf16", "pruned_l1_50", "onnx", "onnx_int8")
-COPIED_FILES = ("labels.json", "vocab.json", "metrics.json", "model.pt")
+EVAL_MAX_PIXELS = 1 << 26  # held-out images are ours: only a sanity bound
+COPIED_FILES = (LABELS_FILE, VOCAB_FILE, METRICS_FILE, WEIGHTS_FILE)
 
 
 # Inputs -------------------------------------------------------------------------------------------------------
@@ -68,27 +63,23 @@ class EvalSet:
 
 
 def load_eval_set(source_dir: Path, handler: dict) -> EvalSet:
-    """Decodes the trained folder's held-out set exactly as the handlers do (PNG -> pixels, text -> token ids)."""
-    samples = read_held_out(source_dir / "heldout")
+    """Decodes the trained folder's held-out set with the handlers' own functions (image bytes -> pixels the way
+    the served archive decodes them; text -> token ids)."""
+    samples = read_held_out(source_dir / HELD_OUT_DIR)
     if len(samples) <= CALIBRATION_SAMPLES + 10:
-        raise UsageError(f"{source_dir / 'heldout'} has {len(samples)} samples; optimize needs more than 74")
-    labels_path = source_dir / "labels.json"
-    labels = json.loads(labels_path.read_text())
+        raise UsageError(f"{source_dir / HELD_OUT_DIR} has {len(samples)} samples; optimize needs more than 74")
+    labels = json.loads((source_dir / LABELS_FILE).read_text())
     text = handler["model_class"] == "TextClassifier"
     if text:
-        tokenizer = Tokenizer.load(source_dir / "vocab.json")
+        tokenizer = Tokenizer.load(source_dir / VOCAB_FILE)
         tensors = [torch.tensor(tokenizer.encode(s.path.read_text())) for s in samples]
     elif "preprocess" in handler:
         transform = image_transform(**handler["preprocess"])
-        tensors = [
-            transform(torch.from_numpy(np.array(Image.open(s.path).convert("RGB"))).permute(2, 0, 1)) for s in samples
-        ]
+        decode = handler_module("image_classifier").image_tensor
+        tensors = [transform(decode(s.path.read_bytes(), EVAL_MAX_PIXELS)) for s in samples]
     else:
-        shape = handler["example_input"]["shape"]
-        tensors = [
-            torch.from_numpy(np.array(Image.open(s.path).convert("L"), dtype=np.float32) / 255).reshape(shape)
-            for s in samples
-        ]
+        decode, shape = handler_module("digits").image_to_tensor, handler["example_input"]["shape"]
+        tensors = [decode(s.path.read_bytes(), EVAL_MAX_PIXELS).reshape(shape) for s in samples]
     targets = torch.tensor([labels.index(s.label) for s in samples])
     return EvalSet(tensors[:CALIBRATION_SAMPLES], tensors[CALIBRATION_SAMPLES:], targets[CALIBRATION_SAMPLES:], text)
 
@@ -283,27 +274,6 @@ class Result:
     archive_dir: str = ""
 
 
-def latencies_ms(run: Callable, batches: list[torch.Tensor], budget_s: float, min_iterations: int) -> list[float]:
-    """Times `run` over the batches in turn after a warm-up, for `budget_s` seconds or `min_iterations`."""
-    with torch.inference_mode():
-        for batch in batches[:5]:
-            run(batch)
-        times, deadline, i = [], time.perf_counter() + budget_s, 0
-        while i < min_iterations or time.perf_counter() < deadline:
-            batch = batches[i % len(batches)]
-            started = time.perf_counter()
-            run(batch)
-            times.append((time.perf_counter() - started) * 1000)
-            i += 1
-            if i >= 20 * min_iterations:
-                break
-    return times
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
-
-
 def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, budget_s: float) -> tuple[Result, dict]:
     """Times and scores one built variant; returns its result and its logits (the baseline's are the reference)."""
     with torch.inference_mode():
@@ -311,8 +281,9 @@ def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, b
     predictions = logits.argmax(dim=1)
     singles = [eval_set.collate([s]) for s in eval_set.samples[:64]]
     eights = [eval_set.collate(eval_set.samples[i : i + 8]) for i in range(0, 64, 8)]
-    bs1 = latencies_ms(built.run, singles, budget_s, 30)
-    bs8 = latencies_ms(built.run, eights, budget_s, 10)
+    with torch.inference_mode():
+        bs1 = time_calls(built.run, singles, budget_s, 30, max_iterations=600)
+        bs8 = time_calls(built.run, eights, budget_s, 10, max_iterations=200)
     result = Result(
         name=name,
         status="baseline" if baseline is None else "accepted",
@@ -406,7 +377,7 @@ def optimize(
 def student_variant(student_dir: Path, builder: Builder) -> Built:
     student, handler = load_trained(student_dir)
     folder = builder.folder("distilled")
-    for file_name in (*COPIED_FILES, "handler.json"):
+    for file_name in (*COPIED_FILES, HANDLER_FILE):
         if (student_dir / file_name).is_file():
             shutil.copy2(student_dir / file_name, folder / file_name)
     return Built(student, [folder / FORMAT_FILES["state_dict"]], {"format": "state_dict", **handler})
@@ -418,22 +389,36 @@ def save_variant(source_dir: Path, handler: dict, built: Built, folder: Path, va
     for file_name in COPIED_FILES:
         if (source_dir / file_name).is_file() and not (folder / file_name).exists():
             shutil.copy2(source_dir / file_name, folder / file_name)
-    if (source_dir / "heldout").is_dir() and not (folder / "heldout").exists():
-        shutil.copytree(source_dir / "heldout", folder / "heldout")
-    if not (folder / "handler.json").exists() or variant != "distilled":
+    if (source_dir / HELD_OUT_DIR).is_dir() and not (folder / HELD_OUT_DIR).exists():
+        shutil.copytree(source_dir / HELD_OUT_DIR, folder / HELD_OUT_DIR)
+    if not (folder / HANDLER_FILE).exists() or variant != "distilled":
         settings = {**handler, **built.handler, "variant": variant}
-        (folder / "handler.json").write_text(json.dumps(settings, indent=2))
+        (folder / HANDLER_FILE).write_text(json.dumps(settings, indent=2))
     return folder
 
 
-def machine_summary() -> str:
-    import os
-    import platform
+# Reports ---
+TABLE = {  # terminal column -> (Result field, format)
+    "variant": ("name", "{}"),
+    "status": ("status", "{}"),
+    "bs1 p50 ms": ("bs1_p50_ms", "{:.3f}"),
+    "bs1 p95": ("bs1_p95_ms", "{:.3f}"),
+    "bs8 p50": ("bs8_p50_ms", "{:.3f}"),
+    "speedup": ("speedup_bs1", "{:.2f}x"),
+    "size": ("size_ratio", "{:.2f}x"),
+    "accuracy": ("accuracy", "{:.4f}"),
+    "agree": ("agreement", "{:.3f}"),
+    "max |dlogit|": ("max_logit_diff", "{:.2g}"),
+    "note": ("reason", "{}"),
+}
+TABLE_HEADERS = list(TABLE)
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+def table_rows(report: Report) -> list[list[str]]:
+    return [[form.format(getattr(result, key)) for key, form in TABLE.values()] for result in report.results]
 
 
-# Reports ----------------------------------------------------------------------------------------------------------
+# Files ----------------------------------------------------------------------------------------------------------
 COLUMNS = (
     "name",
     "status",
@@ -516,18 +501,3 @@ def record_best(store: Path, report: Report, out_dir: Path) -> None:
         "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
     }
     catalog.save()
-
-
-def variant_dir(store: Path, name: str, variant: str) -> Path:
-    """The folder of an optimized variant recorded in the catalog (`best` = the fastest accepted)."""
-    record = Catalog.load(store).optimizations.get(name)
-    if record is None:
-        raise UsageError(
-            f"no optimization of {name} is recorded in {store}: run servekit optimize {name} --pick fastest"
-        )
-    chosen = record["best"] if variant == "best" else variant
-    if chosen not in record["variants"]:
-        raise UsageError(
-            f"variant {variant!r} of {name} is not an accepted variant; have: {', '.join(record['variants'])}"
-        )
-    return Path(record["variants"][chosen])

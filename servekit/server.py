@@ -141,6 +141,15 @@ def effective_properties(settings: ServerSettings) -> dict[str, str]:
     return properties
 
 
+def check_max_batch_delay(milliseconds: int) -> None:
+    """TorchServe 0.12 reads maxBatchDelay 0 as unset and waits its own default, 100 ms, for every batch."""
+    if milliseconds < 1:
+        raise UsageError(
+            f"max batch delay {milliseconds} ms: TorchServe treats 0 as unset and then waits 100 ms for every "
+            "batch; use 1 ms, the smallest window it honours"
+        )
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:

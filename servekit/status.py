@@ -2,59 +2,59 @@
 
 from __future__ import annotations
 
-from servekit.client import ServeClient
-
-RESPONSE_COUNTERS = ("Requests2XX", "Requests4XX", "Requests5XX")
-VERSION_COUNTERS = {
-    "ts_inference_requests": "requests",
-    "ts_inference_latency_microseconds": "latency_us",
-    "ts_queue_latency_microseconds": "queue_us",
-}
+from servekit import metrics
+from servekit.registry import all_versions
+from servekit.workspace import Server
 
 
-def observe(client: ServeClient, state) -> dict:
+def observe(server: Server) -> dict:
     """What `servekit status` shows, as data."""
-    samples = client.metric_samples()
-    responses = dict.fromkeys(RESPONSE_COUNTERS, 0.0)
-    per_version: dict[tuple[str, str], dict[str, float]] = {}
-    handler: dict[str, dict[str, float]] = {}
-    for metric, labels, value in samples:
-        if metric in responses:
-            responses[metric] += value
-        elif metric in VERSION_COUNTERS:
-            key = (labels.get("model_name", ""), labels.get("model_version", ""))
-            per_version.setdefault(key, {})[VERSION_COUNTERS[metric]] = value
-        elif metric.startswith("Servekit") and "ModelName" in labels:
-            handler.setdefault(labels["ModelName"], {})[metric] = value
+    client, state = server.client, server.state
+    scrape = metrics.scrape(client)
     models = []
-    for model in client.list_models():
-        for description in client.describe(model["modelName"]):
-            name, version = description["modelName"], description["modelVersion"]
-            default = description["modelUrl"] == model["modelUrl"]
-            figures = {}
-            for label in (version, "default") if default else (version,):
-                for key, value in per_version.get((name, label), {}).items():
-                    figures[key] = figures.get(key, 0.0) + value
-            requests_seen = figures.get("requests", 0.0)
-            models.append(
-                {
-                    "name": name,
-                    "version": version,
-                    "default": default,
-                    "workers": description.get("workers", []),
-                    "batch_size": description.get("batchSize"),
-                    "requests": requests_seen,
-                    "mean_ms": figures["latency_us"] / requests_seen / 1000 if requests_seen else None,
-                    "queue_ms": figures["queue_us"] / requests_seen / 1000 if requests_seen else None,
-                    "handler": handler.get(name, {}),
-                }
-            )
+    for info in all_versions(client):
+        figures = scrape.served(info.name, info.version, info.default)
+        models.append(
+            {
+                "name": info.name,
+                "version": info.version,
+                "default": info.default,
+                "workers": info.workers,
+                "batch_size": info.batch_size,
+                "requests": figures.requests,
+                "mean_ms": figures.mean_ms,
+                "queue_ms": figures.queue_ms,
+                "handler": scrape.handler.get(info.name, {}),
+            }
+        )
     return {
         "pid": state.pid,
         "health": client.ping().get("status"),
         "inference_url": state.inference_url,
         "management_url": state.management_url,
         "metrics_url": state.metrics_url,
-        "responses": responses,
+        "responses": scrape.responses,
         "models": models,
     }
+
+
+HEADERS = ["model", "version", "default", "workers (pid status MB)", "requests", "mean ms", "queue ms", "last batch",
+           "rejected"]  # fmt: skip
+
+
+def rows(report: dict) -> list[list]:
+    """The terminal table of `observe`'s report."""
+    return [
+        [
+            row["name"],
+            row["version"],
+            row["default"],
+            ", ".join(f"{w['pid']} {w['status']} {w['memoryUsage'] / 1e6:.0f}" for w in row["workers"]),
+            int(row["requests"]),
+            "-" if row["mean_ms"] is None else f"{row['mean_ms']:.2f}",
+            "-" if row["queue_ms"] is None else f"{row['queue_ms']:.2f}",
+            row["handler"].get("ServekitBatchSize", "-"),
+            int(row["handler"].get("ServekitRejectedRequests", 0)),
+        ]
+        for row in report["models"]
+    ]

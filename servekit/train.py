@@ -18,7 +18,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from servekit.archive import sha256_file
+from servekit.catalog import sha256_file
+from servekit.choices import IMAGE_ARCHITECTURES
 from servekit.datasets import (
     SENTIMENT_LABELS,
     digits_split,
@@ -27,15 +28,9 @@ from servekit.datasets import (
     write_texts,
 )
 from servekit.models import Tokenizer, build_model, image_transform, pad_batch
+from servekit.workspace import HANDLER_FILE, HELD_OUT_DIR, LABELS_FILE, METRICS_FILE, VOCAB_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.pt"
-LABELS_FILE = "labels.json"
-HANDLER_FILE = "handler.json"
-METRICS_FILE = "metrics.json"
-HELD_OUT_DIR = "heldout"
-VOCAB_FILE = "vocab.json"
 DIGIT_LABELS = [str(i) for i in range(10)]
-IMAGE_ARCHITECTURES = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
 
 OnEpoch = Callable[[int, float], None]
 

@@ -21,9 +21,10 @@ from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.errors import UsageError
 from servekit.loadgen import LoadResult, run_load
-from servekit.rollout import register_verified
+from servekit.registry import register_verified
+from servekit.server import check_max_batch_delay
+from servekit.workspace import SERVING_FILE
 
-SERVING_FILE = "serving.json"
 MAX_SETTINGS = 24
 
 
@@ -49,8 +50,10 @@ def grid(workers: list[int], batch_sizes: list[int], delays_ms: list[int]) -> li
     settings = [Setting(w, b, d) for w, b, d in itertools.product(workers, batch_sizes, delays_ms)]
     if not settings or len(settings) > MAX_SETTINGS:
         raise UsageError(f"the grid has {len(settings)} settings; keep it between 1 and {MAX_SETTINGS}")
-    if min(min(workers), min(batch_sizes)) < 1 or min(delays_ms) < 0:
-        raise UsageError("workers and batch sizes must be >= 1, delays >= 0 ms")
+    if min(min(workers), min(batch_sizes)) < 1:
+        raise UsageError("workers and batch sizes must be >= 1")
+    for delay in delays_ms:
+        check_max_batch_delay(delay)
     return settings
 
 
@@ -115,7 +118,18 @@ def save_serving(source_dir: Path, best: Trial, concurrency: int, p95_budget_ms:
     return path
 
 
-def serving_defaults(source_dir: Path) -> dict:
-    """The tuned settings of a trained folder ({} when it was never tuned)."""
-    path = source_dir / SERVING_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def describe(trial: Trial) -> str:
+    s, r = trial.setting, trial.result
+    return (
+        f"workers {s.workers} batch {s.batch_size:>2} delay {s.max_batch_delay_ms:>3} ms: "
+        f"{r.throughput_per_s:8.1f} req/s, p95 {r.p95_ms:7.2f} ms, {r.errors} errors"
+        + ("" if trial.within_budget else "  (over budget)")
+    )
+
+
+def to_dict(trials: list[Trial], best: Trial, serving_json: Path) -> dict:
+    return {
+        "trials": [{**asdict(t), "result": t.result.to_dict()} for t in trials],
+        "best": asdict(best.setting),
+        "serving_json": str(serving_json),
+    }

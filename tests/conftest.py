@@ -21,9 +21,10 @@ sys.path.insert(0, str(REPO / "handlers"))
 from servekit import server  # noqa: E402
 from servekit.archive import build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
-from servekit.datasets import HeldOutSample, read_held_out  # noqa: E402
+from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
 from servekit.inprocess import worker_value  # noqa: E402
-from servekit.train import HELD_OUT_DIR, train_digits, train_image, train_text  # noqa: E402
+from servekit.train import train_digits, train_image, train_text  # noqa: E402
+from servekit.workspace import HELD_OUT_DIR  # noqa: E402
 
 
 class FakeRequestStatus:

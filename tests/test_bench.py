@@ -16,12 +16,13 @@ from digits import DigitsHandler
 from servekit import bench as benchmarks
 from servekit import server
 from servekit import tune as tuning
-from servekit.archive import build_archive
+from servekit.archive import build_archive, serving_defaults
 from servekit.catalog import Catalog
 from servekit.cli import cli
 from servekit.loadgen import run_load, summarize
-from servekit.rollout import register_verified
+from servekit.registry import register_verified
 from servekit.status import observe
+from servekit.workspace import Server
 
 
 def test_load_summary_counts_add_up_and_only_2xx_count_as_success():
@@ -120,7 +121,7 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
     assert [t.setting for t in trials] == settings and all(t.result.ok > 0 for t in trials)
     assert best is max(trials, key=lambda t: t.result.throughput_per_s)
     path = tuning.save_serving(source, best, 4, 1e6)
-    assert tuning.serving_defaults(source)["batch_size"] == best.setting.batch_size and path.is_file()
+    assert serving_defaults(source)["batch_size"] == best.setting.batch_size and path.is_file()
     assert not [v for v in Catalog.load(model_store).models["digits"] if "tune" in v]
     assert not list(model_store.glob("digits-0.0.0-tune*"))
     assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
@@ -132,7 +133,7 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
 def test_status_shows_workers_and_live_figures_from_the_metrics_endpoint(served_digits, torchserve, good_png):
     for _ in range(3):
         served_digits.predict("digits", good_png, content_type="image/png")
-    report = observe(served_digits, torchserve)
+    report = observe(Server(torchserve, served_digits))
     assert report["health"] == "Healthy" and report["responses"]["Requests2XX"] >= 3
     digits = next(m for m in report["models"] if m["name"] == "digits" and m["version"] == "1.0.0")
     assert digits["default"] and digits["requests"] >= 3 and digits["mean_ms"] > 0

@@ -8,7 +8,8 @@ import pytest
 
 from servekit.client import FailoverClient, read_keys
 from servekit.errors import ApiError, ServerError
-from servekit.rollout import DefaultHistory, answer_key
+from servekit.registry import DefaultHistory
+from servekit.rollout import answer_key
 
 
 class FakeClient:

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from servekit import config as configs
-from servekit.archive import sha256_file
+from servekit.catalog import sha256_file
 from servekit.cli import cli
 from servekit.errors import UsageError
 from servekit.export import KServeSpec, export_docker, export_kserve

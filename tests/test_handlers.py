@@ -17,8 +17,8 @@ from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 
 from servekit.archive import BuildOptions, build_archive
-from servekit.datasets import read_held_out
 from servekit.formats import load_trained
+from servekit.heldout import read_held_out
 from servekit.models import Tokenizer, image_transform, pad_batch
 
 TEXTS = [

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from servekit import metrics
 from servekit.client import Endpoints, ServeClient
-from servekit.rollout import server_counters, version_timings
+from servekit.metrics import VersionFigures
 
 SCRAPED = """# HELP Requests2XX Torchserve prometheus counter metric with unit: Count
 # TYPE Requests2XX counter
@@ -38,8 +39,34 @@ class Scraped(ServeClient):
 
 def test_counters_are_read_with_and_without_the_total_suffix():
     client = Scraped(SCRAPED)
-    assert server_counters(client) == {"Requests2XX": 12.0, "Requests4XX": 0.0, "Requests5XX": 2.0}
-    timings = version_timings(client, "digits")
-    assert timings["1.0.0"] == {"requests": 3.0, "latency_us": 188786.95, "queue_us": 150520.813}
-    assert timings["default"]["requests"] == 5.0
+    scrape = metrics.scrape(client)
+    assert scrape.responses == {"Requests2XX": 12.0, "Requests4XX": 0.0, "Requests5XX": 2.0}
+    assert scrape.version("digits", "1.0.0") == VersionFigures(3.0, 188786.95, 150520.813)
+    assert scrape.version("digits", "default").requests == 5.0
+    assert scrape.handler == {"digits": {"ServekitBatchSize": 4.0}}
     assert ("ServekitBatchSize", {"ModelName": "digits", "Hostname": "vm"}, 4.0) in client.metric_samples()
+
+
+def test_a_default_version_counts_its_own_and_the_default_label_and_differences_give_rates():
+    scrape = metrics.scrape(Scraped(SCRAPED))
+    assert scrape.served("digits", "1.0.0", is_default=True).requests == 8.0
+    assert scrape.served("digits", "1.0.0", is_default=False).requests == 3.0
+    later = VersionFigures(5.0, 188786.95 + 2000.0, 150520.813 + 1000.0)
+    delta = later - scrape.version("digits", "1.0.0")
+    assert delta.requests == 2.0 and abs(delta.service_ms - 0.5) < 1e-9 and abs(delta.queue_ms - 0.5) < 1e-9
+    assert VersionFigures().mean_ms is None
+
+
+def test_samples_of_one_version_from_several_hosts_are_summed():
+    samples = [
+        ("ts_inference_requests", {"model_name": "m", "model_version": "1.0.0"}, 2.0),
+        ("ts_inference_requests", {"model_name": "m", "model_version": "1.0.0"}, 3.0),
+    ]
+    assert metrics.parse(samples).version("m", "1.0.0").requests == 5.0
+
+
+def test_the_handler_metric_names_servekit_reads_are_the_ones_the_handlers_emit():
+    from servekit_base import HandlerMetrics
+
+    assert set(metrics.HANDLER_GAUGES) == set(HandlerMetrics.GAUGES)
+    assert set(metrics.HANDLER_COUNTERS) == set(HandlerMetrics.COUNTERS)

@@ -12,7 +12,7 @@ from servekit.archive import build_archive
 from servekit.catalog import Catalog
 from servekit.errors import UsageError
 from servekit.formats import load_trained
-from servekit.rollout import register_verified
+from servekit.registry import register_verified
 
 FAST = dict(budget_s=0.1)
 # Per variant: the largest |logit| difference from eager fp32 allowed on the held-out set.
@@ -81,7 +81,7 @@ def test_bad_arguments_get_one_clear_error(trained_digits, tmp_path):
     with pytest.raises(UsageError, match="optimize needs more than"):
         optimizer.optimize("digits", thin, tmp_path / "out")
     with pytest.raises(UsageError, match="no optimization of digits"):
-        optimizer.variant_dir(tmp_path, "digits", "best")
+        Catalog.load(tmp_path).variant_dir("digits", "best")
 
 
 def test_distilled_student_is_measured_beside_the_variants(trained_digits, tmp_path):
@@ -106,7 +106,7 @@ def test_the_fastest_variant_is_built_and_served_with_the_answers_measured_in_pr
     report, out = digits_report
     optimizer.record_best(model_store, report, out)
     assert Catalog.load(model_store).optimizations["digitsfast"]["best"] == report.best
-    folder = optimizer.variant_dir(model_store, "digitsfast", "best")
+    folder = Catalog.load(model_store).variant_dir("digitsfast", "best")
     entry = build_archive("digitsfast", "1.0.0", folder, model_store, handler="digits")
     assert entry.config["handler"]["format"] == json.loads((folder / "handler.json").read_text())["format"]
     assert entry.source_weights_sha256 == json.loads((trained_digits / "metrics.json").read_text())["weights_sha256"]

@@ -22,18 +22,17 @@ from servekit.cli import cli
 from servekit.client import FailoverClient, ServeClient
 from servekit.errors import ArchiveError, UsageError
 from servekit.models import SimpleCNN
-from servekit.rollout import (
+from servekit.registry import (
     DefaultHistory,
-    RolloutFailed,
-    RolloutPolicy,
     default_version,
     register_verified,
     registered_versions,
     retire,
     rollback,
-    rollout,
     scale,
+    set_default,
 )
+from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
 from servekit.train import train_digits
 
 pytestmark = pytest.mark.server
@@ -71,6 +70,20 @@ def live(tmp_path_factory, rollout_store):
         yield state, client, history
     finally:
         server.stop(workdir)
+
+
+def given(live, store, default: str, others: tuple[str, ...] = ()) -> None:
+    """Puts the live server in a known state whatever ran before: these versions registered, `default` the
+    default, and `others[0]` (if any) the default just before it in the history."""
+    state, client, history = live
+    for version in (*others, default):
+        if version not in registered_versions(client, "digits"):
+            register_verified(client, store, "digits", version)
+    for version in (*others[:1], default):
+        set_default(client, history, "digits", version)
+    for version in registered_versions(client, "digits"):
+        if version not in (default, *others):
+            client.unregister("digits", version)
 
 
 def expected_answers(store, version, pngs, folder) -> list[dict]:
@@ -116,6 +129,7 @@ class Traffic:
 
 
 def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, tmp_path):
+    given(live, rollout_store, default="1.0.0")
     state, client, history = live
     pngs = [sample.path.read_bytes() for sample in held_out[:24]]
     v1 = expected_answers(rollout_store, "1.0.0", pngs, tmp_path / "v1")
@@ -148,6 +162,7 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
 
 
 def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store):
+    given(live, rollout_store, default="1.0.0")
     state, client, history = live
     before = default_version(client, "digits")
     with pytest.raises(RolloutFailed) as info:
@@ -160,16 +175,18 @@ def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store
 
 
 def test_the_latency_gate_stops_a_rollout(live, rollout_store):
+    given(live, rollout_store, default="1.0.0")
     state, client, history = live
     before = default_version(client, "digits")
     strict = RolloutPolicy(shadow_samples=8, watch_s=0.5, max_latency_ratio=0.01)
     with pytest.raises(RolloutFailed, match="ratio") as info:
-        rollout(client, rollout_store, "digits", "1.0.0" if before == "1.1.0" else "1.1.0", history, policy=strict)
+        rollout(client, rollout_store, "digits", "1.1.0", history, policy=strict)
     assert info.value.report.steps[-1].name == "latency" and not info.value.report.promoted
     assert default_version(client, "digits") == before
 
 
-def test_rollback_retire_and_scale(live):
+def test_rollback_retire_and_scale(live, rollout_store):
+    given(live, rollout_store, default="1.1.0", others=("1.0.0",))
     state, client, history = live
     assert rollback(client, history, "digits") == ("1.1.0", "1.0.0")
     assert default_version(client, "digits") == "1.0.0"
@@ -177,13 +194,14 @@ def test_rollback_retire_and_scale(live):
         retire(client, "digits", "1.0.0")
     with pytest.raises(UsageError, match="not registered"):
         retire(client, "digits", "9.9.9")
-    workers = scale(client, "digits", "1.0.0", min_workers=2, max_workers=2)["workers"]
+    workers = scale(client, "digits", "1.0.0", min_workers=2, max_workers=2).workers
     assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
     with pytest.raises(UsageError, match="above max workers"):
         scale(client, "digits", "1.0.0", min_workers=3, max_workers=2)
 
 
 def test_snapshot_restores_models_versions_and_default_after_a_restart(live, rollout_store):
+    given(live, rollout_store, default="1.1.0", others=("1.0.0",))
     state, client, history = live
     before = {d["modelVersion"] for d in client.describe("digits")}, default_version(client, "digits")
     workdir = Path(state.workdir)
@@ -204,8 +222,9 @@ def test_snapshot_restores_models_versions_and_default_after_a_restart(live, rol
     assert restarted.inference_url == state.inference_url
 
 
-def test_cli_rollout_rollback_retire_and_scale(live):
-    """What a user types; runs after the restart, so it also proves the restored server is fully usable."""
+def test_cli_rollout_rollback_retire_and_scale(live, rollout_store):
+    """What a user types."""
+    given(live, rollout_store, default="1.0.0")
     workdir = live[0].workdir
     runner = CliRunner()
     promoted = runner.invoke(cli, ["rollout", "digits", "--version", "1.1.0", "--watch", "1", "--workdir", workdir])

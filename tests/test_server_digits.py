@@ -19,8 +19,8 @@ from servekit.client import ServeClient
 from servekit.errors import ApiError
 from servekit.evaluate import evaluate_served
 from servekit.models import SimpleCNN
-from servekit.rollout import ready_workers, register_verified
-from servekit.train import HELD_OUT_DIR
+from servekit.registry import register_verified
+from servekit.workspace import HELD_OUT_DIR
 
 pytestmark = pytest.mark.server
 
@@ -154,11 +154,11 @@ def test_cli_register_predict_and_models_against_a_running_server(torchserve, tr
 def test_stop_ends_the_frontend_and_every_worker(tmp_path, model_store):
     state = start_server(model_store, tmp_path / "ts")
     try:
-        description = register_verified(ServeClient(state.endpoints()), model_store, "digits", "1.0.0", workers=2)
-        assert ready_workers(description) == 2
+        registration = register_verified(ServeClient(state.endpoints()), model_store, "digits", "1.0.0", workers=2)
+        assert registration.info.ready_workers == 2 and registration.info.min_workers == 2
         frontend = psutil.Process(state.pid)
         spawned = [frontend, *frontend.children(recursive=True)]
-        assert {w["pid"] for w in description["workers"]} <= {p.pid for p in spawned}
+        assert {w["pid"] for w in registration.info.workers} <= {p.pid for p in spawned}
     finally:
         assert server.stop(tmp_path / "ts")
     gone, alive = psutil.wait_procs(spawned, timeout=10)

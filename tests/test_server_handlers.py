@@ -17,8 +17,8 @@ from image_classifier import ImageClassifierHandler
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 
-from servekit.datasets import read_held_out
-from servekit.rollout import register_verified
+from servekit.heldout import read_held_out
+from servekit.registry import register_verified
 
 pytestmark = pytest.mark.server
 MAX_REQUEST_SIZE = 16 * 1024 * 1024  # config.properties: max_request_size

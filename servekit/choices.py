@@ -1,0 +1,21 @@
+"""The names users pick from on the command line, kept in one light module so `--help` needs no torch."""
+
+from __future__ import annotations
+
+IMAGE_ARCHITECTURES = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
+VARIANTS = (
+    "eager",
+    "torchscript",
+    "export",
+    "aoti",
+    "compile",
+    "dynamic_int8",
+    "pt2e_int8",
+    "bf16",
+    "fp16",
+    "pruned_l1_50",
+    "onnx",
+    "onnx_int8",
+    "onnx_dynamic_int8",
+)
+QUICK_VARIANTS = ("eager", "torchscript", "export", "dynamic_int8", "bf16", "pruned_l1_50", "onnx", "onnx_int8")

@@ -1,0 +1,89 @@
+"""Where servekit keeps things: the model store, the server's working folder, and every path convention.
+
+A `Workspace` answers "where is X of model NAME" for every command and workflow; `Server` is the handle on one
+running TorchServe (its recorded state, a client with its keys, its model store). Light on purpose: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from servekit.client import ServeClient
+from servekit.server import ServerState
+
+DEFAULT_STORE = Path("model_store")
+DEFAULT_WORKDIR = Path(".servekit")
+
+# The files of a trained folder (`servekit train --out DIR`), which `build` packs and `optimize` reads.
+WEIGHTS_FILE = "model.pt"
+LABELS_FILE = "labels.json"
+HANDLER_FILE = "handler.json"
+METRICS_FILE = "metrics.json"
+VOCAB_FILE = "vocab.json"
+HELD_OUT_DIR = "heldout"
+SERVING_FILE = "serving.json"  # written by `servekit tune`, read by `servekit build`
+# The file each serialized format is saved as, in a trained folder, a variant folder and an archive.
+FORMAT_FILES = {
+    "state_dict": WEIGHTS_FILE,
+    "torchscript": "model.torchscript.pt",
+    "export": "model.pt2",
+    "aoti": "model.aoti.pt2",
+    "onnx": "model.onnx",
+}
+
+
+def archive_file_name(name: str, version: str) -> str:
+    return f"{name}-{version}.mar"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The model store (archives, catalog.json, golden samples, trained folders under work/) and a server folder."""
+
+    store: Path = DEFAULT_STORE
+    workdir: Path = DEFAULT_WORKDIR
+
+    @property
+    def work(self) -> Path:
+        return self.store / "work"
+
+    def trained(self, name: str) -> Path:
+        """Where `servekit train NAME` writes and `build NAME` reads by default."""
+        return self.work / name
+
+    def held_out(self, name: str) -> Path:
+        return self.trained(name) / HELD_OUT_DIR
+
+    def optimized(self, name: str) -> Path:
+        return self.work / f"{name}-optimized"
+
+    def bench_reports(self, name: str) -> Path:
+        return self.work / f"{name}-bench"
+
+    def archive(self, name: str, version: str) -> Path:
+        return self.store / archive_file_name(name, version)
+
+    def golden(self, name: str, version: str) -> Path:
+        return self.store / "golden" / f"{name}-{version}"
+
+
+@dataclass
+class Server:
+    """One running TorchServe as servekit recorded it: state, an authorized client, its model store."""
+
+    state: ServerState
+    client: ServeClient
+
+    @classmethod
+    def connect(cls, workdir: Path) -> Server:
+        state = ServerState.load(Path(workdir).resolve())
+        return cls(state, ServeClient(state.endpoints()))
+
+    @property
+    def store(self) -> Path:
+        return Path(self.state.model_store)
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.state.workdir)
