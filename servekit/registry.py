@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servekit.catalog import verify_archive, version_key
+from servekit.catalog import CatalogEntry, verify_archive, version_key
 from servekit.client import ServeClient
 from servekit.errors import ApiError, ServekitError, UsageError
 
@@ -194,16 +194,18 @@ def register_verified(
     version: str,
     workers: int | None = None,
     history: DefaultHistory | None = None,
+    verified: CatalogEntry | None = None,
 ) -> Registration:
     """Registers NAME VERSION after checking the archive's sha256 against the catalog; waits until it is ready.
 
     TorchServe lets the archive's model-config.yaml (minWorkers/maxWorkers) win over `initial_workers`, so an
     explicit `workers` is applied with a scale after registration. With a history, the default is recorded
-    (the first version registered becomes the default).
+    (the first version registered becomes the default). `verified` skips a second sha256 of an entry the caller
+    has just verified.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    entry = verify_archive(store, name, version)
+    entry = verified or verify_archive(store, name, version)
     timings["verify"] = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     client.register(entry.archive, initial_workers=workers or 1)

@@ -216,7 +216,9 @@ class Rollout:
         if self.version in registered_versions(self.client, self.name):
             self.record("register", True, f"{self.name} {self.version} was already registered")
             return
-        registration = register_verified(self.client, self.store, self.name, self.version, self.policy.workers)
+        registration = register_verified(
+            self.client, self.store, self.name, self.version, self.policy.workers, verified=self.entry
+        )
         self.registered_here = True
         ready = registration.info.ready_workers
         self.record(
@@ -359,15 +361,9 @@ class Rollout:
         return probes, failures
 
 
-def rollout(
-    client: ServeClient,
-    store: Path,
-    name: str,
-    version: str,
-    history: DefaultHistory,
-    samples: list[HeldOutSample] | None = None,
-    policy: RolloutPolicy | None = None,
-    on_step: Callable[[Step], None] | None = None,
-) -> RolloutReport:
-    """Moves NAME's default to VERSION only if every check passes; raises RolloutFailed (default kept) if not."""
-    return Rollout(client, store, name, version, history, samples, policy, on_step).run()
+def rollout(*args, **kwargs) -> RolloutReport:
+    """Moves NAME's default to VERSION only if every check passes; raises RolloutFailed (default kept) if not.
+
+    Takes Rollout's arguments: client, store, name, version, history, samples, policy, on_step.
+    """
+    return Rollout(*args, **kwargs).run()

@@ -29,11 +29,14 @@ def test_explicit_flags_beat_the_model_config_which_beats_serving_json(trained_d
     (source / "serving.json").write_text(json.dumps({"batch_size": 2, "max_batch_delay_ms": 7, "workers": 1}))
     model_config = tmp_path / "model-config.yaml"
     model_config.write_text(yaml.safe_dump({"batchSize": 4, "maxBatchDelay": 9, "minWorkers": 1, "maxWorkers": 1}))
-    built = servekit("build", "digits", "--version", "4.0.0", "--from", source, "--store", model_store,
+    built = servekit("build", "digits", "--version", "4.0.0", "--from", source, "--store", model_store, "--json",
                      "--model-config", model_config, "--batch-size", "16", "--max-batch-delay", "5")  # fmt: skip
     assert built.exit_code == 0, built.output
-    assert "batch_size 16 (flag)" in built.output and "max_batch_delay_ms 5 (flag)" in built.output
-    assert f"workers 1 ({model_config})" in built.output
+    assert json.loads(built.output)["settings_from"] == {"batch_size": "flag", "max_batch_delay_ms": "flag",
+                                                         "workers": str(model_config)}  # fmt: skip
+    shown = servekit("build", "digits", "--version", "4.0.3", "--from", source, "--store", model_store,
+                     "--batch-size", "16")  # fmt: skip
+    assert "batch_size 16 (flag)" in " ".join(shown.output.split()), shown.output
     register_verified(served_digits, model_store, "digits", "4.0.0")
     try:
         served = version_info(served_digits, "digits", "4.0.0")
