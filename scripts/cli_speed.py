@@ -1,0 +1,97 @@
+"""How fast everyday commands answer: `servekit --help`, `servekit models`, and register-to-ready beside
+TorchServe's own register-to-ready (a bare management API call), measured in one run, alternating.
+
+    .venv/bin/python scripts/cli_speed.py [--repeats 5] [--image-size 224]
+
+Trains nothing it can reuse: digits from model_store/work/digits (trained if missing), resnet18 with random
+weights at --image-size (its load time is the model's own: the report shows it beside TorchServe's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from servekit import server
+from servekit.archive import build_archive
+from servekit.client import ServeClient
+from servekit.registry import wait_until_ready
+from servekit.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+SERVEKIT = [str(Path(sys.executable).with_name("servekit"))]
+
+
+def wall_s(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def bare_register_s(client: ServeClient, archive: str, name: str, version: str, workers: int) -> float:
+    """TorchServe's own register-to-ready: the synchronous management call, then READY as TorchServe reports it."""
+    started = time.perf_counter()
+    client.register(archive, initial_workers=workers)
+    wait_until_ready(client, name, version, workers)
+    return time.perf_counter() - started
+
+
+def prepare_store(store: Path, image_size: int) -> list[tuple[str, str, int]]:
+    from servekit.train import train_digits, train_image
+
+    digits = Workspace().trained("digits")
+    if not (digits / "model.pt").is_file():
+        train_digits(digits)
+    build_archive("digits", "1.0.0", digits, store)
+    image = store / "work" / "image"
+    train_image(image, "resnet18", image_size=image_size, epochs=0)
+    build_archive("image", "1.0.0", image, store, handler="image")
+    return [("digits", "1.0.0", 2), ("image", "1.0.0", 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="servekit-cli-speed-"))
+    store, workdir = folder / "store", folder / "ts"
+    models = prepare_store(store, args.image_size)
+    ports = {api: server.free_port() for api in server.DEFAULT_PORTS}
+    state = server.start(server.ServerSettings(REPO / "config.properties", store, workdir, ports=ports))
+    try:
+        client = ServeClient(state.endpoints())
+        print(f"load before: {Path('/proc/loadavg').read_text().split()[:3]}")
+        for label, command in (
+            ("servekit --help", [*SERVEKIT, "--help"]),
+            ("servekit models", [*SERVEKIT, "models", "--workdir", str(workdir), "--json"]),
+        ):
+            times = [wall_s(command) for _ in range(args.repeats)]
+            print(f"{label:<28} median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
+        for name, version, workers in models:
+            bare, cli = [], []
+            for _ in range(args.repeats):
+                bare.append(bare_register_s(client, f"{name}-{version}.mar", name, version, workers))
+                client.unregister(name, version)
+                register = [*SERVEKIT, "register", name, "--version", version, "--workers", str(workers)]
+                cli.append(wall_s([*register, "--workdir", str(workdir)]))
+                client.unregister(name, version)
+            b, c = statistics.median(bare), statistics.median(cli)
+            print(
+                f"register {name} ({workers} worker(s)): servekit {c:.2f} s, bare TorchServe {b:.2f} s, "
+                f"servekit - bare {c - b:+.2f} s (medians of {args.repeats}, alternating)"
+            )
+        print(f"load after: {Path('/proc/loadavg').read_text().split()[:3]}")
+    finally:
+        server.stop(workdir)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
