@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 
 import pytest
 import yaml
@@ -14,7 +15,7 @@ from conftest import extracted_archive, requests_for
 from digits import DigitsHandler
 
 from servekit import bench as benchmarks
-from servekit import server
+from servekit import metrics, server
 from servekit import tune as tuning
 from servekit.archive import build_archive, serving_defaults
 from servekit.catalog import Catalog
@@ -93,13 +94,23 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and "| 4 |" in (tmp_path / "bench.md").read_text()
 
 
+def unregister_once_answering(client, name: str, version: str, limit_s: float = 60.0) -> None:
+    """Unregisters a version one second after TorchServe has counted its first answered requests (the load
+    generator's process may take seconds to start on a busy machine)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and metrics.scrape(client).version(name, "default").requests < 1:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    client.unregister(name, version)
+
+
 @pytest.mark.server
 def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, model_store, trained_digits, held_out):
     build_archive("vanishing", "1.0.0", trained_digits, model_store)
     register_verified(served_digits, model_store, "vanishing", "1.0.0")
     url = f"{served_digits.endpoints.inference_url}/predictions/vanishing"
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:8]]
-    remover = threading.Timer(1.0, lambda: served_digits.unregister("vanishing", "1.0.0"))
+    remover = threading.Thread(target=unregister_once_answering, args=(served_digits, "vanishing", "1.0.0"))
     remover.start()
     result = run_load(url, served_digits.auth_headers("inference"), bodies, 4, 6.0, timeout_s=2.0)
     remover.join()

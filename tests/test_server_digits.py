@@ -135,13 +135,16 @@ def test_cli_register_predict_and_models_against_a_running_server(torchserve, tr
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.output)[str(png)]["label"] == "7"
     listing = runner.invoke(cli, ["models", "--workdir", workdir, "--json"])
-    assert [row for row in json.loads(listing.output) if row["name"] == "digits"] == [
+    rows = [row for row in json.loads(listing.output) if row["name"] == "digits"]
+    shown = ("name", "version", "default", "workers", "batch_size", "max_batch_delay_ms", "archive")
+    assert [{key: row[key] for key in shown} for row in rows] == [
         {
             "name": "digits",
             "version": "1.0.0",
             "default": True,
             "workers": "1/1 ready",
             "batch_size": 4,
+            "max_batch_delay_ms": 50,
             "archive": "digits-1.0.0.mar",
         }
     ]
