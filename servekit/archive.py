@@ -56,25 +56,85 @@ GOLDEN_SAMPLES = 32
 MODEL_DEFINITIONS = PACKAGE_DIR / "models.py"
 
 
+# Serving defaults that are right untuned (README, "Why the defaults"): one worker per core, each with the cores
+# shared out (never more torch threads than cores across the workers); a 1 ms batch window, so a lone request
+# does not wait out a window TorchServe keeps open for company that never comes; batches as large as fit a
+# BATCH_BUDGET_MS forward pass of the model on one worker's threads, up to DEFAULT_MAX_BATCH.
+MAX_DEFAULT_WORKERS = 4
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BATCH_DELAY_MS = 1
+BATCH_BUDGET_MS = 20.0
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    return min(available_cores(), MAX_DEFAULT_WORKERS)
+
+
+def threads_for(workers: int) -> int:
+    """torch threads per worker: the cores shared out among the workers, at least one."""
+    return max(1, available_cores() // workers)
+
+
 @dataclass
 class BuildOptions:
     """The serving settings written into the archive's model-config.yaml."""
 
-    batch_size: int = 4
-    max_batch_delay_ms: int = 50
-    workers: int = 1
+    batch_size: int | None = None  # None: from the model's cost at build time (batch_size_for)
+    max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS
+    workers: int = field(default_factory=default_workers)
+    torch_threads: int | None = None  # None: threads_for(workers)
     response_timeout_s: int = 60
     model_format: str | None = None  # None: the trained folder's own format (an optimized variant), else state_dict
     handler: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)  # merged last, e.g. from `servekit config` (deviceType, ...)
 
+    @property
+    def threads_per_worker(self) -> int:
+        return self.torch_threads or threads_for(self.workers)
+
     def validate(self) -> None:
-        for label, value in (("batch size", self.batch_size), ("workers", self.workers)):
-            if value < 1:
+        for label, value in (
+            ("batch size", self.batch_size),
+            ("workers", self.workers),
+            ("torch threads", self.torch_threads),
+        ):
+            if value is not None and value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
         check_max_batch_delay(self.max_batch_delay_ms)
         if self.model_format is not None and self.model_format not in FORMAT_FILES:
             raise UsageError(f"unknown format {self.model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
+
+
+def batch_size_for(sample_ms: float) -> int:
+    """The largest power of two up to DEFAULT_MAX_BATCH whose batch (at `sample_ms` a sample) fits BATCH_BUDGET_MS."""
+    size = 1
+    while size * 2 <= DEFAULT_MAX_BATCH and size * 2 * sample_ms <= BATCH_BUDGET_MS:
+        size *= 2
+    return size
+
+
+def sample_cost_ms(source_dir: Path, threads: int) -> float:
+    """Milliseconds per sample of the trained folder's eager model at batch 2 on `threads` torch threads."""
+    import torch
+
+    from servekit.formats import example_batch, load_trained
+    from servekit.timing import percentile, time_calls
+
+    model, trained = load_trained(source_dir)
+    example = example_batch(trained, batch=2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
+    finally:
+        torch.set_num_threads(previous)
+    return percentile(times, 50) / 2
 
 
 # Where each serving setting can come from, weakest first: BuildOptions' defaults, serving.json written by
@@ -120,8 +180,11 @@ def resolve_options(
     for source, layer in layers:
         for setting, value in layer.items():
             values[setting], sources[setting] = int(value), source
-    handler = {"torch_threads": tuned["torch_threads"]} if tuned.get("torch_threads") else {}
-    options = BuildOptions(**values, model_format=model_format, handler=handler, model_config=extra)
+    if values["batch_size"] is None:
+        sources["batch_size"] = "model cost"
+    # tune's threads go with tune's workers; any other worker count gets the cores shared out anew
+    threads = tuned.get("torch_threads") if sources["workers"] == SERVING_FILE else None
+    options = BuildOptions(**values, torch_threads=threads, model_format=model_format, model_config=extra)
     options.validate()
     return ResolvedOptions(options, sources)
 
@@ -158,7 +221,13 @@ def handler_module(module_name: str) -> ModuleType:
 
 def model_config(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
     """TorchServe's per-model settings; the `handler` section is read by servekit's handlers."""
-    handler = {**trained, "format": options.model_format, **format_settings, **options.handler}
+    handler = {
+        **trained,
+        "format": options.model_format,
+        **format_settings,
+        "torch_threads": options.threads_per_worker,
+        **options.handler,
+    }
     if handler_name == "tensor" and "example_input" in handler:
         handler.setdefault("input_shape", handler["example_input"]["shape"])
         handler.setdefault("input_dtype", handler["example_input"].get("dtype", "float32"))
@@ -221,6 +290,8 @@ def build_archive(
                 f"{source_dir} holds a {prebuilt} variant: build it without --format {options.model_format}"
             )
         options.model_format = prebuilt or options.model_format or "state_dict"
+        if options.batch_size is None:
+            options.batch_size = batch_size_for(sample_cost_ms(source_dir, options.threads_per_worker))
         if prebuilt:  # an optimized variant: its file is packed as it is
             weights, format_settings = source_dir / FORMAT_FILES[prebuilt], {}
         else:

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from servekit import __version__, registry, server
-from servekit.archive import HANDLERS, BuildOptions
-from servekit.choices import IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
+from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions
+from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.errors import ServekitError, UsageError
 from servekit.rollout import RolloutPolicy
@@ -139,6 +139,11 @@ def seconds_option(text: str) -> float:
     if value <= 0:
         raise UsageError("the duration must be positive")
     return value
+
+
+def generator_option(function):
+    return click.option("--generator", type=click.Choice(GENERATORS), default="auto", show_default=True,
+                        help="wrk (C; when installed, closed loop) or servekit's aiohttp one.")(function)  # fmt: skip
 
 
 def handler_for(name: str, handler: str | None) -> str:
@@ -284,14 +289,24 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
     default=None,
     help="How the model is serialized in the archive [default: state_dict, or an optimized variant's own].",
 )
-@click.option("--batch-size", type=int, default=None, help=f"TorchServe batchSize [{BUILD_DEFAULTS.batch_size}].")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help=f"TorchServe batchSize [the most, up to {DEFAULT_MAX_BATCH}, one worker runs in {BATCH_BUDGET_MS:g} ms].",
+)
 @click.option(
     "--max-batch-delay",
     type=int,
     default=None,
     help=f"maxBatchDelay in ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].",
 )
-@click.option("--workers", type=int, default=None, help=f"minWorkers = maxWorkers [{BUILD_DEFAULTS.workers}].")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help=f"minWorkers = maxWorkers [{BUILD_DEFAULTS.workers}: one per core, up to 4, the cores shared as threads].",
+)
 @click.option("--variant", default=None, help="Pack an optimized variant recorded by `optimize --pick` ('best').")
 @click.option(
     "--model-config",
@@ -547,12 +562,14 @@ def optimize(
               help="Send a labelled folder [default: the archive's golden samples].")  # fmt: skip
 @click.option("--baseline", type=click.Choice(["flask"]), default=None, help="Also bench the Flask baseline.")
 @click.option("--baseline-model", type=click.Path(path_type=Path), default=DEFAULTS.trained("digits"),
-              show_default=True, help="Trained SimpleCNN folder the Flask baseline serves.")  # fmt: skip
+              show_default=True, help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-bench]")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per level.")
+@generator_option
 @with_server
 @json_option
 def bench_command(name, version, concurrency, duration, rate, input_file, held_out_dir, baseline, baseline_model,
-                  out_dir, server, as_json) -> None:  # fmt: skip
+                  out_dir, repeats, generator, server, as_json) -> None:  # fmt: skip
     """Drive the inference API with concurrent clients; compare with the handler in process (and Flask).
 
     Example: servekit bench digits --concurrency 1,4,16 --duration 20s --baseline flask
@@ -562,7 +579,8 @@ def bench_command(name, version, concurrency, duration, rate, input_file, held_o
     version, bodies = benchmarks.bench_target(server.client, server.store, name, version, held_out_dir, input_file)
     report = benchmarks.bench(server.client, server.store, name, version, bodies, levels_option(concurrency),
                               seconds_option(duration), rate, baseline_model if baseline else None,
-                              free_port() if baseline else None, None if as_json else show_level)  # fmt: skip
+                              free_port() if baseline else None, None if as_json else show_level, repeats,
+                              server.state.pid, generator)  # fmt: skip
     out_dir = out_dir or Workspace(server.store).bench_reports(name)
     benchmarks.write_reports(report, out_dir)
     if as_json:
@@ -580,48 +598,55 @@ def show_level(kind: str, level) -> None:
     result = level.served if kind == "served" else level.baseline
     console.print(
         f"{kind:>8} concurrency {result.concurrency:>3}: {result.throughput_per_s:8.1f} req/s, "
-        f"p50 {result.p50_ms:7.2f} ms, p99 {result.p99_ms:7.2f} ms, {result.errors} errors"
+        f"p50 {result.p50_ms:7.2f} ms, p99 {result.p99_ms:7.2f} ms, {result.errors} errors ({result.generator}); "
+        + (level.cpu if kind == "served" else level.baseline_cpu).describe()
     )
+
+
+def objectives(ctx, param, values: tuple[str, ...]) -> list:
+    from servekit.tune import parse_objective
+
+    return [parse_objective(text) for text in values]
 
 
 @cli.command("tune")
 @click.argument("name")
 @source_option("Trained folder; serving.json is written there")
 @click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
-@click.option("--workers", "workers_grid", default="1,2", show_default=True)
+@click.option("--slo", "goals", multiple=True, default=("p95=100ms@16",), show_default=True, callback=objectives,
+              help="Objective PERCENTILE=LIMITms@CONCURRENCY (p50/p95/p99); repeat for several.")  # fmt: skip
+@click.option("--workers", "splits", default=None, help="WORKERSxTHREADS, e.g. 2x1,1x2 [every split of the cores].")
 @click.option("--batch-sizes", default="1,4,8", show_default=True)
-@click.option("--delays", default="5,20", show_default=True, help="maxBatchDelay values in ms (at least 1).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--duration", default="10s", show_default=True)
-@click.option("--p95-budget", "p95_budget_ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
-              show_default=True, help="Milliseconds.")  # fmt: skip
+@click.option("--delays", default="1,2,5", show_default=True, help="maxBatchDelay values in ms (at least 1).")
+@click.option("--duration", default="5s", show_default=True, help="Per setting and concurrency.")
 @click.option("--held-out", "held_out_dir", type=click.Path(path_type=Path), default=None,
               help="Request bodies [default: the trained folder's heldout/].")  # fmt: skip
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-tune]")
+@generator_option
 @with_server
 @json_option
-def tune_command(name, source_dir, handler, workers_grid, batch_sizes, delays, concurrency, duration, p95_budget_ms,
-                 held_out_dir, server, as_json) -> None:  # fmt: skip
-    """Sweep workers x batch size x max batch delay on the running server; keep the best within a p95 budget.
+def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, duration, held_out_dir, out_dir,
+                 generator, server, as_json) -> None:  # fmt: skip
+    """The highest throughput that meets every objective, over workers x threads x batch size x max batch delay.
 
-    Example: servekit tune digits --batch-sizes 1,4,8 --delays 5,20 --concurrency 16 --duration 10s
+    Example: servekit tune digits --slo p99=25ms@16 --slo p50=5ms@1
     """
     from servekit import bench as benchmarks
     from servekit import tune as tuning
 
     source_dir = source_dir or Workspace(server.store).trained(name)
-    grid = tuning.grid(int_list(workers_grid, "--workers"), int_list(batch_sizes, "--batch-sizes"),
+    grid = tuning.grid(tuning.parse_splits(splits or tuning.default_splits()), int_list(batch_sizes, "--batch-sizes"),
                        int_list(delays, "--delays"))  # fmt: skip
     bodies = benchmarks.request_bodies(held_out_dir or source_dir / HELD_OUT_DIR, None)
-    trials, best = tuning.tune(server.client, server.store, name, handler_for(name, handler), source_dir, grid, bodies,
-                               concurrency, seconds_option(duration), p95_budget_ms,
-                               None if as_json else lambda trial: console.print(tuning.describe(trial)))  # fmt: skip
-    if best is None:
-        raise ServekitError(f"no setting kept p95 under {p95_budget_ms} ms without errors: raise --p95-budget")
-    path = tuning.save_serving(source_dir, best, concurrency, p95_budget_ms)
+    trials = tuning.tune(server.client, server.store, name, handler_for(name, handler), source_dir, grid, bodies, goals,
+                         seconds_option(duration), None if as_json else lambda t: console.print(tuning.describe(t)),
+                         generator)  # fmt: skip
+    out_dir = out_dir or Workspace(server.store).work / f"{name}-tune"
+    winner, path, report = tuning.finish(source_dir, trials, out_dir)
     if as_json:
-        print_json(tuning.to_dict(trials, best, path))
+        print_json({**tuning.to_dict(trials, winner, None), "serving_json": str(path), "report": str(report)})
         return
-    console.print(f"best: {tuning.describe(best)}; written to {path} for the next servekit build")
+    console.print("\n".join(tuning.why(winner, trials)) + f"\nwritten to {path} for the next servekit build; {report}")
 
 
 @cli.command("status")
@@ -653,7 +678,7 @@ def status_command(workdir: Path, as_json: bool) -> None:
 @click.option("--device-ids", default="", help="Comma list of GPU indices for the models [default: all].")
 @click.option("--parallel-type", type=click.Choice(["pp", "tp", "pptp"]), default=None,
               help="Split one model over the GPUs with torchrun (large models only).")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=BUILD_DEFAULTS.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True)
 @click.option("--max-batch-delay", type=int, default=BUILD_DEFAULTS.max_batch_delay_ms, show_default=True,
               help="Milliseconds, at least 1 (TorchServe reads 0 as 100).")  # fmt: skip
 @click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)

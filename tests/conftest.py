@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "handlers"))
 
 from servekit import server  # noqa: E402
-from servekit.archive import build_archive  # noqa: E402
+from servekit.archive import BuildOptions, build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
 from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
 from servekit.inprocess import worker_value  # noqa: E402
@@ -149,11 +149,17 @@ def trained_text(tmp_path_factory) -> Path:
 def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -> Path:
     """A model store with digits, image, text and tensor (SimpleCNN on tensors) archives, version 1.0.0."""
     store = tmp_path_factory.mktemp("model_store")
-    build_archive("digits", "1.0.0", trained_digits, store)
-    build_archive("image", "1.0.0", trained_image, store, handler="image")
-    build_archive("text", "1.0.0", trained_text, store, handler="text")
-    build_archive("tensor", "1.0.0", trained_digits, store, handler="tensor")
+    build_archive("digits", "1.0.0", trained_digits, store, options=fixture_options())
+    build_archive("image", "1.0.0", trained_image, store, handler="image", options=fixture_options())
+    build_archive("text", "1.0.0", trained_text, store, handler="text", options=fixture_options())
+    build_archive("tensor", "1.0.0", trained_digits, store, handler="tensor", options=fixture_options())
     return store
+
+
+def fixture_options() -> BuildOptions:
+    """The session archives' settings, pinned (tests count one worker, batches of 4, and batching within 50 ms)
+    rather than following the serving defaults, which tests/server/test_serving_defaults.py pins."""
+    return BuildOptions(batch_size=4, max_batch_delay_ms=50, workers=1)
 
 
 def start_server(store: Path, workdir: Path) -> server.ServerState:

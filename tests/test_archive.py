@@ -36,14 +36,14 @@ def test_catalog_records_checksum_size_and_source_metrics(model_store, trained_d
 
 
 def test_existing_version_is_not_overwritten_without_force(tmp_path, trained_digits):
-    first = build_archive("digits", "1.0.0", trained_digits, tmp_path)
+    first = build_archive("digits", "1.0.0", trained_digits, tmp_path, options=BuildOptions(batch_size=4))
     with pytest.raises(ArchiveError, match="already exists.*--force"):
         build_archive("digits", "1.0.0", trained_digits, tmp_path)
     replaced = build_archive(
-        "digits", "1.0.0", trained_digits, tmp_path, options=BuildOptions(batch_size=8), force=True
+        "digits", "1.0.0", trained_digits, tmp_path, options=BuildOptions(batch_size=2), force=True
     )
-    assert replaced.config["batchSize"] == 8 and first.config["batchSize"] == 4
-    assert Catalog.load(tmp_path).get("digits", "1.0.0").config["batchSize"] == 8
+    assert replaced.config["batchSize"] == 2 and first.config["batchSize"] == 4
+    assert Catalog.load(tmp_path).get("digits", "1.0.0").config["batchSize"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "digits-1.0.0.mar", "golden"]
 
 
