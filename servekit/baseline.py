@@ -1,14 +1,17 @@
-"""The original design's baseline: a Flask `/predict` app around the same SimpleCNN, on Flask's own server.
+"""The original design's baseline: a Flask `/predict` app around a trained model, on Flask's own server.
 
-`servekit bench --baseline flask` starts it in a subprocess (`python -m servekit.baseline`) so servekit's
-throughput can be compared with it on the same machine, the same model and the same request bodies.
-It accepts what the digits handler accepts: image bytes, or JSON `{"input": 28x28 floats}`.
+`servekit bench --baseline flask --baseline-model DIR` starts it in a subprocess (`python -m servekit.baseline`) so
+servekit's throughput can be compared with it on the same machine, the same model and the same request bodies.
+It serves what `servekit train` left in DIR, eager, one request at a time per thread, as a plain Flask app would:
+- a digits model (SimpleCNN/SmallCNN): image bytes, or JSON `{"input": 28x28 floats}`, as the digits handler;
+- an image model (torchvision, e.g. resnet18 at 224 px): image bytes, through the image handler's own transform.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,10 +19,30 @@ from flask import Flask, jsonify, request
 from PIL import Image
 
 from servekit.formats import load_trained
+from servekit.models import image_transform
+
+
+def digits_input(body: bytes, is_json: bool) -> torch.Tensor:
+    if is_json:
+        return torch.tensor(request.get_json()["input"], dtype=torch.float32).reshape(1, 1, 28, 28)
+    image = Image.open(io.BytesIO(body)).convert("L").resize((28, 28))
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255).reshape(1, 1, 28, 28)
+
+
+def image_input(trained: dict) -> Callable[[bytes, bool], torch.Tensor]:
+    transform = image_transform(**trained.get("preprocess", {}))
+
+    def decode(body: bytes, is_json: bool) -> torch.Tensor:
+        image = Image.open(io.BytesIO(body)).convert("RGB")
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return transform(pixels.reshape(image.height, image.width, 3).permute(2, 0, 1)).unsqueeze(0)
+
+    return decode
 
 
 def create_app(model_dir: Path) -> Flask:
-    model, _ = load_trained(model_dir)
+    model, trained = load_trained(model_dir)
+    decode = image_input(trained) if trained["model_class"].startswith("torchvision:") else digits_input
     labels = [str(i) for i in range(10)]
     app = Flask("servekit-flask-baseline")
 
@@ -30,12 +53,7 @@ def create_app(model_dir: Path) -> Flask:
     @app.post("/predict")
     def predict():
         try:
-            if request.is_json:
-                pixels = torch.tensor(request.get_json()["input"], dtype=torch.float32).reshape(1, 1, 28, 28)
-            else:
-                image = Image.open(io.BytesIO(request.get_data())).convert("L").resize((28, 28))
-                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255)
-                pixels = pixels.reshape(1, 1, 28, 28)
+            pixels = decode(request.get_data(), request.is_json)
         except Exception as exc:  # the baseline answers 400 like the handler does
             return jsonify({"error": str(exc)}), 400
         with torch.inference_mode():

@@ -6,6 +6,10 @@ wait and service time per request; the handler's last batch size and stage times
 in process on the same bodies at the archive's batch size, giving
     serving efficiency = served throughput / in-process throughput
     added latency      = served p50 - in-process p50 (one request).
+Each level is repeated (`repeats`): throughput is the median with the spread of the repeats, and the CPU the client
+(load generator), the server (TorchServe and its workers) and every other process used is recorded beside it, so
+a reader sees when the machine, not the server, was the limit; a level with a wide spread or a busy machine is
+marked unreliable. Each row names the load generator that produced it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.errors import ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
-from servekit.loadgen import LoadResult, run_load
+from servekit.loadgen import LoadResult, LoadRun, measure_load
 from servekit.registry import default_version
-from servekit.timing import machine_summary, percentile, time_calls
+from servekit.timing import CpuUse, Figure, machine_summary, percentile, time_calls
 
 
 @dataclass
@@ -39,13 +43,17 @@ class InProcess:
 
 @dataclass
 class Level:
-    served: LoadResult
+    served: LoadResult  # the repeat with the median throughput
+    throughput: Figure | None = None  # over the repeats, with the background load
+    cpu: CpuUse | None = None
     queue_ms: float | None = None
     service_ms: float | None = None
     handler_last_batch: dict = field(default_factory=dict)
     efficiency: float | None = None
     added_latency_ms: float | None = None
     baseline: LoadResult | None = None
+    baseline_throughput: Figure | None = None
+    baseline_cpu: CpuUse | None = None
     ratio_over_baseline: float | None = None
 
 
@@ -60,6 +68,7 @@ class BenchReport:
     levels: list[Level]
     baseline: str = ""
     machine: str = ""
+    repeats: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,30 +160,42 @@ def bench(
     baseline_model_dir: Path | None = None,
     baseline_port: int | None = None,
     on_level=None,
+    repeats: int = 1,
+    server_pid: int | None = None,
+    generator: str = "python",
 ) -> BenchReport:
-    """Runs every concurrency level against the served model (and the baseline), then the handler in process."""
+    """Runs every concurrency level against the served model (and the baseline), then the handler in process.
+
+    server_pid: TorchServe's frontend, whose process tree's CPU is reported as the server's.
+    """
     from servekit.catalog import verify_archive
 
-    if not concurrency or min(concurrency) < 1 or duration_s <= 0:
-        raise UsageError("concurrency levels must be >= 1 and the duration > 0")
+    if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1:
+        raise UsageError("concurrency levels and repeats must be >= 1 and the duration > 0")
     entry = verify_archive(store, name, version)
     url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
     headers = client.auth_headers("inference")
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
-        served = run_load(url, headers, bodies, level, duration_s, rate)
+        run = measure_load(url, headers, bodies, level, duration_s, repeats, server_pid, rate, generator)
         after = metrics.scrape(client)
         figures = after.version(name, version) - before
-        levels.append(Level(served, figures.queue_ms, figures.service_ms, after.handler.get(name, {})))
+        levels.append(
+            Level(
+                run.result, run.throughput, run.cpu, figures.queue_ms, figures.service_ms, after.handler.get(name, {})
+            )
+        )
         if on_level:
             on_level("served", levels[-1])
     if baseline_model_dir is not None:
         with FlaskBaseline(baseline_model_dir, baseline_port) as flask:
             for level in levels:
-                level.baseline = run_load(
-                    f"{flask.url}/predict", {}, bodies, level.served.concurrency, duration_s, rate
-                )
+                run: LoadRun = measure_load(
+                    f"{flask.url}/predict", {}, bodies, level.served.concurrency, duration_s, repeats,
+                    flask.process.pid, rate, generator,
+                )  # fmt: skip
+                level.baseline, level.baseline_throughput, level.baseline_cpu = run.result, run.throughput, run.cpu
                 level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
                 if on_level:
                     on_level("baseline", level)
@@ -192,6 +213,7 @@ def bench(
         levels,
         "flask" if baseline_model_dir else "",
         machine_summary(),
+        repeats,
     )
 
 
@@ -211,7 +233,8 @@ def rows(report: BenchReport) -> list[list[str]]:
         table.append(
             [
                 str(s.concurrency),
-                fmt(s.throughput_per_s, 1),
+                s.generator,
+                level.throughput.describe(1) if level.throughput else fmt(s.throughput_per_s, 1),
                 fmt(s.p50_ms),
                 fmt(s.p95_ms),
                 fmt(s.p99_ms),
@@ -223,14 +246,26 @@ def rows(report: BenchReport) -> list[list[str]]:
                 fmt(level.added_latency_ms),
                 fmt(level.baseline.throughput_per_s, 1) if level.baseline else "-",
                 fmt(level.ratio_over_baseline),
+                cpu_cell(level.cpu),
+                cpu_cell(level.baseline_cpu),
             ]
         )
     return table
 
 
+def cpu_cell(use: CpuUse | None) -> str:
+    """client / server / other processes, in cores."""
+    if use is None:
+        return "-"
+    return " / ".join(fmt(use.measured_cores.get(label, 0.0)) for label in ("client", "server")) + (
+        f" / {use.background_cores:.2f}"
+    )
+
+
 HEADERS = [
     "concurrency",
-    "req/s",
+    "generator",
+    "req/s (median ±half spread)",
     "p50 ms",
     "p95 ms",
     "p99 ms",
@@ -242,6 +277,8 @@ HEADERS = [
     "added p50 ms",
     "flask req/s",
     "x flask",
+    "cores client/server/other",
+    "flask: cores client/flask/other",
 ]
 
 
@@ -254,7 +291,10 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
         "",
         f"{report.bodies} request bodies, {report.duration_s:g} s per level, {report.machine}. In process "
         f"(same handler, batch {ip.batch_size}): {ip.throughput_per_s:.1f} samples/s, one request p50 "
-        f"{ip.p50_ms:.2f} ms.",
+        f"{ip.p50_ms:.2f} ms. Each level: median of {report.repeats} run(s); CPU in cores used by the load "
+        f"generator (client), the server's process tree and every other process; the machine has "
+        f"{report.levels[0].cpu.cores if report.levels and report.levels[0].cpu else '?'} cores.",
+        *unreliable_lines(report),
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
@@ -262,6 +302,18 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
     ]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     plot(report, out_dir / "bench.png")
+
+
+def unreliable_lines(report: BenchReport) -> list[str]:
+    """A warning per level whose figure is not clean, so nobody quotes it as one."""
+    lines = []
+    for level in report.levels:
+        for label, figure in (("served", level.throughput), ("flask", level.baseline_throughput)):
+            if figure is not None and not figure.trusted:
+                lines.append(
+                    f"- **unreliable**: {label} at concurrency {level.served.concurrency}: {', '.join(figure.doubts)}"
+                )
+    return ["", *lines] if lines else []
 
 
 def plot(report: BenchReport, path: Path) -> None:

@@ -19,3 +19,5 @@ VARIANTS = (
     "onnx_dynamic_int8",
 )
 QUICK_VARIANTS = ("eager", "torchscript", "export", "dynamic_int8", "bf16", "pruned_l1_50", "onnx", "onnx_int8")
+
+GENERATORS = ("auto", "python", "wrk")  # load generators: auto = wrk when installed and the loop is closed

@@ -1,5 +1,7 @@
-"""An HTTP load generator (aiohttp) that runs in its own process, so it never shares an interpreter with what
-it measures.
+"""HTTP load generators that run in their own processes, so they never share an interpreter with what they
+measure: servekit's own (aiohttp, split over several processes at high concurrency) or wrk, a C generator that
+costs the machine far less CPU per request (closed loop only; used when installed and asked for). Each result
+says which generator produced it and how much CPU the generator used.
 
 Two ways to drive a server:
 - closed loop (default): `concurrency` clients, each sending its next request when the last one is answered.
@@ -12,12 +14,25 @@ Two ways to drive a server:
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import multiprocessing
+import resource
+import shutil
+import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from servekit.choices import GENERATORS
+from servekit.errors import UsageError
+from servekit.timing import CpuMonitor, CpuUse, Figure
+
+CLIENTS_PER_PROCESS = 16  # one aiohttp process keeps about this many clients busy before its own CPU is the limit
 
 
 @dataclass
@@ -34,6 +49,12 @@ class LoadResult:
     p99_ms: float = 0.0
     mean_ms: float = 0.0
     mode: str = "closed"
+    generator: str = "python"
+    client_cpu_s: float = 0.0  # CPU seconds the generator used
+
+    @property
+    def client_cores(self) -> float:
+        return self.client_cpu_s / self.duration_s if self.duration_s else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +94,9 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
 
 def _child(connection, url, headers, bodies, concurrency, duration_s, rate, timeout_s) -> None:
     try:
-        connection.send(asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)))
+        outcomes, elapsed = asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        connection.send((outcomes, elapsed, usage.ru_utime + usage.ru_stime))
     except BaseException as exc:  # reported to the parent, which raises it
         connection.send(exc)
     finally:
@@ -88,29 +111,152 @@ def run_load(
     duration_s: float,
     rate: float | None = None,
     timeout_s: float = 30.0,
+    generator: str = "python",
 ) -> LoadResult:
-    """POSTs `bodies` (round robin) to `url` for `duration_s` from a separate process; 2xx counts as success."""
+    """POSTs `bodies` (round robin) to `url` for `duration_s` from separate processes; 2xx counts as success.
+
+    generator: "python" (aiohttp), "wrk" (must be installed), "auto" (wrk when installed and the loop is closed).
+    """
     if concurrency < 1 or duration_s <= 0 or not bodies or (rate is not None and rate <= 0):
         raise ValueError("need concurrency >= 1, duration > 0, a positive rate and at least one body")
+    chosen = pick_generator(generator, rate)
+    if chosen == "wrk":
+        return run_wrk(url, headers, bodies, concurrency, duration_s, timeout_s)
+    processes = min(max(1, concurrency // CLIENTS_PER_PROCESS), concurrency)
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    per_process_rate = rate / processes if rate else None
     context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_child, args=(sender, url, headers, bodies, concurrency, duration_s, rate, timeout_s), daemon=True
-    )
-    process.start()
-    sender.close()
+    children = []
+    for share in shares:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_child,
+            args=(sender, url, headers, bodies, share, duration_s, per_process_rate, timeout_s),
+            daemon=True,
+        )
+        process.start()
+        sender.close()
+        children.append((process, receiver))
+    payloads = []
     try:
-        if not receiver.poll(duration_s + timeout_s + 60):
-            raise TimeoutError(f"the load generator did not report within {duration_s + timeout_s + 60:.0f} s")
-        payload = receiver.recv()
+        for _, receiver in children:
+            if not receiver.poll(duration_s + timeout_s + 60):
+                raise TimeoutError(f"the load generator did not report within {duration_s + timeout_s + 60:.0f} s")
+            payloads.append(receiver.recv())
     finally:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-    if isinstance(payload, BaseException):
-        raise payload
-    outcomes, elapsed = payload
-    return summarize(outcomes, elapsed, concurrency, "open" if rate else "closed")
+        for process, _ in children:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    for payload in payloads:
+        if isinstance(payload, BaseException):
+            raise payload
+    outcomes = [outcome for payload in payloads for outcome in payload[0]]
+    elapsed = max(payload[1] for payload in payloads)
+    result = summarize(outcomes, elapsed, concurrency, "open" if rate else "closed")
+    result.generator = f"python x{processes}" if processes > 1 else "python"
+    result.client_cpu_s = sum(payload[2] for payload in payloads)
+    return result
+
+
+def pick_generator(generator: str, rate: float | None) -> str:
+    if generator not in GENERATORS:
+        raise UsageError(f"unknown load generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    if generator == "wrk":
+        if shutil.which("wrk") is None:
+            raise UsageError("wrk is not installed (apt-get install -y wrk): use --generator python")
+        if rate:
+            raise UsageError("wrk drives a closed loop only: drop --rate or use --generator python")
+    if generator == "auto":
+        return "wrk" if shutil.which("wrk") and not rate else "python"
+    return generator
+
+
+WRK_SCRIPT = """
+local files = {files}
+local types = {types}
+local headers = {headers}
+local requests, n = {{}}, 0
+init = function(args)
+  for i, path in ipairs(files) do
+    local f = assert(io.open(path, "rb"))
+    local h = {{["Content-Type"] = types[i]}}
+    for k, v in pairs(headers) do h[k] = v end
+    requests[i] = wrk.format("POST", nil, h, f:read("*a"))
+    f:close()
+  end
+end
+request = function()
+  n = n % #requests + 1
+  return requests[n]
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'SERVEKIT {{"requests": %d, "duration_us": %d, "status": %d, "connect": %d, "read": %d, "write": %d, '
+    .. '"timeout": %d, "p50_us": %f, "p95_us": %f, "p99_us": %f, "mean_us": %f}}\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def lua_list(values: list[str]) -> str:
+    return "{" + ", ".join(json.dumps(value) for value in values) + "}"
+
+
+def run_wrk(
+    url: str, headers: dict[str, str], bodies: list[tuple[bytes, str]], concurrency: int, duration_s: float,
+    timeout_s: float,
+) -> LoadResult:  # fmt: skip
+    """Drives `url` with wrk (one thread, `concurrency` connections, whole seconds) and reads its summary."""
+    seconds = max(1, math.ceil(duration_s))
+    with tempfile.TemporaryDirectory(prefix="servekit-wrk-") as tmp:
+        folder = Path(tmp)
+        files = []
+        for index, (body, _) in enumerate(bodies[:256]):
+            files.append(folder / f"body-{index}")
+            files[-1].write_bytes(body)
+        header_table = "{" + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()) + "}"
+        script = folder / "post.lua"
+        script.write_text(
+            WRK_SCRIPT.format(
+                files=lua_list([str(f) for f in files]),
+                types=lua_list([content_type for _, content_type in bodies[:256]]),
+                headers=header_table,
+            )
+        )
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", f"--timeout={max(1, math.ceil(timeout_s))}s"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(
+            [*command, "-s", str(script), url], capture_output=True, text=True, timeout=seconds + timeout_s + 60
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("SERVEKIT ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    summary = json.loads(line.removeprefix("SERVEKIT "))
+    elapsed = summary["duration_us"] / 1e6
+    statuses = {"non-2xx": summary["status"]} | {
+        key: summary[key] for key in ("connect", "read", "write", "timeout") if summary[key]
+    }
+    errors = sum(statuses.values())
+    ok = summary["requests"] - summary["status"]
+    return LoadResult(
+        concurrency=concurrency,
+        duration_s=elapsed,
+        requests=ok + errors,
+        ok=ok,
+        errors=errors,
+        error_statuses={key: value for key, value in statuses.items() if value},
+        throughput_per_s=ok / elapsed if elapsed else 0.0,
+        p50_ms=summary["p50_us"] / 1000,
+        p95_ms=summary["p95_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        mean_ms=summary["mean_us"] / 1000,
+        generator="wrk",
+        client_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+    )
 
 
 def summarize(outcomes: list[tuple[float, str]], elapsed_s: float, concurrency: int, mode: str) -> LoadResult:
@@ -131,3 +277,43 @@ def summarize(outcomes: list[tuple[float, str]], elapsed_s: float, concurrency: 
         result.p50_ms, result.p95_ms, result.p99_ms = (float(np.percentile(values, q)) for q in (50, 95, 99))
         result.mean_ms = float(values.mean())
     return result
+
+
+@dataclass
+class LoadRun:
+    """A load level repeated: the median run, its throughput and p99 as repeated figures, and who used the CPU."""
+
+    result: LoadResult  # the run with the median throughput
+    throughput: Figure
+    p99: Figure
+    cpu: CpuUse
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_load(
+    url: str,
+    headers: dict[str, str],
+    bodies: list[tuple[bytes, str]],
+    concurrency: int,
+    duration_s: float,
+    repeats: int = 1,
+    server_pid: int | None = None,
+    rate: float | None = None,
+    generator: str = "python",
+) -> LoadRun:
+    """`repeats` runs of `run_load` under one CpuMonitor: the generator's CPU counts as the client's, the process
+    tree of `server_pid` as the server's, the rest of the machine as background."""
+    with CpuMonitor({"server": server_pid} if server_pid else {}, own_label="client") as monitor:
+        runs = [
+            run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator) for _ in range(repeats)
+        ]
+    background = monitor.use.background_cores
+    median_run = sorted(runs, key=lambda run: run.throughput_per_s)[len(runs) // 2]
+    return LoadRun(
+        median_run,
+        Figure.of([run.throughput_per_s for run in runs], "req/s", background),
+        Figure.of([run.p99_ms for run in runs], "ms", background),
+        monitor.use,
+    )

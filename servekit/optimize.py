@@ -28,7 +28,16 @@ from servekit.errors import UsageError
 from servekit.formats import dynamic_shapes, example_batch, export_model, load_trained
 from servekit.heldout import read_held_out
 from servekit.models import Tokenizer, image_transform, pad_batch
-from servekit.timing import machine_summary, percentile, time_calls
+from servekit.timing import (
+    DEFAULT_REPEATS,
+    MAX_BACKGROUND_CORES,
+    MAX_SPREAD,
+    Figure,
+    machine_summary,
+    percentile,
+    repeated,
+    time_calls,
+)
 from servekit.workspace import (
     FORMAT_FILES,
     HANDLER_FILE,
@@ -272,6 +281,15 @@ class Result:
     speedup_bs1: float = 0.0
     size_ratio: float = 0.0
     archive_dir: str = ""
+    bs1_repeats_ms: list[float] = field(default_factory=list)  # p50 of each repeat; bs1_p50_ms is their median
+    bs1_spread: float = 0.0  # (max - min) / median of the repeats
+    background_cores: float = 0.0  # CPU other processes used while this variant was timed
+    timing: str = ""  # "±2%", or why the figure is not a clean number
+
+    def set_timing(self, figure: Figure) -> None:
+        self.bs1_p50_ms, self.bs1_repeats_ms, self.bs1_spread = figure.value, figure.repeats, figure.spread
+        self.background_cores = figure.background_cores
+        self.timing = f"±{figure.spread / 2:.0%}" if figure.trusted else "unreliable: " + ", ".join(figure.doubts)
 
 
 def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, budget_s: float) -> tuple[Result, dict]:
@@ -281,20 +299,27 @@ def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, b
     predictions = logits.argmax(dim=1)
     singles = [eval_set.collate([s]) for s in eval_set.samples[:64]]
     eights = [eval_set.collate(eval_set.samples[i : i + 8]) for i in range(0, 64, 8)]
+    bs1: list[float] = []
+
+    def bs1_round() -> float:
+        times = time_calls(built.run, singles, budget_s / DEFAULT_REPEATS, 10, max_iterations=200)
+        bs1.extend(times)
+        return percentile(times, 50)
+
     with torch.inference_mode():
-        bs1 = time_calls(built.run, singles, budget_s, 30, max_iterations=600)
+        bs1_figure = repeated(bs1_round, DEFAULT_REPEATS)
         bs8 = time_calls(built.run, eights, budget_s, 10, max_iterations=200)
     result = Result(
         name=name,
         status="baseline" if baseline is None else "accepted",
         size_bytes=sum(path.stat().st_size for path in built.files),
-        bs1_p50_ms=percentile(bs1, 50),
         bs1_p95_ms=percentile(bs1, 95),
         bs8_p50_ms=percentile(bs8, 50),
         bs8_p95_ms=percentile(bs8, 95),
         throughput_per_s=8000 / percentile(bs8, 50),
         accuracy=float((predictions == eval_set.labels).float().mean()),
     )
+    result.set_timing(bs1_figure)
     reference = baseline or {"logits": logits, "predictions": predictions}
     result.agreement = float((predictions == reference["predictions"]).float().mean())
     result.max_logit_diff = float((logits - reference["logits"]).abs().max())
@@ -356,12 +381,16 @@ def optimize(
             if baseline is None:
                 baseline = {**outputs, "result": result}
             result.speedup_bs1 = baseline["result"].bs1_p50_ms / result.bs1_p50_ms
+            if result.speedup_bs1 < 1:
+                result.reason = f"slower than eager ({result.speedup_bs1:.2f}x)"
             result.size_ratio = result.size_bytes / baseline["result"].size_bytes if result.size_bytes else 0.0
             drop = (baseline["result"].accuracy - result.accuracy) * 100
             if result.status != "baseline" and drop > max_accuracy_drop:
-                result.status, result.reason = "rejected", f"accuracy drop {drop:.2f} points > {max_accuracy_drop}"
+                result.status = "rejected"
+                result.reason = "; ".join(filter(None, [f"accuracy drop {drop:.2f} points > {max_accuracy_drop}",
+                                                        result.reason]))  # fmt: skip
             if built.archivable:
-                result.reason = result.reason or built.archivable
+                result.reason = "; ".join(filter(None, [result.reason, built.archivable]))
             else:
                 result.archive_dir = str(save_variant(source_dir, handler, built, builder.work / variant, variant))
         results.append(result)
@@ -404,6 +433,7 @@ TABLE = {  # terminal column -> (Result field, format)
     "bs1 p50 ms": ("bs1_p50_ms", "{:.3f}"),
     "bs1 p95": ("bs1_p95_ms", "{:.3f}"),
     "bs8 p50": ("bs8_p50_ms", "{:.3f}"),
+    "timing": ("timing", "{}"),
     "speedup": ("speedup_bs1", "{:.2f}x"),
     "size": ("size_ratio", "{:.2f}x"),
     "accuracy": ("accuracy", "{:.4f}"),
@@ -423,6 +453,8 @@ COLUMNS = (
     "name",
     "status",
     "bs1_p50_ms",
+    "timing",
+    "background_cores",
     "bs1_p95_ms",
     "bs8_p50_ms",
     "throughput_per_s",
@@ -456,6 +488,11 @@ def markdown(report: Report) -> str:
         "",
         f"Source `{report.source_dir}`; {report.threads} threads; {report.machine}. Accuracy gate: "
         f"at most {report.max_accuracy_drop} points below eager fp32. Fastest accepted at batch 1: **{report.best}**.",
+        f"bs1_p50_ms is the median of {DEFAULT_REPEATS} repeats; `timing` gives half their spread, or says why the "
+        f"figure is unreliable (repeats spread more than {MAX_SPREAD:.0%}, or other processes used more than "
+        f"{MAX_BACKGROUND_CORES} cores); "
+        "background_cores is the CPU other processes used while the variant was timed.",
+        *[f"- **unreliable**: {r.name}: {r.timing}" for r in report.results if r.timing.startswith("unreliable")],
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -126,18 +126,23 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
 ):
     source = tmp_path / "digits"
     shutil.copytree(trained_digits, source)
-    settings = tuning.grid([1], [1, 4], [5])
+    settings = tuning.grid([(1, 1)], [1, 4], [1])
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:16]]
-    trials, best = tuning.tune(served_digits, model_store, "digits", "digits", source, settings, bodies, 4, 1.5, 1e6)
-    assert [t.setting for t in trials] == settings and all(t.result.ok > 0 for t in trials)
-    assert best is max(trials, key=lambda t: t.result.throughput_per_s)
-    path = tuning.save_serving(source, best, 4, 1e6)
+    goals = [tuning.parse_objective("p99=100000ms@4"), tuning.parse_objective("p50=100000ms@1")]
+    trials = tuning.tune(served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.5)
+    assert [t.setting for t in trials] == settings and all(r.ok > 0 for t in trials for r in t.results.values())
+    assert all(sorted(t.results) == [1, 4] for t in trials)
+    best, path, report = tuning.finish(source, trials, tmp_path / "tune")
+    assert best is max(trials, key=lambda t: t.results[4].throughput_per_s)
     assert serving_defaults(source)["batch_size"] == best.setting.batch_size and path.is_file()
+    assert serving_defaults(source)["torch_threads"] == 1
+    assert (tmp_path / "tune" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "highest throughput" in report.read_text()
     assert not [v for v in Catalog.load(model_store).models["digits"] if "tune" in v]
     assert not list(model_store.glob("digits-0.0.0-tune*"))
     assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
     with pytest.raises(Exception, match="between 1 and"):
-        tuning.grid([1, 2, 3], [1, 2, 4, 8, 16], [0, 5])
+        tuning.grid([(1, 2), (2, 1), (3, 1)], [1, 2, 4, 8, 16], [1, 2, 5])
 
 
 @pytest.mark.server

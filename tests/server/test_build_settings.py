@@ -64,6 +64,6 @@ def test_max_batch_delay_zero_is_refused_by_build_config_and_tune(trained_digits
     config = servekit("config", "--gpus", "0", "--models", "digits", "--max-batch-delay", "0", "--out", tmp_path / "c")
     assert config.exit_code == 2 and "100 ms" in config.output and not (tmp_path / "c").exists()
     with pytest.raises(UsageError, match="100 ms"):
-        tuning.grid([1], [1, 4], [0, 5])
+        tuning.grid([(1, 1)], [1, 4], [0, 5])
     with pytest.raises(UsageError, match="100 ms"):
         BuildOptions(max_batch_delay_ms=0).validate()
