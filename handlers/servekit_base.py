@@ -246,7 +246,11 @@ def onnx_module(path: Path, device: torch.device) -> CallableModule:
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    session = onnxruntime.InferenceSession(str(path), providers=providers)
+    options = onnxruntime.SessionOptions()
+    # the worker's torch_threads, set before loading: ONNX Runtime's default (every core) in each of several
+    # workers oversubscribes the cores the way torch's default would
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     input_name = session.get_inputs()[0].name
 
     def run(batch: torch.Tensor) -> torch.Tensor:

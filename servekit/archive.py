@@ -122,18 +122,13 @@ def sample_cost_ms(source_dir: Path, threads: int) -> float:
     """Milliseconds per sample of the trained folder's eager model at batch 2 on `threads` torch threads."""
     import torch
 
-    from servekit.formats import example_batch, load_trained
+    from servekit.formats import example_batch, load_trained, torch_threads
     from servekit.timing import percentile, time_calls
 
     model, trained = load_trained(source_dir)
     example = example_batch(trained, batch=2)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(threads), torch.inference_mode():
+        times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
     return percentile(times, 50) / 2
 
 
@@ -295,10 +290,11 @@ def build_archive(
         if prebuilt:  # an optimized variant: its file is packed as it is
             weights, format_settings = source_dir / FORMAT_FILES[prebuilt], {}
         else:
-            from servekit.formats import export_model, load_trained  # torch: only when a model is exported
+            from servekit.formats import export_model, load_trained, torch_threads  # torch: only when exporting
 
             model, trained = load_trained(source_dir)
-            weights, format_settings = export_model(model, trained, options.model_format, staging)
+            with torch_threads(options.threads_per_worker):
+                weights, format_settings = export_model(model, trained, options.model_format, staging)
         config = model_config(handler, trained, options, format_settings)
         config_path = staging / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -6,8 +6,10 @@ any size go through one artefact. The handler reads the format from model-config
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +31,22 @@ def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
     model = build_model(handler["model_class"], handler.get("model_kwargs"))
     model.load_state_dict(torch.load(source_dir / FORMAT_FILES["state_dict"], map_location="cpu", weights_only=True))
     return model.eval(), handler
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (unchanged for None), restored after it.
+
+    AOTInductor bakes the thread count current at compile time into its parallel loops, so an archive is
+    compiled with the threads of the worker that will run it.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def example_batch(handler: dict, batch: int = 2) -> torch.Tensor:
