@@ -194,7 +194,7 @@ done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     'SERVEKIT {{"requests": %d, "duration_us": %d, "status": %d, "connect": %d, "read": %d, "write": %d, '
-    .. '"timeout": %d, "p50_us": %f, "p95_us": %f, "p99_us": %f, "mean_us": %f}}\n',
+    .. '"timeout": %d, "p50_us": %f, "p95_us": %f, "p99_us": %f, "mean_us": %f}}\\n',
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean))
 end
