@@ -492,7 +492,11 @@ def markdown(report: Report) -> str:
         f"figure is unreliable (repeats spread more than {MAX_SPREAD:.0%}, or other processes used more than "
         f"{MAX_BACKGROUND_CORES} cores); "
         "background_cores is the CPU other processes used while the variant was timed.",
-        *[f"- **unreliable**: {r.name}: {r.timing}" for r in report.results if r.timing.startswith("unreliable")],
+        *[
+            f"- **{r.timing.split(':')[0]}**: {r.name}: {r.timing.split(': ', 1)[1]}"
+            for r in report.results
+            if r.timing.startswith("unreliable")
+        ],
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
