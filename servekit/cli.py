@@ -24,6 +24,7 @@ from servekit.archive import HANDLERS, BuildOptions
 from servekit.choices import IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.errors import ServekitError, UsageError
+from servekit.protocols import PROTOCOLS, predict_files
 from servekit.rollout import RolloutPolicy
 from servekit.server import free_port
 from servekit.workspace import DEFAULT_STORE, DEFAULT_WORKDIR, FORMAT_FILES, HELD_OUT_DIR, Server, Workspace
@@ -437,16 +438,21 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
 @click.option("--url", "urls", multiple=True, help="Inference URL of a TorchServe; repeat for failover.")
 @click.option("--key-file", "key_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="key_file.json of the server at the --url in the same position.")  # fmt: skip
+@click.option("--protocol", type=click.Choice(["plain", *PROTOCOLS]), default="plain", show_default=True,
+              help="plain: servekit's /predictions API; v1/v2: KServe's routes, all FILEs in one request.")  # fmt: skip
 @workdir_option
 @json_option
-def predict(name, files, version, urls, key_files, workdir, as_json) -> None:
+def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -> None:
     """Send each FILE (an image, a .txt text or a .json document) to NAME and print the answer.
 
     Inference is retried on 503 with backoff; with several --url, a server that is down is failed over.
-    Example: servekit predict digits model_store/work/digits/heldout/0000_7.png
+    Example: servekit predict digits model_store/work/digits/heldout/0000_7.png --protocol v2
     """
     client = failover_client(urls, key_files) if urls else Server.connect(workdir).client
-    answers = {str(path): client.predict_file(name, path, version=version) for path in files}
+    if protocol != "plain":
+        answers = predict_files(client, name, list(files), protocol, version)
+    else:
+        answers = {str(path): client.predict_file(name, path, version=version) for path in files}
     if as_json:
         print_json(answers)
         return
@@ -704,9 +710,11 @@ def export_group() -> None:
 @click.option(
     "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/kserve/NAME-VERSION]"
 )
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
+              help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
 @store_option
 def export_kserve_command(
-    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, store
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, store
 ) -> None:
     """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
 
@@ -714,7 +722,9 @@ def export_kserve_command(
     """
     from servekit.export import KServeSpec, export_kserve
 
-    spec = KServeSpec(name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent)
+    spec = KServeSpec(
+        name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, protocol=protocol
+    )
     out_dir = out_dir or Path("deploy/kserve") / f"{name}-{version}"
     for path in export_kserve(store, spec, out_dir):
         console.print(f"wrote {path}")

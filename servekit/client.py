@@ -103,7 +103,10 @@ def error_message(response: requests.Response) -> str:
         return response.text.strip() or response.reason
     if isinstance(body, dict):
         kind = body.get("type") or body.get("error") or ""
-        message = body.get("message") or body.get("detail") or json.dumps(body)
+        message = body.get("message") or body.get("detail")
+        if message is None and isinstance(kind, str) and kind:  # KServe's {"error": message}
+            return kind
+        message = message or json.dumps(body)
         return f"{kind}: {message}" if kind else str(message)
     return json.dumps(body)
 
@@ -166,6 +169,10 @@ class ServeClient:
         if path.suffix == ".json":
             content_type = "application/json"
         return self.predict(name, path.read_bytes(), version=version, content_type=content_type)
+
+    def post_inference(self, path: str, document: dict) -> Any:
+        """POSTs a JSON document to another inference route, e.g. KServe's `/v2/models/NAME/infer`."""
+        return answer_of(self._call("inference", "POST", path, json=document))
 
     # Management API --------------------------------------------------------------------------------------------
     def register(self, archive: str, initial_workers: int = 1, synchronous: bool = True) -> dict:
@@ -242,6 +249,9 @@ class FailoverClient:
 
     def predict_file(self, name: str, path: Path, version: str | None = None):
         return self._first_answer(lambda client: client.predict_file(name, path, version))
+
+    def post_inference(self, path: str, document: dict):
+        return self._first_answer(lambda client: client.post_inference(path, document))
 
     def _first_answer(self, call):
         failures = []
