@@ -550,7 +550,8 @@ class HandlerMetrics:
 def model_failure(exc: Exception) -> RequestError:
     """The answer to a request whose input the model raised on (logged with its traceback)."""
     logger.warning("the model failed on one request's input", exc_info=exc)
-    detail = f"the model raised {type(exc).__name__} on this input: {str(exc)[:200]}"
+    message = (str(exc).strip().splitlines() or [""])[-1]  # TorchScript puts its own traceback first
+    detail = f"the model raised {type(exc).__name__} on this input: {message[:200]}"
     return RequestError("inference_failed", detail, 500)
 
 
