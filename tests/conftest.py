@@ -106,14 +106,6 @@ def bad_inputs(good_png: bytes) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> None:
-    """Same label, index and top-k labels; probabilities within `tolerance` (a sample answered alone or in a batch
-    differs in the sixth decimal on a GPU)."""
-    assert (answer["label"], answer["index"]) == (expected["label"], expected["index"]), (answer, expected)
-    assert list(answer["probabilities"]) == list(expected["probabilities"]), (answer, expected)
-    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance), (answer, expected)
-
-
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FakeContext, extracted_archive, requests_for
+from digits import DigitsHandler
+from image_classifier import ImageClassifierHandler
+from PIL import Image
+from tensor_handler import TensorHandler
+from text_classifier import TextClassifierHandler
+from ts.context import Context, RequestProcessor
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "sklearn", "torchao")
 PROBE = "\n".join(
@@ -25,3 +39,143 @@ def heavy_modules_after(*args: str) -> list[str]:
     result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
     marker = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY="))
     return json.loads(marker.removeprefix("HEAVY="))
+
+
+# KServe protocols, EXIF and poison inputs ------------------------------------------------------------------------
+POISON = 666.0  # a PoisonModel raises when a sample holds this value
+EXIF_ORIENTATION = 0x0112
+
+
+def worker_context(handler, headers: list[dict]) -> Context:
+    """A real ts Context for one batch, each request with its headers (as TorchServe's frontend sends them)."""
+    context = Context(handler.model_name, str(handler.model_dir), handler.manifest, len(headers), None, "test")
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"request-{i}" for i in range(len(headers))}
+    return context
+
+
+# What TorchServe 0.12's frontend adds: the KServe routes set `explain`, /predictions also sets `url_path`.
+KSERVE_ROUTE = {"explain": "False", "body": {"content-type": "application/json"}}
+
+
+def protocol_answers(handler, documents: list[dict]) -> list[tuple[int, dict]]:
+    """(status, answer) of each KServe document, sent as one batch on TorchServe's KServe routes."""
+    context = worker_context(handler, [KSERVE_ROUTE] * len(documents))
+    answers = handler.handle([{"body": document} for document in documents], context)
+    return [(context.get_response_status(i)[0], answer) for i, answer in enumerate(answers)]
+
+
+def rotated_jpeg(png: bytes, orientation: int = 6) -> bytes:
+    """The image as a phone writes a portrait photo: pixels stored turned 90 degrees counter-clockwise and
+    EXIF Orientation=6 telling viewers to turn them back."""
+    image = Image.open(io.BytesIO(png)).convert("L").rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+class PoisonModel(torch.nn.Module):
+    """Doubles its input, and raises inside forward for any batch holding the POISON value."""
+
+    def __init__(self):
+        super().__init__()
+        self.poison = POISON
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch == self.poison).any()):
+            raise RuntimeError("poison input")
+        return batch.flatten(1) * 2.0
+
+
+def poison_trained_folder(folder: Path) -> Path:
+    """A trained folder (TorchScript variant) for the tensor handler: 4-value samples, PoisonModel inside."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # torch.jit is deprecated; TorchScript is the format that can raise in forward
+        warnings.simplefilter("ignore")
+        torch.jit.script(PoisonModel()).save(str(folder / "model.torchscript.pt"))
+    handler = {
+        "format": "torchscript",
+        "model_class": "PoisonModel",
+        "example_input": {"shape": [4], "dtype": "float32"},
+    }
+    (folder / "handler.json").write_text(json.dumps(handler))
+    (folder / "metrics.json").write_text(json.dumps({"weights_sha256": "poison"}))
+    return folder
+
+
+HANDLER_CLASSES = {
+    "digits": DigitsHandler,
+    "image": ImageClassifierHandler,
+    "tensor": TensorHandler,
+    "text": TextClassifierHandler,
+}
+
+
+def in_process_handlers(store: Path, tmp_path_factory) -> dict:
+    """Each archive's handler initialised in this process from its .mar, as a worker does."""
+    handlers = {}
+    for name, handler_class in HANDLER_CLASSES.items():
+        handler = handler_class()
+        handler.initialize(extracted_archive(store / f"{name}-1.0.0.mar", tmp_path_factory.mktemp(name)))
+        handlers[name] = handler
+    return handlers
+
+
+def plain_answer(handler, body: bytes, content_type: str):
+    context = FakeContext(handler.model_dir, handler.manifest)
+    return handler.handle(requests_for([(body, content_type)], context), context)[0]
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def malformed(png: bytes) -> list[tuple[str, str, dict, int]]:
+    """(protocol, handler, body, status): each must be refused in the protocol's error shape, never with a 5xx."""
+    image = {"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64(png)]}
+    pixels = {"name": "x", "shape": [1, 27, 28], "datatype": "FP32", "data": [0.0] * 756}
+    return [
+        ("v1", "digits", {}, 400),
+        ("v1", "digits", {"instance": [b64(png)]}, 400),
+        ("v1", "digits", {"instances": []}, 400),
+        ("v1", "digits", {"instances": [{"data": "%%%not base64%%%"}]}, 400),
+        ("v1", "digits", {"instances": [{"b64": b64(b"not an image")}]}, 400),
+        ("v1", "digits", {"instances": [{"data": b64(png)}] * 65}, 413),
+        ("v1", "digits", {"instances": [{"bytes": b64(png)}]}, 400),
+        ("v1", "image", {"instances": [[0.5] * 3]}, 400),
+        ("v1", "text", {"instances": [""]}, 400),
+        ("v1", "tensor", {"instances": [[[0.5] * 28] * 27]}, 400),
+        ("v2", "digits", {}, 400),
+        ("v2", "digits", {"input": [image]}, 400),
+        ("v2", "digits", {"inputs": []}, 400),
+        ("v2", "digits", {"inputs": [{**image, "datatype": "FP32"}]}, 400),
+        ("v2", "digits", {"inputs": [{**image, "datatype": "STRING"}]}, 400),
+        ("v2", "digits", {"inputs": [{**image, "shape": [2]}]}, 400),
+        ("v2", "digits", {"inputs": [{**image, "data": ["%%%"]}]}, 400),
+        ("v2", "digits", {"inputs": [{**image, "shape": [65], "data": [b64(png)] * 65}]}, 413),
+        ("v2", "digits", {"inputs": [{"name": "images", "datatype": "BYTES", "data": [b64(png)]}]}, 400),
+        ("v2", "digits", {"inputs": [image], "outputs": [{"name": "logits"}]}, 400),
+        ("v2", "tensor", {"inputs": [image]}, 400),
+        ("v2", "tensor", {"inputs": [pixels]}, 400),
+        ("v2", "text", {"inputs": [{"name": "t", "shape": [1], "datatype": "INT64", "data": [3]}]}, 400),
+    ]
+
+
+def good_document(protocol: str, name: str, png: bytes) -> dict:
+    """One well-formed request to `name` in `protocol`."""
+    value = {"text": "a wonderful movie", "tensor": [[[0.0] * 28] * 28]}.get(name, b64(png))
+    if protocol == "v1":
+        return {"instances": [value]}
+    if name == "tensor":
+        return {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    return {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [value]}]}
+
+
+def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> None:
+    """Same label, index and top-k labels; probabilities within `tolerance` (a sample answered alone or in a batch
+    differs in the sixth decimal on a GPU)."""
+    assert (answer["label"], answer["index"]) == (expected["label"], expected["index"]), (answer, expected)
+    assert list(answer["probabilities"]) == list(expected["probabilities"]), (answer, expected)
+    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance), (answer, expected)

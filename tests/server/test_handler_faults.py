@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from protocol_helpers import POISON, b64, poison_trained_folder, rotated_jpeg
+from helpers import POISON, b64, poison_trained_folder, rotated_jpeg
 
 from servekit import server
 from servekit.archive import BuildOptions, build_archive

@@ -14,14 +14,13 @@ import httpx
 import pytest
 import requests
 import torch
-from conftest import assert_same_prediction
+from helpers import assert_same_prediction, b64, in_process_handlers, malformed, plain_answer, protocol_answers
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from protocol_helpers import b64, in_process_handlers, malformed, plain_answer, protocol_answers
 
 from servekit import server
 from servekit.client import ServeClient
-from servekit.datasets import read_held_out
 from servekit.export import SERVICE_ENVELOPES, KServeSpec, export_kserve
+from servekit.heldout import read_held_out
 
 pytestmark = pytest.mark.server
 NAMES = ("digits", "image", "tensor", "text")

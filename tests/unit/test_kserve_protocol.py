@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import FakeContext, assert_same_prediction, extracted_archive, requests_for
+from conftest import FakeContext, extracted_archive, requests_for
 from digits import DigitsHandler, image_to_tensor
-from kserve import InferResponse
-from PIL import Image
-from protocol_helpers import (
+from helpers import (
     KSERVE_ROUTE,
     POISON,
+    assert_same_prediction,
     b64,
     good_document,
     in_process_handlers,
@@ -25,14 +24,16 @@ from protocol_helpers import (
     rotated_jpeg,
     worker_context,
 )
+from kserve import InferResponse
+from PIL import Image
 from servekit_base import open_image, request_protocol, v2_request
 from tensor_handler import TensorHandler
 from ts.model_loader import TsModelLoader
 from ts.service import Service
 
 from servekit.archive import build_archive
-from servekit.datasets import read_held_out
 from servekit.export import SERVICE_ENVELOPES
+from servekit.heldout import read_held_out
 
 
 @pytest.fixture(scope="module")
