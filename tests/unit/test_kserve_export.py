@@ -1,13 +1,17 @@
 """`servekit export kserve --protocol v1|v2`: the serviceEnvelope label KServe's runtime turns into
-TS_SERVICE_ENVELOPE, and the setting that lets TorchServe read it."""
+TS_SERVICE_ENVELOPE, and the setting that lets TorchServe read it; KServe error objects read by the client."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import requests
 import yaml
 from click.testing import CliRunner
 
 from servekit.cli import cli
+from servekit.client import error_message
 from servekit.errors import UsageError
 from servekit.export import KServeSpec, export_kserve
 from servekit.server import read_properties
@@ -34,3 +38,12 @@ def test_export_command_takes_the_protocol(tmp_path, model_store):
     assert refused.exit_code == 2
     with pytest.raises(UsageError, match="--protocol"):
         KServeSpec("digits", "1.0.0", "pvc://m", protocol="grpc").validate()
+
+
+def test_a_kserve_error_object_reads_as_its_message():
+    response = requests.Response()
+    response.status_code = 400
+    response._content = json.dumps({"error": "invalid_base64: instance 0 is not valid base64"}).encode()
+    assert error_message(response) == "invalid_base64: instance 0 is not valid base64"
+    response._content = json.dumps({"code": 400, "error": "invalid_image", "detail": "cannot decode"}).encode()
+    assert error_message(response) == "invalid_image: cannot decode"
