@@ -173,9 +173,15 @@ def good_document(protocol: str, name: str, png: bytes) -> dict:
     return {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [value]}]}
 
 
-def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> None:
+def same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> bool:
     """Same label, index and top-k labels; probabilities within `tolerance` (a sample answered alone or in a batch
     differs in the sixth decimal on a GPU)."""
-    assert (answer["label"], answer["index"]) == (expected["label"], expected["index"]), (answer, expected)
-    assert list(answer["probabilities"]) == list(expected["probabilities"]), (answer, expected)
-    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance), (answer, expected)
+    return (answer["label"], answer["index"], list(answer["probabilities"])) == (
+        expected["label"],
+        expected["index"],
+        list(expected["probabilities"]),
+    ) and answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance)
+
+
+def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> None:
+    assert same_prediction(answer, expected, tolerance), (answer, expected)

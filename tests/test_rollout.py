@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import REPO, FakeContext, extracted_archive, requests_for, start_server
 from digits import DigitsHandler
+from helpers import same_prediction
 
 from servekit import server
 from servekit.archive import build_archive
@@ -93,16 +94,6 @@ def expected_answers(store, version, pngs, folder) -> list[dict]:
     return handler.handle(requests_for([(png, "image/png") for png in pngs], context), context)
 
 
-def matches(answer: dict, expected: dict, tolerance: float = 1e-5) -> bool:
-    """The same prediction: label, index and top-k labels equal, probabilities within `tolerance` (a sample answered
-    in another batch composition differs in the sixth decimal)."""
-    return (answer["label"], answer["index"], list(answer["probabilities"])) == (
-        expected["label"],
-        expected["index"],
-        list(expected["probabilities"]),
-    ) and answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance)
-
-
 class Traffic:
     """`threads` clients posting PNGs in a loop until stopped (at most `limit_s`), recording every outcome."""
 
@@ -165,9 +156,9 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
     assert watch["requests"] > 0 and watch["error_rate"] == 0
     assert traffic.failures() == [] and len(traffic.results) > 50
     for index, _, answer in traffic.results:
-        assert matches(answer, v1[index]) or matches(answer, v2[index]), answer
+        assert same_prediction(answer, v1[index]) or same_prediction(answer, v2[index]), answer
     late = [(index, answer) for index, at, answer in traffic.results if at > promoted_at + 0.5]
-    assert late and all(matches(answer, v2[index]) for index, answer in late)
+    assert late and all(same_prediction(answer, v2[index]) for index, answer in late)
     assert default_version(client, "digits") == "1.1.0"
 
 
