@@ -497,10 +497,9 @@ def chart(report: Report, path: Path) -> None:
 def record_best(store: Path, report: Report, out_dir: Path) -> None:
     """Remembers the fastest accepted variant in the catalog, for `servekit build NAME --variant best`."""
     check_name(report.name)
-    catalog = Catalog.load(store)
-    catalog.optimizations[report.name] = {
-        "best": report.best,
-        "report": str((out_dir / "report.json").resolve()),
-        "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
-    }
-    catalog.save()
+    with Catalog.locked(store) as catalog:  # a build running meanwhile keeps its entry
+        catalog.optimizations[report.name] = {
+            "best": report.best,
+            "report": str((out_dir / "report.json").resolve()),
+            "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
+        }
