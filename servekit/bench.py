@@ -159,11 +159,10 @@ def bench(
         raise UsageError("concurrency levels must be >= 1 and the duration > 0")
     entry = verify_archive(store, name, version)
     url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-    headers = client.auth_headers("inference")
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
-        served = run_load(url, headers, bodies, level, duration_s, rate)
+        served = run_load(url, {}, bodies, level, duration_s, rate, keys=client.keys)
         after = metrics.scrape(client)
         figures = after.version(name, version) - before
         levels.append(Level(served, figures.queue_ms, figures.service_ms, after.handler.get(name, {})))

@@ -7,6 +7,9 @@ Two ways to drive a server:
 - open loop (`rate`): requests are scheduled at fixed times, `rate` per second, with at most `concurrency` in
   flight; latency is measured from the *scheduled* time, so a stalled server is charged for the requests it
   delayed (no coordinated omission).
+
+With `keys`, a request whose key the server refuses (it expired) is sent once more with a key renewed through
+TorchServe's token API, so a long run outlives `token_expiration_min`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from servekit.client import Keys, bearer, is_invalid_key
 
 
 @dataclass
@@ -39,7 +44,7 @@ class LoadResult:
         return asdict(self)
 
 
-async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s):
+async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys):
     import aiohttp
 
     outcomes: list[tuple[float, str]] = []  # (latency ms, status or error name)
@@ -48,7 +53,29 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
     counter = iter(range(10**12))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    auth = bearer(keys.current("inference")) if keys else {}
+    renewal = asyncio.Lock()
+
+    async def renew(refused: dict[str, str]) -> None:
+        """One coroutine renews the key; those that were refused meanwhile find it renewed and just retry."""
+        async with renewal:
+            if auth == refused:
+                stale = refused["Authorization"].removeprefix("Bearer ")
+                auth.update(bearer(await asyncio.to_thread(keys.renew, "inference", stale)))
+
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def send(body: bytes, content_type: str, key: dict[str, str]) -> tuple[int, str]:
+            async with session.post(url, data=body, headers={**headers, **key, "Content-Type": content_type}) as reply:
+                return reply.status, await reply.text(errors="replace")
+
+        async def post(body: bytes, content_type: str) -> str:
+            sent = dict(auth)
+            status, text = await send(body, content_type, sent)
+            if keys and is_invalid_key(status, text):
+                await renew(sent)
+                status, _ = await send(body, content_type, auth)
+            return str(status)
 
         async def client() -> None:
             while True:
@@ -60,9 +87,7 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
                     await asyncio.sleep(scheduled - time.perf_counter())
                 body, content_type = bodies[index % len(bodies)]
                 try:
-                    async with session.post(url, data=body, headers={**headers, "Content-Type": content_type}) as reply:
-                        await reply.read()
-                        status = str(reply.status)
+                    status = await post(body, content_type)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     status = type(exc).__name__
                 outcomes.append(((time.perf_counter() - scheduled) * 1000, status))
@@ -71,9 +96,9 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
     return outcomes, time.perf_counter() - start
 
 
-def _child(connection, url, headers, bodies, concurrency, duration_s, rate, timeout_s) -> None:
+def _child(connection, url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys) -> None:
     try:
-        connection.send(asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)))
+        connection.send(asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys)))
     except BaseException as exc:  # reported to the parent, which raises it
         connection.send(exc)
     finally:
@@ -88,14 +113,21 @@ def run_load(
     duration_s: float,
     rate: float | None = None,
     timeout_s: float = 30.0,
+    keys: Keys | None = None,
 ) -> LoadResult:
-    """POSTs `bodies` (round robin) to `url` for `duration_s` from a separate process; 2xx counts as success."""
+    """POSTs `bodies` (round robin) to `url` for `duration_s` from a separate process; 2xx counts as success.
+
+    `keys` (a ServeClient's `keys`) authorizes each request with the current inference key and renews it when
+    the server refuses it; without them, `headers` are sent as they are.
+    """
     if concurrency < 1 or duration_s <= 0 or not bodies or (rate is not None and rate <= 0):
         raise ValueError("need concurrency >= 1, duration > 0, a positive rate and at least one body")
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
-        target=_child, args=(sender, url, headers, bodies, concurrency, duration_s, rate, timeout_s), daemon=True
+        target=_child,
+        args=(sender, url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys),
+        daemon=True,
     )
     process.start()
     sender.close()

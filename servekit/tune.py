@@ -19,7 +19,7 @@ from pathlib import Path
 from servekit.archive import BuildOptions, build_archive
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
-from servekit.errors import UsageError
+from servekit.errors import ApiError, UsageError
 from servekit.loadgen import LoadResult, run_load
 from servekit.registry import register_verified
 from servekit.server import check_max_batch_delay
@@ -79,10 +79,12 @@ def tune(
         entry = build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
                               parent_version="")  # fmt: skip
         try:
-            register_verified(client, store, name, version, setting.workers)
-            url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-            result = run_load(url, client.auth_headers("inference"), bodies, concurrency, duration_s)
-            client.unregister(name, version)
+            try:
+                register_verified(client, store, name, version, setting.workers)
+                url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+                result = run_load(url, {}, bodies, concurrency, duration_s, keys=client.keys)
+            finally:  # a trial that fails must not leave its throw-away version on the server
+                discard(client, name, version)
         finally:
             forget(store, entry.name, version)
         trial = Trial(setting, result, result.errors == 0 and result.p95_ms <= p95_budget_ms)
@@ -93,11 +95,19 @@ def tune(
     return trials, max(fitting, key=lambda t: t.result.throughput_per_s, default=None)
 
 
+def discard(client: ServeClient, name: str, version: str) -> None:
+    """Unregisters a throw-away version; one that never got registered (404) leaves nothing to undo."""
+    try:
+        client.unregister(name, version)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+
+
 def forget(store: Path, name: str, version: str) -> None:
     """Deletes a throw-away archive, its golden samples and its catalog entry."""
-    catalog = Catalog.load(store)
-    entry = catalog.models.get(name, {}).pop(version, None)
-    catalog.save()
+    with Catalog.locked(store) as catalog:
+        entry = catalog.models.get(name, {}).pop(version, None)
     if entry is not None:
         (store / entry.archive).unlink(missing_ok=True)
         if entry.golden_dir:

@@ -156,9 +156,9 @@ def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -
     return store
 
 
-def start_server(store: Path, workdir: Path) -> server.ServerState:
+def start_server(store: Path, workdir: Path, base_config: Path = REPO / "config.properties") -> server.ServerState:
     settings = server.ServerSettings(
-        base_config=REPO / "config.properties",
+        base_config=base_config,
         model_store=store,
         workdir=workdir,
         ports={api: server.free_port() for api in server.DEFAULT_PORTS},

@@ -85,11 +85,14 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
         served = level.served
         assert served.requests == served.ok + served.errors and served.errors == 0 and served.ok > 0
         assert served.p50_ms <= served.p95_ms <= served.p99_ms
-        assert level.efficiency > 0 and level.added_latency_ms is not None
+        # served / in-process: an inverted ratio (in-process / served) would be far above 1
+        assert level.efficiency == pytest.approx(served.throughput_per_s / report.in_process.throughput_per_s)
+        assert 0 < level.efficiency <= 1.5 and level.added_latency_ms is not None
         assert (
             level.queue_ms is not None and level.service_ms > 0 and level.handler_last_batch["ServekitBatchSize"] >= 1
         )
-        assert level.baseline.ok > 0 and level.ratio_over_baseline > 0
+        assert level.baseline.ok > 0 and level.baseline.errors == 0
+        assert level.ratio_over_baseline == pytest.approx(served.throughput_per_s / level.baseline.throughput_per_s)
     assert report.in_process.throughput_per_s > 0 and report.in_process.batch_size == 4
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and "| 4 |" in (tmp_path / "bench.md").read_text()
 
@@ -138,6 +141,25 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
     assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
     with pytest.raises(Exception, match="between 1 and"):
         tuning.grid([1, 2, 3], [1, 2, 4, 8, 16], [0, 5])
+
+
+@pytest.mark.server
+def test_a_trial_that_fails_leaves_no_version_registered(
+    served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
+):
+    def fail(*args, **kwargs):
+        raise RuntimeError("the load generator crashed")
+
+    monkeypatch.setattr(tuning, "run_load", fail)
+    bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:4]]
+    try:
+        with pytest.raises(RuntimeError, match="crashed"):
+            tuning.tune(served_digits, model_store, "digits", "digits", trained_digits, tuning.grid([1], [1], [5]),
+                        bodies, 1, 0.5, 1e6)  # fmt: skip
+        assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
+        assert not list(model_store.glob("digits-0.0.0-tune*"))
+    finally:
+        tuning.discard(served_digits, "digits", "0.0.0-tune.0")
 
 
 @pytest.mark.server
