@@ -156,12 +156,14 @@ def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -
     return store
 
 
-def start_server(store: Path, workdir: Path) -> server.ServerState:
+def start_server(store: Path, workdir: Path, proxy: bool = False) -> server.ServerState:
+    """A TorchServe on free loopback ports; with `proxy`, the traffic-split nginx in front on another one."""
     settings = server.ServerSettings(
         base_config=REPO / "config.properties",
         model_store=store,
         workdir=workdir,
         ports={api: server.free_port() for api in server.DEFAULT_PORTS},
+        proxy_port=server.free_port() if proxy else None,
     )
     return server.start(settings)
 
