@@ -708,7 +708,7 @@ def export_group() -> None:
 
 @export_group.command("kserve")
 @click.argument("name")
-@version_option()
+@version_option(required=False, help_text="The version to deploy (or --from-split).")
 @click.option("--storage-uri", required=True, help="Where you will upload the layout, e.g. gs://bucket/models/digits.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per replica.")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
@@ -720,16 +720,23 @@ def export_group() -> None:
 )
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
               help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
+@click.option("--from-split", is_flag=True, help="Version and canary percent from NAME's split on the WORKDIR server.")
 @store_option
+@workdir_option
 def export_kserve_command(
-    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, store
-) -> None:
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, from_split,
+    store, workdir,
+) -> None:  # fmt: skip
     """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
 
     Example: servekit export kserve digits --version 1.1.0 --storage-uri gs://bucket/digits --canary-traffic-percent 10
     """
     from servekit.export import KServeSpec, export_kserve
 
+    if from_split:
+        version, canary_traffic_percent = split_as_canary(Server.connect(workdir), name)
+    elif version is None:
+        raise UsageError("give --version (or --from-split)")
     spec = KServeSpec(
         name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, protocol=protocol
     )
@@ -969,3 +976,16 @@ def split_command(name, shares, sticky_header, mirror, clear, server, as_json) -
             splits.fmt_ms(row.queue_ms),
         )
     console.print(table)
+
+
+def split_as_canary(server: Server, name: str) -> tuple[str, int]:
+    """`export kserve --from-split`: the split's non-default version and its share, saying what KServe drops."""
+    from servekit import split as splits
+
+    split = splits.current_split(server.state, name)
+    if split is None:
+        raise UsageError(f"{name} has no traffic split on this server")
+    version, percent, dropped = splits.kserve_canary(split, registry.default_version(server.client, name))
+    for what in dropped:
+        errors.print(f"[yellow]note:[/] KServe cannot carry {what}", highlight=False)
+    return version, percent

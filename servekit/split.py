@@ -264,3 +264,22 @@ def retire_drained(
     wait_idle(client, name, version, timeout_s)
     retire(client, name, version)
     return Drained(name, version, moved_to, time.monotonic() - started)
+
+
+# KServe ------------------------------------------------------------------------------------------------------------
+def kserve_canary(split: Split, default: str | None) -> tuple[str, int, list[str]]:
+    """(candidate version, its canaryTrafficPercent, what KServe cannot carry) for a split between the default
+    and one other version: KServe sends canaryTrafficPercent to the newest revision, the rest to the previous one."""
+    live = split.live
+    others = [version for version in live if version != default]
+    if len(live) > 2 or len(others) != 1 or default not in split.branches:
+        raise UsageError(
+            f"KServe's canaryTrafficPercent splits two revisions; {split.name}'s split "
+            f"({' '.join(f'{v}={w}' for v, w in split.branches.items())}) is not the default {default} and one other"
+        )
+    dropped = []
+    if split.sticky_header:
+        dropped.append(f"stickiness on {split.sticky_header} (Knative routes each request on its own)")
+    if split.mirror_version:
+        dropped.append(f"the {split.mirror_percent} % mirror to {split.mirror_version} (KServe has no mirroring)")
+    return others[0], live[others[0]], dropped

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from click.testing import CliRunner
 from conftest import start_server
 from helpers import alerted_metrics
@@ -319,3 +320,27 @@ def test_every_metric_the_alerts_use_is_exposed_by_torchserve(proxied, good_png)
     exposed = {line.split("{")[0].split(" ")[0] for line in client.metrics().splitlines() if not line.startswith("#")}
     lazily_created = {"Requests5XX"}  # TorchServe exposes it from the first 5xx on
     assert alerted_metrics() - lazily_created <= exposed, alerted_metrics() - exposed
+
+
+def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
+    state, client = proxied
+    current, other = other_version(client)
+    splits.set_split(client, state, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
+    export = ["export", "kserve", "digits", "--from-split", "--storage-uri", "gs://bucket/digits"]
+    arguments = [*export, "--out", str(tmp_path), "--store", state.model_store, "--workdir", state.workdir]
+    try:
+        result = CliRunner().invoke(
+            cli, ["export", "kserve", "digits", "--from-split", "--out", str(tmp_path), *arguments]
+        )
+        assert result.exit_code == 0, result.output
+        manifest = yaml.safe_load((tmp_path / "inferenceservice.yaml").read_text())
+        assert manifest["spec"]["predictor"]["canaryTrafficPercent"] == 15
+        assert manifest["metadata"]["labels"]["servekit/version"] == other
+        assert "cannot carry stickiness on X-Request-Key" in result.output
+        splits.set_split(client, state, Split("digits", {current: 80, other: 10, "1.2.0": 10}))
+        three = CliRunner().invoke(
+            cli, ["export", "kserve", "digits", "--from-split", "--out", str(tmp_path), *arguments]
+        )
+        assert three.exit_code == 2 and "two revisions" in three.output
+    finally:
+        splits.remove_split(state, "digits")
