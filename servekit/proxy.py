@@ -379,6 +379,8 @@ def start(binary: Path, config: ProxyConfig, timeout_s: float = 15.0) -> int:
             if master is not None and active_workers(master):
                 return pid
         time.sleep(0.05)
+    if config.pid_path.is_file() and config.pid_path.read_text().strip():
+        stop(config, int(config.pid_path.read_text().strip()))  # leave no nginx behind
     raise ServerError(f"nginx did not come up within {timeout_s:g} s: see {config.error_log}")
 
 

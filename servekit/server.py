@@ -311,7 +311,10 @@ def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
     except ServerError:
         return False
     if state.proxy_pid is not None:
-        proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
+        try:
+            proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
+        except ServerError:  # proxy.json is gone or unreadable: still stop TorchServe
+            pass
     process = torchserve_process(state.pid)
     stopped = process is not None
     if process is not None:

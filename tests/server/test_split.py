@@ -14,10 +14,10 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from conftest import start_server
+from conftest import REPO, start_server
 from helpers import alerted_metrics
 
-from servekit import progressive, server
+from servekit import progressive, proxy, registry, server
 from servekit import split as splits
 from servekit.archive import BuildOptions, build_archive
 from servekit.cli import cli
@@ -29,6 +29,7 @@ from servekit.progressive import Progress, ProgressivePolicy
 from servekit.proxy import STATE_FILE, VERSION_HEADER, Split
 from servekit.registry import DefaultHistory, default_version, register_verified, registered_versions
 from servekit.rollout import RolloutFailed, RolloutPolicy
+from servekit.workspace import Server
 
 pytestmark = pytest.mark.server
 VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
@@ -61,17 +62,23 @@ def split_store(tmp_path_factory, trained_digits):
 
 
 @pytest.fixture(scope="module")
-def proxied(tmp_path_factory, split_store):
-    """TorchServe with the proxy in front, digits 1.0.0 (default), 1.1.0 and 1.2.0 registered."""
+def proxied(tmp_path_factory, split_store) -> Path:
+    """The workdir of a TorchServe with the proxy in front, digits 1.0.0 (default), 1.1.0 and 1.2.0 registered."""
     workdir = tmp_path_factory.mktemp("split_ts")
     state = start_server(split_store, workdir, proxy=True)
     try:
         client = ServeClient(state.endpoints())
         for version in VERSIONS:
             register_verified(client, split_store, "digits", version, workers=1)
-        yield state, client
+        yield workdir
     finally:
         server.stop(workdir)
+
+
+def live(workdir: Path) -> tuple[server.ServerState, ServeClient]:
+    """The server as server.json records it now (a test may have restarted it)."""
+    handle = Server.connect(workdir)
+    return handle.state, handle.client
 
 
 class Caller:
@@ -99,7 +106,7 @@ def served_since(client: ServeClient, before) -> dict[str, int]:
 
 
 def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(proxied, good_png):
-    state, client = proxied
+    state, client = live(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     before = scrape(client)
@@ -117,7 +124,7 @@ def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(
 
 
 def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
-    state, client = proxied
+    state, client = live(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 50, "1.1.0": 50}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     keys = [f"sticky-{i}" for i in range(100)] * 4
@@ -132,7 +139,7 @@ def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
 
 
 def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied, good_png):
-    state, client = proxied
+    state, client = live(proxied)
     split = Split("digits", {"1.0.0": 70, "1.1.0": 30}, mirror_version="1.2.0", mirror_percent=20)
     splits.set_split(client, state, split)
     caller = Caller(state)
@@ -147,7 +154,7 @@ def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied
 
 
 def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_png):
-    state, client = proxied
+    state, client = live(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}))
     assert client.ping()["status"] == "Healthy"  # through the proxy
     token = read_keys(Path(state.key_file))["inference"]
@@ -176,7 +183,7 @@ def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_p
     ],
 )
 def test_bad_splits_are_refused_and_leave_the_proxy_untouched(proxied, split, message):
-    state, client = proxied
+    state, client = live(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 80, "1.1.0": 20}))
     conf, saved = (state.proxy_dir / "nginx.conf").read_bytes(), (state.proxy_dir / STATE_FILE).read_bytes()
     with pytest.raises(UsageError, match=message):
@@ -227,7 +234,7 @@ def other_version(client: ServeClient) -> tuple[str, str]:
 def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abort_and_a_drained_retire(
     proxied, held_out
 ):
-    state, client = proxied
+    state, client = live(proxied)
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
     pngs = [sample.path.read_bytes() for sample in held_out[:40]]
@@ -275,7 +282,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
 
 
 def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
-    state, client = proxied
+    state, client = live(proxied)
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
     policy = ProgressivePolicy(steps=(10, 50, 100), step_s=1.0)
@@ -291,7 +298,7 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
 
 
 def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(proxied):
-    state, client = proxied
+    state, client = live(proxied)
     previous, candidate = other_version(client)
     workdir = ["--workdir", state.workdir]
     Progress("digits", candidate, previous, ProgressivePolicy().__dict__, step_index=1).save(Path(state.workdir))
@@ -315,7 +322,7 @@ def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(prox
 
 
 def test_every_metric_the_alerts_use_is_exposed_by_torchserve(proxied, good_png):
-    state, client = proxied
+    state, client = live(proxied)
     client.predict("digits", good_png, version="1.0.0", content_type="image/png")
     exposed = {line.split("{")[0].split(" ")[0] for line in client.metrics().splitlines() if not line.startswith("#")}
     lazily_created = {"Requests5XX"}  # TorchServe exposes it from the first 5xx on
@@ -323,7 +330,7 @@ def test_every_metric_the_alerts_use_is_exposed_by_torchserve(proxied, good_png)
 
 
 def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
-    state, client = proxied
+    state, client = live(proxied)
     current, other = other_version(client)
     splits.set_split(client, state, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
     export = ["export", "kserve", "digits", "--from-split", "--storage-uri", "gs://bucket/digits"]
@@ -344,3 +351,30 @@ def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
         assert three.exit_code == 2 and "two revisions" in three.output
     finally:
         splits.remove_split(state, "digits")
+
+
+def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
+    state, client = live(proxied)
+    current, other = other_version(client)
+    splits.set_split(client, state, Split("digits", {current: 50, other: 50}))
+    assert server.stop(proxied)
+    assert proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir)) is None
+    settings = server.ServerSettings(
+        REPO / "config.properties", Path(state.model_store), proxied, resume=True, proxy_port=server.free_port()
+    )
+    resumed = server.start(settings)
+    try:
+        assert resumed.proxy_url == state.proxy_url and resumed.proxy_pid != state.proxy_pid
+        client = ServeClient(resumed.endpoints())
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            restored = registry.versions(client, "digits")
+            if len(restored) >= len(VERSIONS) and all(version.ready_workers for version in restored):
+                break
+            time.sleep(0.5)
+        answered = {client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER]}
+        for _ in range(30):
+            answered.add(client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER])
+        assert answered == {current, other}
+    finally:
+        splits.remove_split(resumed, "digits")
