@@ -656,6 +656,8 @@ def status_command(workdir: Path, as_json: bool) -> None:
         f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}; responses "
         + ", ".join(f"{k} {int(v)}" for k, v in report["responses"].items())
     )
+    if state.proxy_url:
+        console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: `servekit split NAME` shows splits")
     print_table(status.HEADERS, status.rows(report))
 
 

@@ -290,6 +290,10 @@ def render(config: ProxyConfig) -> str:
         "    server {",
         f"        listen {config.host}:{config.port};",
         *server_lines,
+        "        location /predictions/ {",  # unsplit and versioned predictions: logged, for `servekit split`'s view
+        "            proxy_pass http://torchserve;",
+        "            access_log access.log servekit;",
+        "        }",
         "        location / {",
         "            proxy_pass http://torchserve;",
         "        }",

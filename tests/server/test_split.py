@@ -89,13 +89,13 @@ class Caller:
         self.token = read_keys(Path(state.key_file))["inference"]
         self.local = threading.local()
 
-    def post(self, body: bytes, key: str | None = None) -> tuple[int, str | None]:
+    def post(self, body: bytes, key: str | None = None, timeout_s: float = 60.0) -> tuple[int, str | None]:
         session = getattr(self.local, "session", None) or requests.Session()
         self.local.session = session
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "image/png"}
         if key is not None:
             headers["X-Request-Key"] = key
-        response = session.post(self.url, data=body, headers=headers, timeout=30)
+        response = session.post(self.url, data=body, headers=headers, timeout=timeout_s)
         return response.status_code, response.headers.get(VERSION_HEADER)
 
 
@@ -198,6 +198,7 @@ class Load:
     def __init__(self, caller: Caller, pngs: list[bytes], threads: int = 16, limit_s: float = 400.0):
         self.caller, self.pngs, self.limit_s = caller, pngs, limit_s
         self.outcomes: list[tuple[int | str, str | None]] = []
+        self.errors: list[str] = []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
 
@@ -205,10 +206,12 @@ class Load:
         deadline = time.monotonic() + self.limit_s
         i = offset
         while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.time()
             try:
                 outcome = self.caller.post(self.pngs[i % len(self.pngs)])
-            except requests.RequestException as exc:  # recorded, and the test fails on it
-                outcome = (type(exc).__name__, None)
+            except requests.RequestException as exc:  # recorded with its times, and the test fails on it
+                outcome = (f"{type(exc).__name__} sent {time.strftime('%X', time.localtime(started))}", None)
+                self.errors.append(f"{exc} after {time.time() - started:.1f} s")
             self.outcomes.append(outcome)
             i += len(self.threads)
 
@@ -272,7 +275,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
         assert drained.moved_to == candidate and "1.2.0" not in registered_versions(client, "digits")
         assert splits.current_split(state, "digits") == Split("digits", {candidate: 100})
         # The only failures: the broken candidate's own answers, during its one step.
-        assert load.failures(excluding=BROKEN) == [] and len(load.outcomes) > 300
+        assert load.failures(excluding=BROKEN) == [] and len(load.outcomes) > 300, load.errors
         assert all(version != BROKEN for _, version in load.outcomes[:promoted_at] + load.outcomes[after_abort:])
         assert {version for _, version in load.outcomes} >= {previous, candidate, BROKEN, "1.2.0"}
     finally:
