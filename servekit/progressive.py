@@ -160,12 +160,18 @@ def resume(
     """Goes on with the progressive rollout recorded in WORKDIR, from the step it was in."""
     progress = Progress.load(Path(state.workdir))
     default = default_version(client, progress.name)
+    report = RolloutReport(progress.name, progress.version, progress.previous)
+    if default == progress.version:  # it stopped between set-default and removing the split
+        splits.remove_split(state, progress.name)
+        Progress.path(Path(state.workdir)).unlink(missing_ok=True)
+        report.promoted = True
+        report.steps.append(Step("promote", True, f"default was already {default}; split removed"))
+        return report
     if default != progress.previous:
         raise ServerError(
             f"{progress.name}'s default is {default}, not {progress.previous} as when the rollout started: "
             f"delete {Progress.path(Path(state.workdir))} and start again"
         )
-    report = RolloutReport(progress.name, progress.version, progress.previous)
     return run_steps(client, state, history, progress, report, on_step)
 
 

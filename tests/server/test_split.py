@@ -298,6 +298,12 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
     assert [s.name for s in report.steps] == ["50%", "100%", "promote"] and report.promoted
     assert default_version(client, "digits") == candidate and splits.current_split(state, "digits") is None
     assert not Progress.path(Path(state.workdir)).exists()
+    # A crash between set-default and removing the split: resuming only removes the split.
+    Progress("digits", candidate, previous, policy.__dict__, step_index=2).save(Path(state.workdir))
+    splits.set_split(client, state, Split("digits", {previous: 0, candidate: 100}))
+    finished = progressive.resume(client, state, history)
+    assert finished.promoted and [s.name for s in finished.steps] == ["promote"]
+    assert splits.current_split(state, "digits") is None and not Progress.path(Path(state.workdir)).exists()
 
 
 def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(proxied):
