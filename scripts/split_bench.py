@@ -54,6 +54,8 @@ def accuracy(server: Server, name: str, old: str, new: str, body: bytes, token: 
 
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(send, range(keys)))
+    if statuses.count(200) < keys:
+        raise SystemExit(f"{keys - statuses.count(200)} requests failed: {sorted(set(statuses))}")
     after = metrics.scrape(server.client)
     served = {v: int((after.version(name, v) - before.version(name, v)).requests) for v in (old, new)}
     return {"keys": keys, "failed": sum(s != 200 for s in statuses), "served": served, "new_share": served[new] / keys}
@@ -94,9 +96,9 @@ def wrk_throughput(server: Server, name: str, version: str, body_path: Path, tok
             f"{targets[key]}/predictions/{name}/{version}",
         ]
         output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60).stdout
+        if "Non-2xx" in output or "Socket errors" in output:
+            raise SystemExit(f"wrk saw errors (an expired token answers 400):\n{output}")
         results[key].append(float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)))
-        if "Non-2xx" in output:
-            raise SystemExit(f"wrk saw errors:\n{output}")
     Path(script.name).unlink()
     mean = {key: sum(values) / len(values) for key, values in results.items()}
     return {"runs": results, "per_s": mean, "loss": 1 - mean["proxy"] / mean["direct"], "command": " ".join(command)}
