@@ -342,21 +342,26 @@ def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
     state, client = live(proxied)
     current, other = other_version(client)
     splits.set_split(client, state, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
-    export = ["export", "kserve", "digits", "--from-split", "--storage-uri", "gs://bucket/digits"]
-    arguments = [*export, "--out", str(tmp_path), "--store", state.model_store, "--workdir", state.workdir]
+    export = [
+        "export",
+        "kserve",
+        "digits",
+        "--from-split",
+        "--storage-uri",
+        "gs://bucket/digits",
+        "--out",
+        str(tmp_path),
+    ]
+    arguments = [*export, "--store", state.model_store, "--workdir", state.workdir]
     try:
-        result = CliRunner().invoke(
-            cli, ["export", "kserve", "digits", "--from-split", "--out", str(tmp_path), *arguments]
-        )
+        result = CliRunner().invoke(cli, arguments)
         assert result.exit_code == 0, result.output
         manifest = yaml.safe_load((tmp_path / "inferenceservice.yaml").read_text())
         assert manifest["spec"]["predictor"]["canaryTrafficPercent"] == 15
         assert manifest["metadata"]["labels"]["servekit/version"] == other
         assert "cannot carry stickiness on X-Request-Key" in result.output
         splits.set_split(client, state, Split("digits", {current: 80, other: 10, "1.2.0": 10}))
-        three = CliRunner().invoke(
-            cli, ["export", "kserve", "digits", "--from-split", "--out", str(tmp_path), *arguments]
-        )
+        three = CliRunner().invoke(cli, arguments)
         assert three.exit_code == 2 and "two revisions" in three.output
     finally:
         splits.remove_split(state, "digits")
