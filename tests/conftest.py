@@ -156,12 +156,16 @@ def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -
     return store
 
 
-def start_server(store: Path, workdir: Path, base_config: Path = REPO / "config.properties") -> server.ServerState:
+def start_server(
+    store: Path, workdir: Path, proxy: bool = False, base_config: Path = REPO / "config.properties"
+) -> server.ServerState:
+    """A TorchServe on free loopback ports; with `proxy`, the traffic-split nginx in front on another one."""
     settings = server.ServerSettings(
         base_config=base_config,
         model_store=store,
         workdir=workdir,
         ports={api: server.free_port() for api in server.DEFAULT_PORTS},
+        proxy_port=server.free_port() if proxy else None,
     )
     return server.start(settings)
 

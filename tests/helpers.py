@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FakeContext, extracted_archive, requests_for
 from digits import DigitsHandler
 from image_classifier import ImageClassifierHandler
@@ -185,3 +187,22 @@ def same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> bo
 
 def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5) -> None:
     assert same_prediction(answer, expected, tolerance), (answer, expected)
+
+
+ALERTS = Path(__file__).resolve().parents[1] / "deploy" / "alerts.yml"
+PROMQL_WORDS = {"sum", "by", "rate", "on", "group_left", "changes", "m", "model_name", "model_version"}
+
+
+def alert_rules() -> dict[str, dict]:
+    """deploy/alerts.yml's rules by alert name."""
+    return {rule["alert"]: rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
+
+
+def metric_names(expression: str) -> set[str]:
+    """The metrics a PromQL expression reads: identifiers outside label matchers, ranges and quotes."""
+    bare = re.sub(r"\[[^\]]*\]", "", re.sub(r"\{[^}]*\}", "", re.sub(r'"[^"]*"', "", expression)))
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", bare)) - PROMQL_WORDS
+
+
+def alerted_metrics() -> set[str]:
+    return {name for rule in alert_rules().values() for name in metric_names(rule["expr"])}
