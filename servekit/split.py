@@ -283,3 +283,32 @@ def kserve_canary(split: Split, default: str | None) -> tuple[str, int, list[str
     if split.mirror_version:
         dropped.append(f"the {split.mirror_percent} % mirror to {split.mirror_version} (KServe has no mirroring)")
     return others[0], live[others[0]], dropped
+
+
+# What `servekit split NAME` prints ----------------------------------------------------------------------------------
+TABLE_HEADERS = ["version", "share", "proxied", "5xx", "err", "p50", "p99", "served", "mean", "queue"]
+TABLE_CAPTION = "proxied/5xx/p50/p99 (ms): nginx access log; served/mean/queue (ms): TorchServe's counters"
+
+
+def describe(split: Split) -> str:
+    return (
+        f"{split.name}: {' '.join(f'{v}={w}' for v, w in split.branches.items())}"
+        + (f", sticky on {split.sticky_header}" if split.sticky_header else ", spread by request id")
+        + (f", mirror {split.mirror_version}={split.mirror_percent}" if split.mirror_version else "")
+    )
+
+
+def table_rows(split: Split, rows: list[BranchFigures]) -> list[list[str]]:
+    return [
+        [
+            row.version,
+            f"{row.weight}%" if row.version in split.branches else f"m{split.mirror_percent}%",
+            str(row.proxied),
+            str(row.errors),
+            f"{row.error_rate:.1%}",
+            *(fmt_ms(value) for value in (row.p50_ms, row.p99_ms)),
+            str(row.served),
+            *(fmt_ms(value) for value in (row.mean_ms, row.queue_ms)),
+        ]
+        for row in rows
+    ]
