@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from servekit.errors import ServerError, UsageError
+from servekit.processes import stop_process_tree
 
 MIN_NGINX = (1, 27)  # keepalive_min_timeout: without it, every reload under load closed idle keep-alive connections
 VERSION_HEADER = "X-Servekit-Version"
@@ -430,16 +431,7 @@ def stop(config: ProxyConfig, pid: int, timeout_s: float = 15.0) -> bool:
     master = nginx_process(pid, config)
     if master is None:
         return False
-    workers = master.children()
-    master.terminate()
-    try:
-        master.wait(timeout_s)
-    except psutil.TimeoutExpired:
-        master.kill()
-        master.wait(5)
-    _, alive = psutil.wait_procs(workers, timeout=5)
-    for worker in alive:
-        worker.kill()
+    stop_process_tree(master, timeout_s)
     config.pid_path.unlink(missing_ok=True)
     return True
 

@@ -24,6 +24,7 @@ import psutil
 from servekit import proxy
 from servekit.client import SERVER_STATE_FILE, Endpoints, ServeClient
 from servekit.errors import ApiError, ServerError, UsageError
+from servekit.processes import stop_process_tree
 
 KEY_FILE = "key_file.json"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
@@ -369,18 +370,3 @@ def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
     (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)
     (workdir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     return bool(frontends)
-
-
-def stop_process_tree(process: psutil.Process, timeout_s: float) -> None:
-    """Terminates a frontend, then kills it and its workers if they outlive `timeout_s` (workers 10 s more)."""
-    workers = process.children(recursive=True)
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    except psutil.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    for worker in alive:
-        worker.kill()
-    psutil.wait_procs(alive, timeout=5)

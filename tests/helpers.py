@@ -3,24 +3,138 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
+import threading
+import time
 import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import FakeContext, extracted_archive, requests_for
 from digits import DigitsHandler
 from image_classifier import ImageClassifierHandler
 from PIL import Image
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 from ts.context import Context, RequestProcessor
+
+from servekit import server
+from servekit.archive import build_archive
+from servekit.client import ServeClient
+from servekit.inprocess import worker_value
+from servekit.processes import stop_process_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeRequestStatus:
+    def __init__(self):
+        self.code, self.phrase = None, None
+
+
+class FakeContext:
+    """The parts of ts.context.Context that handlers use, recording per-request statuses."""
+
+    def __init__(self, model_dir: Path, manifest: dict, yaml_config: dict | None = None, gpu_id: int | None = None):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": 4}
+        self.manifest = manifest
+        self.model_yaml_config = yaml_config or {}
+        self.metrics = None
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.content_types: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value
+
+    def get_request_header(self, idx: int, name: str):
+        """As TorchServe: each body parameter maps to {"content-type": ...}."""
+        if idx in self.content_types and name in ("body", "data"):
+            return {"content-type": self.content_types[idx]}
+        return None
+
+
+def extracted_archive(archive: Path, folder: Path) -> FakeContext:
+    """Unpacks a .mar as TorchServe does and returns a context with its manifest and model-config.yaml."""
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(folder)
+    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+    return FakeContext(folder, manifest, yaml.safe_load((folder / "model-config.yaml").read_text()))
+
+
+def requests_for(bodies: list[tuple[bytes, str]], context: FakeContext) -> list[dict]:
+    """TorchServe's request list for (body, content type) pairs, with the context knowing the content types."""
+    context.content_types = {i: content_type for i, (_, content_type) in enumerate(bodies)}
+    return [{"body": worker_value(body, content_type)} for body, content_type in bodies]
+
+
+def png_header_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 1-bit PNG of width x height black pixels in about 50 KB: it decodes to `width * height` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bad_inputs(good_png: bytes) -> dict[str, tuple[bytes, str]]:
+    """Each case a body and its content type, all of which must be answered 400 with a JSON error."""
+    row = [0.5] * 28
+    return {
+        "not_an_image": (b"this is not an image at all", "application/octet-stream"),
+        "truncated_png": (good_png[: len(good_png) // 2], "image/png"),
+        "empty_body": (b"", "application/octet-stream"),
+        "png_20000x20000": (png_header_bomb(), "image/png"),
+        "json_wrong_shape": (json.dumps({"input": [row] * 27}).encode(), "application/json"),
+        "json_ragged": (json.dumps({"input": [row] * 27 + [[0.5]]}).encode(), "application/json"),
+        "json_nan": (
+            b'{"input": [' + b",".join([json.dumps(row).encode()] * 27) + b", [NaN" + b", 0.5" * 27 + b"]]}",
+            "application/json",
+        ),
+        "json_out_of_range": (json.dumps({"input": [[255.0] * 28] * 28}).encode(), "application/json"),
+        "json_strings": (json.dumps({"input": [["a"] * 28] * 28}).encode(), "application/json"),
+        "json_wrong_key": (json.dumps({"image": [row] * 28}).encode(), "application/json"),
+        "json_empty_inputs": (json.dumps({"inputs": []}).encode(), "application/json"),
+        "json_syntax_error": (b'{"input": [[0.1, 0.2', "application/json"),
+    }
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start_server(
+    store: Path, workdir: Path, proxy: bool = False, base_config: Path = REPO / "config.properties"
+) -> server.ServerState:
+    """A TorchServe on free loopback ports; with `proxy`, the traffic-split nginx in front on another one."""
+    settings = server.ServerSettings(
+        base_config=base_config,
+        model_store=store,
+        workdir=workdir,
+        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
+        proxy_port=server.free_port() if proxy else None,
+    )
+    return server.start(settings)
+
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "sklearn", "torchao")
 PROBE = "\n".join(
@@ -206,3 +320,57 @@ def metric_names(expression: str) -> set[str]:
 
 def alerted_metrics() -> set[str]:
     return {name for rule in alert_rules().values() for name in metric_names(rule["expr"])}
+
+
+class ClientThreads:
+    """`threads` clients, each calling `send(i)` in a loop (i = its offset, then every `threads`-th request) until
+    stopped or `limit_s` has passed; a context manager that starts and joins them."""
+
+    def __init__(self, threads: int, limit_s: float):
+        self.limit_s = limit_s
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+
+    def send(self, i: int) -> None:
+        raise NotImplementedError
+
+    def run(self, offset: int) -> None:
+        deadline = time.monotonic() + self.limit_s
+        i = offset
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.send(i)
+            i += len(self.threads)
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def stop_everything_from(workdir: Path) -> None:
+    """Cleanup that works whatever a test left: the server recorded in `workdir`, then any frontend still running
+    from that folder, by PID."""
+    server.stop(workdir)
+    for process in server.frontends_in(workdir.resolve()):
+        stop_process_tree(process, 10)
+
+
+@contextlib.contextmanager
+def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[server.ServerState]:
+    """A TorchServe whose config.properties adds `extra_config` lines, with digits 1.0.0 registered (one worker)."""
+    store = folder / "store"
+    build_archive("digits", "1.0.0", trained_digits, store)
+    base = folder / "config.properties"
+    base.write_text((REPO / "config.properties").read_text() + extra_config)
+    workdir = folder / "ts"
+    state = start_server(store, workdir, base_config=base)
+    try:
+        ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
+        yield state
+    finally:
+        stop_everything_from(workdir)

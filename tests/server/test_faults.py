@@ -12,20 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import REPO, start_server
+from helpers import REPO, digits_server, start_server, stop_everything_from
 
 from servekit import server
-from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ServerError
-
-
-def stop_everything_from(workdir) -> None:
-    """Cleanup that works whatever the test left: the frontends running from `workdir`, by PID."""
-    server.stop(workdir)
-    for process in server.frontends_in(workdir.resolve()):
-        server.stop_process_tree(process, 10)
 
 
 @pytest.mark.server
@@ -75,17 +67,8 @@ def test_serve_stop_finds_the_server_of_a_truncated_server_json(tmp_path):
 @pytest.fixture
 def small_queue_server(tmp_path, trained_digits):
     """A TorchServe with job_queue_size=4 and digits 1.0.0 (batch size 4, one worker) registered."""
-    store = tmp_path / "store"
-    build_archive("digits", "1.0.0", trained_digits, store)
-    base = tmp_path / "config.properties"
-    base.write_text((REPO / "config.properties").read_text() + "job_queue_size=4\n")
-    workdir = tmp_path / "ts"
-    state = start_server(store, workdir, base_config=base)
-    try:
-        ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
+    with digits_server(tmp_path, trained_digits, "job_queue_size=4\n") as state:
         yield state
-    finally:
-        stop_everything_from(workdir)
 
 
 # Pings /ping every 50 ms from its own process (so 64 client threads here cannot delay it) until stdin closes;

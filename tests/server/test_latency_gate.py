@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import REPO, start_server
+from helpers import REPO, start_server
 
 from servekit import archive, server
 from servekit.archive import HandlerSpec, build_archive

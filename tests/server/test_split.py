@@ -14,8 +14,7 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, start_server
-from helpers import alerted_metrics
+from helpers import REPO, ClientThreads, alerted_metrics, start_server
 
 from servekit import progressive, proxy, registry, server
 from servekit import split as splits
@@ -192,38 +191,23 @@ def test_bad_splits_are_refused_and_leave_the_proxy_untouched(proxied, split, me
     assert (state.proxy_dir / STATE_FILE).read_bytes() == saved
 
 
-class Load:
+class Load(ClientThreads):
     """`threads` clients posting PNGs through the proxy without retries until stopped, recording (status, version)."""
 
     def __init__(self, caller: Caller, pngs: list[bytes], threads: int = 16, limit_s: float = 400.0):
-        self.caller, self.pngs, self.limit_s = caller, pngs, limit_s
+        super().__init__(threads, limit_s)
+        self.caller, self.pngs = caller, pngs
         self.outcomes: list[tuple[int | str, str | None]] = []
         self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
 
-    def run(self, offset: int) -> None:
-        deadline = time.monotonic() + self.limit_s
-        i = offset
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            started = time.time()
-            try:
-                outcome = self.caller.post(self.pngs[i % len(self.pngs)])
-            except requests.RequestException as exc:  # recorded with its times, and the test fails on it
-                outcome = (f"{type(exc).__name__} sent {time.strftime('%X', time.localtime(started))}", None)
-                self.errors.append(f"{exc} after {time.time() - started:.1f} s")
-            self.outcomes.append(outcome)
-            i += len(self.threads)
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+    def send(self, i: int) -> None:
+        started = time.time()
+        try:
+            outcome = self.caller.post(self.pngs[i % len(self.pngs)])
+        except requests.RequestException as exc:  # recorded with its times, and the test fails on it
+            outcome = (f"{type(exc).__name__} sent {time.strftime('%X', time.localtime(started))}", None)
+            self.errors.append(f"{exc} after {time.time() - started:.1f} s")
+        self.outcomes.append(outcome)
 
     def failures(self, excluding: str | None = None) -> list:
         return [o for o in self.outcomes if o[0] != 200 and (excluding is None or o[1] != excluding)]

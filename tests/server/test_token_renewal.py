@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, start_server
+from helpers import digits_server
 
 from servekit import server
-from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.loadgen import run_load
@@ -23,17 +22,8 @@ EXPIRY_S = 6.0
 @pytest.fixture
 def expiring_server(tmp_path, trained_digits):
     """A TorchServe whose keys expire 6 s after they are issued, with digits 1.0.0 registered."""
-    model_store = tmp_path / "store"
-    build_archive("digits", "1.0.0", trained_digits, model_store)
-    base = tmp_path / "config.properties"
-    base.write_text((REPO / "config.properties").read_text() + "token_expiration_min=0.1\n")
-    workdir = tmp_path / "ts"
-    state = start_server(model_store, workdir, base_config=base)
-    try:
-        ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
+    with digits_server(tmp_path, trained_digits, "token_expiration_min=0.1\n") as state:
         yield state
-    finally:
-        server.stop(workdir)
 
 
 def keys_of(state: server.ServerState) -> dict[str, str]:

@@ -8,19 +8,21 @@ import json
 
 import pytest
 import torch
-from conftest import FakeContext, extracted_archive, requests_for
 from digits import DigitsHandler, image_to_tensor
 from helpers import (
     KSERVE_ROUTE,
     POISON,
+    FakeContext,
     assert_same_prediction,
     b64,
+    extracted_archive,
     good_document,
     in_process_handlers,
     malformed,
     plain_answer,
     poison_trained_folder,
     protocol_answers,
+    requests_for,
     rotated_jpeg,
     worker_context,
 )

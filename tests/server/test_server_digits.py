@@ -10,9 +10,8 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from conftest import bad_inputs, start_server
 from digits import image_to_tensor
-from helpers import assert_same_prediction
+from helpers import assert_same_prediction, bad_inputs, start_server
 
 from servekit import server
 from servekit.cli import cli

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import FakeContext, bad_inputs, extracted_archive, png_header_bomb, requests_for
 from digits import DigitsHandler
+from helpers import FakeContext, bad_inputs, extracted_archive, png_header_bomb, requests_for
 from image_classifier import ImageClassifierHandler
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler

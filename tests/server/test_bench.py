@@ -11,8 +11,8 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import extracted_archive, requests_for
 from digits import DigitsHandler
+from helpers import extracted_archive, requests_for
 
 from servekit import bench as benchmarks
 from servekit import metrics, server

@@ -6,16 +6,14 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, FakeContext, extracted_archive, requests_for, start_server
 from digits import DigitsHandler
-from helpers import same_prediction
+from helpers import REPO, ClientThreads, FakeContext, extracted_archive, requests_for, same_prediction, start_server
 
 from servekit import server
 from servekit.archive import build_archive
@@ -94,36 +92,21 @@ def expected_answers(store, version, pngs, folder) -> list[dict]:
     return handler.handle(requests_for([(png, "image/png") for png in pngs], context), context)
 
 
-class Traffic:
+class Traffic(ClientThreads):
     """`threads` clients posting PNGs in a loop until stopped (at most `limit_s`), recording every outcome."""
 
     def __init__(self, client, pngs: list[bytes], threads: int = 8, limit_s: float = 90.0):
-        self.client, self.pngs, self.limit_s = client, pngs, limit_s
+        super().__init__(threads, limit_s)
+        self.client, self.pngs = client, pngs
         self.results: list[tuple[int, float, object]] = []  # (png index, time, answer or exception)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
 
-    def run(self, offset: int) -> None:
-        deadline = time.monotonic() + self.limit_s
-        i = offset
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            index = i % len(self.pngs)
-            try:
-                answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
-            except Exception as exc:  # recorded, and the test fails on it
-                answer = exc
-            self.results.append((index, time.monotonic(), answer))
-            i += len(self.threads)
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+    def send(self, i: int) -> None:
+        index = i % len(self.pngs)
+        try:
+            answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
+        except Exception as exc:  # recorded, and the test fails on it
+            answer = exc
+        self.results.append((index, time.monotonic(), answer))
 
     def failures(self) -> list:
         return [answer for _, _, answer in self.results if isinstance(answer, Exception)]
