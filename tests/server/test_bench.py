@@ -118,9 +118,10 @@ def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, mod
     result = run_load(url, served_digits.auth_headers("inference"), bodies, 4, 6.0, timeout_s=2.0)
     remover.join()
     assert result.ok > 0 and result.errors > 0 and result.requests == result.ok + result.errors
-    # Requests queued when the model goes away are never answered by TorchServe 0.12 (they time out);
-    # later ones get 404. Either way each one is counted as an error.
-    assert set(result.error_statuses) <= {"404", "TimeoutError"}, result.error_statuses
+    # Requests queued when the model goes away are never answered by TorchServe 0.12 (they time out), the ones
+    # its worker holds while it is shut down are answered 500 (seen here: 4 of 2,612), later ones get 404.
+    # Each one is counted as an error.
+    assert set(result.error_statuses) <= {"404", "500", "TimeoutError"}, result.error_statuses
 
 
 @pytest.mark.server
