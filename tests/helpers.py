@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 import yaml
 from digits import DigitsHandler
@@ -374,3 +375,13 @@ def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iter
         yield state
     finally:
         stop_everything_from(workdir)
+
+
+def post_body(client, path: str, body: bytes, content_type: str) -> requests.Response:
+    """A raw POST to the inference address (no retries, any status returned), with the client's inference key."""
+    return requests.post(
+        f"{client.endpoints.inference_url}{path}",
+        data=body,
+        headers={**client.auth_headers("inference"), "Content-Type": content_type},
+        timeout=60,
+    )

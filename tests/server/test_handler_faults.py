@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
-from helpers import POISON, b64, poison_trained_folder, rotated_jpeg
+from helpers import POISON, b64, poison_trained_folder, post_body, rotated_jpeg
 
 from servekit import server
 from servekit.archive import BuildOptions, build_archive
@@ -23,24 +22,17 @@ from servekit.client import read_keys
 pytestmark = pytest.mark.server
 
 
-def post(client, path: str, body: bytes, content_type: str) -> requests.Response:
-    return requests.post(
-        f"{client.endpoints.inference_url}{path}",
-        data=body,
-        headers={**client.auth_headers("inference"), "Content-Type": content_type},
-        timeout=60,
-    )
-
-
 def test_a_phone_photo_of_a_seven_is_read_upright(served_digits, held_out):
     """A held-out seven stored rotated with EXIF Orientation=6 is read as 7, raw and as a KServe v1 instance."""
     sevens = [s.path.read_bytes() for s in held_out if s.label == "7"]
     upright = [
-        png for png in sevens if post(served_digits, "/predictions/digits", png, "image/png").json()["label"] == "7"
+        png
+        for png in sevens
+        if post_body(served_digits, "/predictions/digits", png, "image/png").json()["label"] == "7"
     ]
     photo = rotated_jpeg(upright[0])
-    assert post(served_digits, "/predictions/digits", photo, "image/jpeg").json()["label"] == "7"
-    v1 = post(
+    assert post_body(served_digits, "/predictions/digits", photo, "image/jpeg").json()["label"] == "7"
+    v1 = post_body(
         served_digits,
         "/v1/models/digits:predict",
         json.dumps({"instances": [{"b64": b64(photo)}]}).encode(),
@@ -52,14 +44,14 @@ def test_a_phone_photo_of_a_seven_is_read_upright(served_digits, held_out):
 def test_kserve_routes_answer_without_an_envelope(served_digits, held_out):
     """The issue's "none" row: with no TS_SERVICE_ENVELOPE, the body says the protocol."""
     png = held_out[0].path.read_bytes()
-    v1 = post(
+    v1 = post_body(
         served_digits,
         "/v1/models/digits:predict",
         json.dumps({"instances": [{"data": b64(png)}]}).encode(),
         "application/json",
     )
     v2_body = {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [b64(png)]}]}
-    v2 = post(served_digits, "/v2/models/digits/infer", json.dumps(v2_body).encode(), "application/json")
+    v2 = post_body(served_digits, "/v2/models/digits/infer", json.dumps(v2_body).encode(), "application/json")
     assert v1.status_code == 200 and v1.json()["predictions"][0]["label"] == held_out[0].label
     assert v2.status_code == 200 and v2.json()["outputs"][0]["data"] == [held_out[0].label]
 
@@ -85,7 +77,7 @@ def test_a_poison_input_fails_alone_and_the_worker_survives(served_poison):
     bodies = [json.dumps({"input": sample}).encode() for sample in samples]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(
-            pool.map(lambda body: post(served_poison, "/predictions/poison", body, "application/json"), bodies)
+            pool.map(lambda body: post_body(served_poison, "/predictions/poison", body, "application/json"), bodies)
         )
     shared = 0
     for sample, response in zip(samples, responses, strict=True):
