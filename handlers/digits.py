@@ -4,6 +4,7 @@ A request is either image bytes (PNG, JPEG, ...; any size, converted to 28x28 gr
 dark background as in MNIST, dark-on-light images are inverted) or JSON: `{"input": 28x28 floats in [0, 1]}`
 answers one prediction, `{"inputs": [image, ...]}` answers a list. A prediction is
 `{"label": "7", "index": 7, "probabilities": {"7": 0.98, "1": 0.01, "9": 0.004}}`.
+KServe v1 instances and v2 BYTES elements are base64 images; nested lists (v2: FP32 [n, 28, 28]) are pixels.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 import torch
 from PIL import Image
 from servekit_base import (
+    ClassifierHandler,
     Decoded,
     RequestError,
-    ServekitHandler,
     as_bytes,
-    classification,
+    base64_bytes,
     finite_tensor,
+    instance_value,
     json_items,
     open_image,
     parse_json,
@@ -62,13 +64,10 @@ def json_to_decoded(document: Any, max_inputs: int) -> Decoded:
     return Decoded([json_image(image, f'"{name}"[{i}]' if many else '"input"') for i, image in enumerate(images)], many)
 
 
-class DigitsHandler(ServekitHandler):
+class DigitsHandler(ClassifierHandler):
     """SimpleCNN + labels.json from the archive; images or JSON pixel arrays in."""
 
     content_types = ("image/", "application/json", "application/octet-stream")
-
-    def setup(self) -> None:
-        self.labels = self.read_labels()
 
     def decode_request(self, payload: Any, content_type: str) -> Decoded:
         max_inputs = int(self.config["max_inputs_per_request"])
@@ -81,9 +80,13 @@ class DigitsHandler(ServekitHandler):
             return json_to_decoded(parse_json(raw), max_inputs)
         return Decoded([image_to_tensor(raw, int(self.config["max_image_pixels"]))])
 
-    def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
-        answers = [classification(row, self.labels, int(self.config["top_k"])) for row in outputs]
-        return answers if many else answers[0]
+    def decode_instance(self, value: Any, what: str) -> torch.Tensor:
+        """A base64 image (`"<b64>"`, `{"data": "<b64>"}`, `{"b64": "<b64>"}`) or 28x28 pixels in [0, 1]."""
+        value = instance_value(value, what)
+        if isinstance(value, list):
+            return json_image(value, what)
+        raw = value if isinstance(value, bytes) else base64_bytes(value, what)
+        return image_to_tensor(raw, int(self.config["max_image_pixels"]))
 
     def example_samples(self, count: int) -> list:
         return [torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)] * count

@@ -8,7 +8,19 @@ subclasses `ServekitHandler` and supplies plain hooks, every one callable from a
     encode_response(outputs, many) -> object            one request's rows of outputs -> its JSON answer
 
 `handle` does the rest: a bad request gets its own 4xx JSON answer, the good ones in the same batch are still
-answered with one forward pass, and the worker never dies for a client's mistake.
+answered with one forward pass, and the worker never dies for a client's mistake. When the batched forward
+pass raises, each request is run alone and only the one the model fails on gets a 500.
+
+Besides servekit's own API (`/predictions`), every handler speaks KServe's v1 and v2 (Open Inference)
+protocols on TorchServe's `/v1/models/NAME:predict` and `/v2/models/NAME/infer` routes, through three more hooks:
+
+    decode_instance(value, what) -> sample              one v1 instance (base64 image, nested list, text)
+    decode_v2_input(tensor) -> list[sample]             one v2 input (`V2Tensor`: name, datatype, shape, data)
+    v2_outputs(outputs) -> list[dict]                   one request's rows of outputs -> its v2 output tensors
+
+TorchServe's own `kserve`/`kservev2` envelopes (TS_SERVICE_ENVELOPE) cannot serve a batch (see
+`take_over_envelope`): when the worker wraps a servekit handler in one, the handler unwraps it and does the
+envelope's job itself, per request.
 
 The archive's `model-config.yaml` drives everything under its `handler:` section: the model `format`
 (state_dict, torchscript, export, aoti, onnx), limits, allowed content types, `compile`, `warmup`.
@@ -16,11 +28,15 @@ The archive's `model-config.yaml` drives everything under its `handler:` section
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib.util
 import io
 import json
 import logging
+import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
@@ -45,6 +61,12 @@ DEFAULT_CONFIG = {
 }
 MODEL_FORMATS = ("state_dict", "torchscript", "export", "aoti", "onnx")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# TorchServe's TS_SERVICE_ENVELOPE values (KServe sets them from the serviceEnvelope label) -> the protocol spoken.
+ENVELOPE_PROTOCOLS = {"kserve": "v1", "kservev2": "v2"}
+# Open Inference Protocol datatypes servekit reads, and the JSON values each allows.
+V2_INTEGER_TYPES = ("UINT8", "INT8", "INT16", "INT32", "INT64")
+V2_FLOAT_TYPES = ("FP16", "FP32", "FP64")
+V2_DATATYPES = (*V2_INTEGER_TYPES, *V2_FLOAT_TYPES, "BYTES")
 
 
 class RequestError(Exception):
@@ -56,16 +78,50 @@ class RequestError(Exception):
         self.detail = detail
         self.status = status
 
-    def body(self) -> dict:
+    def body(self, protocol: str = "plain") -> dict:
+        """servekit's error object, or KServe v1/v2's `{"error": message}`."""
+        if protocol != "plain":
+            return {"error": f"{self.error}: {self.detail}"}
         return {"code": self.status, "error": self.error, "detail": self.detail}
 
 
 @dataclass
+class V2Tensor:
+    """One input of a KServe v2 request, its `data` flattened in row-major order and checked against `shape`."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list
+
+    def rows(self) -> list:
+        """The instances along the first dimension: a string each for BYTES [n] (or [n, 1]), else nested lists."""
+        count = self.shape[0] if self.shape else 1
+        row_size = len(self.data) // count if count else 0
+        rows = [self.data[i * row_size : (i + 1) * row_size] for i in range(count)]
+        if self.datatype == "BYTES" and row_size == 1:
+            return [row[0] for row in rows]
+        return [nested(row, self.shape[1:]) for row in rows]
+
+
+@dataclass
+class V2Request:
+    """A parsed KServe v2 request: its inputs, its `id`, and the output names it asked for (None: all)."""
+
+    inputs: list[V2Tensor]
+    request_id: str | None = None
+    output_names: list[str] | None = None
+
+
+@dataclass
 class Decoded:
-    """One request's samples, each ready for `collate`; `many` says the client sent a list."""
+    """One request's samples, each ready for `collate`; `many` says the client sent a list; `protocol` is
+    "plain" (servekit's API), "v1" or "v2" (KServe's), `v2` the parsed v2 request."""
 
     samples: list = field(default_factory=list)
     many: bool = False
+    protocol: str = "plain"
+    v2: V2Request | None = None
 
 
 # Reading requests ---------------------------------------------------------------------------------------------
@@ -132,7 +188,8 @@ def parse_json(payload: Any) -> Any:
 
 
 def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes fully, refusing decompression bombs before any pixel is allocated."""
+    """Decode image bytes fully and upright (EXIF orientation applied), refusing decompression bombs before any
+    pixel is allocated."""
     try:
         image = Image.open(io.BytesIO(raw))
         width, height = image.size
@@ -141,6 +198,8 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
                 "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
             )
         image.load()
+        # Phones store portrait photos rotated with an EXIF Orientation tag: apply it before anything else.
+        ImageOps.exif_transpose(image, in_place=True)
     except RequestError:
         raise
     except Image.DecompressionBombError as exc:
@@ -161,9 +220,35 @@ def json_items(document: Any, one: str, many: str, max_items: int, expected: str
     items = document[many]
     if not isinstance(items, list) or not items:
         raise RequestError("invalid_json", f'"{many}" must be a non-empty list; expected {expected}')
-    if len(items) > max_items:
-        raise RequestError("too_many_inputs", f'"{many}" has {len(items)} items; the limit is {max_items}', 413)
+    check_count(len(items), f'"{many}"', max_items)
     return items, True
+
+
+def check_count(count: int, what: str, max_items: int) -> None:
+    """One request may hold at most `max_items` samples (handler.max_inputs_per_request): 413 beyond."""
+    if count > max_items:
+        raise RequestError("too_many_inputs", f"{what} has {count} items; the limit is {max_items}", 413)
+
+
+def base64_bytes(value: Any, what: str) -> bytes:
+    """The bytes of a base64 string (a `data:...;base64,` URL prefix is allowed)."""
+    if not isinstance(value, str) or not value:
+        raise RequestError("invalid_json", f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError("invalid_base64", f"{what} is not valid base64: {exc}") from None
+
+
+def instance_value(value: Any, what: str) -> Any:
+    """A KServe v1 instance's content: `{"b64": "<base64>"}` -> the decoded bytes (KServe's binary convention),
+    `{"data": x}` -> x (TorchServe's examples), anything else as sent (a string, nested lists)."""
+    if not isinstance(value, dict):
+        return value
+    keys = sorted(value.keys() & {"b64", "data"})
+    if len(keys) != 1:
+        raise RequestError("invalid_input", f'{what} must be {{"data": ...}}, {{"b64": ...}}, a list or a string')
+    return base64_bytes(value["b64"], what) if keys[0] == "b64" else value["data"]
 
 
 def finite_tensor(value: Any, what: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -189,6 +274,160 @@ def _is_numeric_tree(value: Any, allow_float: bool = True, depth: int = 0) -> bo
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (allow_float and isinstance(value, float))
+
+
+# KServe v1 and v2 (Open Inference) protocols -------------------------------------------------------------------
+def request_header(context, idx: int, name: str) -> Any:
+    try:
+        return context.get_request_header(idx, name)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def request_protocol(context, idx: int, envelope: str | None, payload: Any) -> str:
+    """ "plain" for servekit's own API, "v1" or "v2" for KServe's routes.
+
+    TorchServe 0.12's frontend marks `/predictions` requests with a `url_path` header and its KServe routes
+    (`/v1/models/NAME:predict`, `/v2/models/NAME/infer`) with an `explain` header alone; gRPC requests carry
+    neither and are served as `/predictions`. On a KServe route the envelope names the protocol; without one, a
+    body with "inputs" is v2 and anything else v1.
+    """
+    if request_header(context, idx, "url_path") is not None or request_header(context, idx, "explain") is None:
+        return "plain"
+    if envelope in ENVELOPE_PROTOCOLS:
+        return ENVELOPE_PROTOCOLS[envelope]
+    return "v2" if isinstance(payload, dict) and "inputs" in payload else "v1"
+
+
+def v1_instances(document: Any, max_items: int) -> list:
+    """The instances of a KServe v1 request `{"instances": [...]}`."""
+    instances = document.get("instances") if isinstance(document, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise RequestError("invalid_request", 'a v1 request is {"instances": [instance, ...]} with 1 or more instances')
+    check_count(len(instances), '"instances"', max_items)
+    return instances
+
+
+def flat_values(data: Any, what: str, depth: int = 0) -> list:
+    """A v2 tensor's data in row-major order, whether the client sent it flat or nested."""
+    if depth > 8:
+        raise RequestError("invalid_input", f"{what} nests data deeper than 8 levels")
+    values = []
+    for value in data:
+        if isinstance(value, list):
+            values.extend(flat_values(value, what, depth + 1))
+        else:
+            values.append(value)
+    return values
+
+
+def nested(values: list, dims: list[int]) -> list:
+    """Row-major `values` as nested lists of shape `dims` (the inverse of flat_values)."""
+    if len(dims) <= 1:
+        return list(values)
+    step = len(values) // dims[0] if dims[0] else 0
+    return [nested(values[i * step : (i + 1) * step], dims[1:]) for i in range(dims[0])]
+
+
+def values_match(datatype: str, values: list) -> bool:
+    if datatype == "BYTES":
+        return all(isinstance(v, str) for v in values)
+    if datatype in V2_INTEGER_TYPES:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def v2_input(item: Any, position: int) -> V2Tensor:
+    """One element of a v2 request's "inputs", checked: name, a known datatype, a shape its data fills exactly."""
+    what = f"inputs[{position}]"
+    if not isinstance(item, dict):
+        raise RequestError("invalid_request", f'{what} must be {{"name", "shape", "datatype", "data"}}')
+    missing = [key for key in ("name", "shape", "datatype", "data") if key not in item]
+    if missing:
+        raise RequestError("invalid_request", f"{what} lacks {', '.join(missing)}")
+    name, datatype, shape, data = item["name"], item["datatype"], item["shape"], item["data"]
+    if not isinstance(name, str) or not name:
+        raise RequestError("invalid_request", f"{what}.name must be a non-empty string")
+    what = f'input "{name}"'
+    if datatype not in V2_DATATYPES:
+        known = ", ".join(V2_DATATYPES)
+        raise RequestError("invalid_datatype", f"{what} has datatype {datatype!r}; servekit reads {known}")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
+        raise RequestError("invalid_shape", f"{what} has shape {shape!r}; expected a list of positive integers")
+    if not isinstance(data, list):
+        raise RequestError("invalid_request", f"{what}.data must be a list")
+    values = flat_values(data, what)
+    if len(values) != math.prod(shape):
+        raise RequestError(
+            "invalid_shape", f"{what} has shape {shape} ({math.prod(shape)} values) but {len(values)} values in data"
+        )
+    if not values_match(datatype, values):
+        kind = "strings" if datatype == "BYTES" else "integers" if datatype in V2_INTEGER_TYPES else "numbers"
+        raise RequestError("invalid_datatype", f"{what} is {datatype}, so its data must be {kind}")
+    return V2Tensor(name, datatype, shape, values)
+
+
+def v2_request(document: Any, max_items: int, output_names: tuple[str, ...]) -> V2Request:
+    """A KServe v2 request `{"id"?, "inputs": [...], "outputs"?: [{"name"}]}`, checked; each input's first
+    dimension counts instances, at most `max_items` in all."""
+    inputs = document.get("inputs") if isinstance(document, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(
+            "invalid_request", 'a v2 request is {"inputs": [{"name", "shape", "datatype", "data"}, ...]}, 1 or more'
+        )
+    check_count(len(inputs), '"inputs"', max_items)
+    tensors = [v2_input(item, i) for i, item in enumerate(inputs)]
+    check_count(sum(t.shape[0] for t in tensors), "the request", max_items)
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError("invalid_request", '"id" must be a string')
+    requested = document.get("outputs")
+    names = None
+    if requested is not None:
+        if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+            raise RequestError("invalid_request", '"outputs" must be a list of {"name": ...}')
+        names = [o["name"] for o in requested]
+        unknown = [n for n in names if n not in output_names]
+        if unknown:
+            raise RequestError("invalid_request", f"unknown outputs {unknown}; this model has {list(output_names)}")
+    return V2Request(tensors, request_id, names)
+
+
+def v2_tensor(name: str, datatype: str, data: torch.Tensor | list) -> dict:
+    """One v2 output tensor: its data flattened in row-major order, as the protocol sends it."""
+    if isinstance(data, torch.Tensor):
+        return {"name": name, "datatype": datatype, "shape": list(data.shape), "data": data.flatten().tolist()}
+    return {"name": name, "datatype": datatype, "shape": [len(data)], "data": list(data)}
+
+
+def take_over_envelope(handler: Any) -> str | None:
+    """Unwraps TorchServe's kserve/kservev2 envelope from around `handler.handle`; returns the envelope's name.
+
+    TorchServe 0.12 wraps the handler of every model in the TS_SERVICE_ENVELOPE envelope. Those envelopes read
+    only the first request of a batch and answer one response for the whole batch (TorchServe then fails every
+    request of a batch of 2 or more with 503 "number of batch response mismatched"), fail the batch on one
+    malformed body, and reshape answers (kservev2 flattens them into one BYTES tensor). So the handler does the
+    envelope's job itself, per request (`request_protocol`), and TorchServe calls its `handle` directly. Called
+    from `initialize`, which TorchServe's model loader runs after wrapping: the loader's frame holds the service.
+    """
+    from ts.torch_handler.request_envelope.base import BaseEnvelope
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            envelope = getattr(getattr(value, "_entry_point", None), "__self__", None)
+            if isinstance(envelope, BaseEnvelope) and getattr(envelope._handle_fn, "__self__", None) is handler:
+                name = type(envelope).__module__.rsplit(".", 1)[-1]
+                if name in ENVELOPE_PROTOCOLS:
+                    value._entry_point = envelope._handle_fn
+                    logger.info("serving KServe %s without TorchServe's %s envelope", ENVELOPE_PROTOCOLS[name], name)
+                return name
+        frame = frame.f_back
+    return None
 
 
 # Answers --------------------------------------------------------------------------------------------------------
@@ -312,15 +551,25 @@ class HandlerMetrics:
             logger.warning("could not record metric %s", name, exc_info=True)
 
 
+def model_failure(exc: Exception) -> RequestError:
+    """The answer to a request whose input the model raised on (logged with its traceback)."""
+    logger.warning("the model failed on one request's input", exc_info=exc)
+    message = (str(exc).strip().splitlines() or [""])[-1]  # TorchScript puts its own traceback first
+    detail = f"the model raised {type(exc).__name__} on this input: {message[:200]}"
+    return RequestError("inference_failed", detail, 500)
+
+
 # The handler ----------------------------------------------------------------------------------------------------
 class ServekitHandler(BaseHandler):
     """Batch loop with per-request errors; subclasses decode, collate and encode."""
 
     content_types: tuple[str, ...] = ("application/json",)
+    v2_output_names: tuple[str, ...] = ("output",)
 
     def initialize(self, context) -> None:
         properties = context.system_properties
         self.context = context
+        self.envelope = take_over_envelope(self)
         self.model_dir = Path(properties["model_dir"])
         self.manifest = context.manifest or {}
         yaml_config = getattr(context, "model_yaml_config", None) or {}
@@ -359,6 +608,23 @@ class ServekitHandler(BaseHandler):
 
     def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
         raise NotImplementedError
+
+    def decode_instance(self, value: Any, what: str) -> Any:
+        """One KServe v1 instance (also each instance of a v2 input, see `decode_v2_input`) -> one sample."""
+        raise RequestError("unsupported_protocol", f"{type(self).__name__} does not implement decode_instance", 501)
+
+    def decode_v2_input(self, tensor: V2Tensor) -> list:
+        """One v2 input -> its samples: each instance along the first dimension, decoded like a v1 instance (a
+        BYTES element, or the nested lists of one row of a numeric tensor)."""
+        return [self.decode_instance(row, f'input "{tensor.name}"[{i}]') for i, row in enumerate(tensor.rows())]
+
+    def encode_predictions(self, outputs: torch.Tensor) -> list:
+        """One answer per row of outputs: the v1 `predictions`."""
+        return [row.tolist() for row in outputs]
+
+    def v2_outputs(self, outputs: torch.Tensor) -> list[dict]:
+        """One request's rows of outputs -> its v2 output tensors (named in `v2_output_names`)."""
+        return [v2_tensor("output", "FP32", outputs.float())]
 
     def example_samples(self, count: int) -> list:
         """Inputs for warm-up passes."""
@@ -416,19 +682,20 @@ class ServekitHandler(BaseHandler):
         answers: list[Any] = [None] * len(data)
         accepted: list[tuple[int, Decoded]] = []
         for idx, request in enumerate(data):
+            protocol = request_protocol(context, idx, self.envelope, request.get("body", request.get("data")))
             try:
-                accepted.append((idx, self.decode_one(context, idx, request)))
+                accepted.append((idx, self.decode_one(context, idx, request, protocol)))
             except RequestError as exc:
-                answers[idx] = self.reject(context, idx, exc)
+                answers[idx] = self.reject(context, idx, exc, protocol)
         decoded_at = time.perf_counter()
-        samples = [sample for _, decoded in accepted for sample in decoded.samples]
-        outputs = self.forward(self.collate(samples)) if samples else None
+        results = self.infer([decoded for _, decoded in accepted])
         inferred_at = time.perf_counter()
-        start = 0
-        for idx, decoded in accepted:
-            count = len(decoded.samples)
-            answers[idx] = self.encode_response(outputs[start : start + count], decoded.many)
-            start += count
+        for (idx, decoded), result in zip(accepted, results, strict=True):
+            if isinstance(result, RequestError):
+                answers[idx] = self.reject(context, idx, result, decoded.protocol)
+            else:
+                answers[idx] = self.encode(context, idx, decoded, result)
+        samples = sum(len(decoded.samples) for _, decoded in accepted)
         timings = {
             "preprocess_ms": round((decoded_at - started) * 1000, 3),
             "inference_ms": round((inferred_at - decoded_at) * 1000, 3),
@@ -438,11 +705,11 @@ class ServekitHandler(BaseHandler):
         metrics.record("ServekitPreprocessMs", timings["preprocess_ms"])
         metrics.record("ServekitInferenceMs", timings["inference_ms"])
         metrics.record("ServekitPostprocessMs", timings["postprocess_ms"])
-        metrics.record("ServekitBatchSize", len(samples))
+        metrics.record("ServekitBatchSize", samples)
         if len(accepted) < len(data):
             metrics.record("ServekitRejectedRequests", len(data) - len(accepted))
         for idx, _ in accepted:  # what this request's batch cost the model, for clients comparing versions
-            context.set_response_header(idx, "X-Servekit-Batch-Samples", str(len(samples)))
+            context.set_response_header(idx, "X-Servekit-Batch-Samples", str(samples))
             context.set_response_header(idx, "X-Servekit-Inference-Ms", f"{timings['inference_ms']:.3f}")
         request_ids = getattr(context, "request_ids", None) or {}
         logger.info(
@@ -453,7 +720,7 @@ class ServekitHandler(BaseHandler):
                     "version": self.model_version,
                     "request_ids": [request_ids.get(i) for i in range(len(data))],
                     "requests": len(data),
-                    "samples": len(samples),
+                    "samples": samples,
                     "rejected": len(data) - len(accepted),
                     **timings,
                 }
@@ -461,8 +728,42 @@ class ServekitHandler(BaseHandler):
         )
         return answers
 
-    def decode_one(self, context, idx: int, request: dict) -> Decoded:
+    def infer(self, requests: list[Decoded]) -> list[torch.Tensor | RequestError]:
+        """Each request's rows of outputs, from one forward pass over the batch. When that pass raises, each request
+        runs alone: an input the model fails on costs its own request a 500, never its neighbours' answers."""
+        samples = [sample for decoded in requests for sample in decoded.samples]
+        if not samples:
+            return []
+        try:
+            outputs = self.forward(self.collate(samples))
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # TorchServe answers 507 for the batch
+        except Exception as exc:
+            if len(requests) == 1:
+                return [model_failure(exc)]
+            logger.warning("the forward pass of a batch failed; running its %d requests alone", len(requests))
+            return [self.infer_alone(decoded) for decoded in requests]
+        return list(outputs.split([len(decoded.samples) for decoded in requests]))
+
+    def infer_alone(self, decoded: Decoded) -> torch.Tensor | RequestError:
+        try:
+            return self.forward(self.collate(decoded.samples))
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            return model_failure(exc)
+
+    def decode_one(self, context, idx: int, request: dict, protocol: str = "plain") -> Decoded:
         payload = request_payload(request)
+        max_items = int(self.config["max_inputs_per_request"])
+        if protocol == "v1":
+            instances = v1_instances(parse_json(payload), max_items)
+            samples = [self.decode_instance(value, f"instance {i}") for i, value in enumerate(instances)]
+            return Decoded(samples, many=True, protocol="v1")
+        if protocol == "v2":
+            request_v2 = v2_request(parse_json(payload), max_items, self.v2_output_names)
+            samples = [sample for tensor in request_v2.inputs for sample in self.decode_v2_input(tensor)]
+            return Decoded(samples, many=True, protocol="v2", v2=request_v2)
         content_type = request_content_type(context, idx, request, payload)
         if not content_type_allowed(content_type, self.allowed_content_types):
             raise RequestError(
@@ -478,8 +779,51 @@ class ServekitHandler(BaseHandler):
             )
         return self.decode_request(payload, content_type)
 
+    def encode(self, context, idx: int, decoded: Decoded, outputs: torch.Tensor) -> Any:
+        """One request's answer in its protocol."""
+        if decoded.protocol == "v1":
+            return {"predictions": self.encode_predictions(outputs)}
+        if decoded.protocol == "v2":
+            tensors = self.v2_outputs(outputs)
+            if decoded.v2.output_names is not None:
+                tensors = [t for t in tensors if t["name"] in decoded.v2.output_names]
+            request_ids = getattr(context, "request_ids", None) or {}
+            return {
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "id": decoded.v2.request_id or request_ids.get(idx) or "",
+                "outputs": tensors,
+            }
+        return self.encode_response(outputs, decoded.many)
+
     @staticmethod
-    def reject(context, idx: int, exc: RequestError) -> dict:
+    def reject(context, idx: int, exc: RequestError, protocol: str = "plain") -> dict:
         logger.info("request %s rejected with %s: %s", idx, exc.status, exc.detail)
         context.set_response_status(exc.status, HTTPStatus(exc.status).phrase, idx)
-        return exc.body()
+        return exc.body(protocol)
+
+
+class ClassifierHandler(ServekitHandler):
+    """Models whose outputs are logits over the archive's labels.json: each answer is the label, its index and the
+    top-k probabilities (`handler.top_k`); in v2, tensors `label` [n], `index` [n] and `probabilities` [n, classes]."""
+
+    v2_output_names = ("label", "index", "probabilities")
+
+    def setup(self) -> None:
+        self.labels = self.read_labels()
+
+    def encode_predictions(self, outputs: torch.Tensor) -> list:
+        return [classification(row, self.labels, int(self.config["top_k"])) for row in outputs]
+
+    def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
+        answers = self.encode_predictions(outputs)
+        return answers if many else answers[0]
+
+    def v2_outputs(self, outputs: torch.Tensor) -> list[dict]:
+        probabilities = torch.softmax(outputs.float(), dim=-1)
+        indices = probabilities.argmax(dim=-1)
+        return [
+            v2_tensor("label", "BYTES", [self.labels[i] for i in indices.tolist()]),
+            v2_tensor("index", "INT64", indices),
+            v2_tensor("probabilities", "FP32", probabilities),
+        ]

@@ -4,6 +4,8 @@ JSON `{"input": sample}` answers `{"output": [...]}`; `{"inputs": [sample, ...]}
 `{"outputs": [[...], ...]}`. A raw `application/octet-stream` body holds one or more samples as packed
 little-endian values of the declared dtype (no JSON parsing: the cheapest way in) and answers `{"outputs": ...}`.
 Each sample must have exactly `handler.input_shape`; wrong shape or dtype, NaN and Infinity get 400.
+KServe v1 instances are samples as nested lists; v2 inputs are numeric tensors [n, *input_shape], answered by
+one FP32 tensor `output` [n, *output_shape].
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ import math
 from typing import Any
 
 import torch
-from servekit_base import Decoded, RequestError, ServekitHandler, as_bytes, finite_tensor, json_items, parse_json
+from servekit_base import (
+    Decoded,
+    RequestError,
+    ServekitHandler,
+    as_bytes,
+    check_count,
+    finite_tensor,
+    instance_value,
+    json_items,
+    parse_json,
+)
 
 DTYPES = {
     "float32": torch.float32,
@@ -70,13 +82,18 @@ class TensorHandler(ServekitHandler):
             )
             return Decoded([self.json_sample(item, f"sample {i}") for i, item in enumerate(items)], many)
         tensor = packed_samples(as_bytes(payload), self.input_shape, self.dtype)
-        if tensor.shape[0] > int(self.config["max_inputs_per_request"]):
-            raise RequestError(
-                "too_many_inputs",
-                f"the body holds {tensor.shape[0]} samples; the limit is {self.config['max_inputs_per_request']}",
-                413,
-            )
+        check_count(tensor.shape[0], "the body", int(self.config["max_inputs_per_request"]))
         return Decoded(list(tensor.split(1)), many=True)
+
+    def decode_instance(self, value: Any, what: str) -> torch.Tensor:
+        """Nested lists of `input_shape`, or `{"b64": ...}` holding one packed sample."""
+        value = instance_value(value, what)
+        if isinstance(value, bytes):
+            samples = packed_samples(value, self.input_shape, self.dtype)
+            if samples.shape[0] != 1:
+                raise RequestError("invalid_shape", f"{what} packs {samples.shape[0]} samples; an instance is one")
+            return samples
+        return self.json_sample(value, what)
 
     def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
         return {"outputs": outputs.tolist()} if many else {"output": outputs[0].tolist()}

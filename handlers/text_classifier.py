@@ -2,6 +2,7 @@
 
 A request is UTF-8 text (`text/plain`) or JSON: `{"text": "..."}` answers one prediction, `{"texts": [...]}` a
 list. Empty text, invalid UTF-8, more than `handler.max_text_chars` characters or `handler.max_tokens` tokens get 400.
+KServe v1 instances are texts (`"..."`, `{"data": "..."}`, or `{"b64": "<base64 UTF-8>"}`); v2 BYTES elements too.
 """
 
 from __future__ import annotations
@@ -9,18 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from servekit_base import Decoded, RequestError, ServekitHandler, as_text, classification, json_items, parse_json
+from servekit_base import ClassifierHandler, Decoded, RequestError, as_text, instance_value, json_items, parse_json
 
 JSON_FORMAT = '{"text": "..."} or {"texts": ["...", ...]}'
 
 
-class TextClassifierHandler(ServekitHandler):
+class TextClassifierHandler(ClassifierHandler):
     """Tokenizes with the archive's vocab.json, pads each batch to its longest text."""
 
     content_types = ("text/plain", "application/json")
 
     def setup(self) -> None:
-        self.labels = self.read_labels()
+        super().setup()
         self.tokenizer = self.definitions.Tokenizer.load(self.model_dir / "vocab.json")
         self.max_tokens = int(self.config.get("max_tokens", 64))
         self.max_chars = int(self.config.get("max_text_chars", 2000))
@@ -45,12 +46,17 @@ class TextClassifierHandler(ServekitHandler):
             return Decoded([self.token_ids(item, f"text {i}") for i, item in enumerate(items)], many)
         return Decoded([self.token_ids(as_text(payload), "the text")])
 
+    def decode_instance(self, value: Any, what: str) -> list[int]:
+        value = instance_value(value, what)
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RequestError("invalid_text", f"{what} is not valid UTF-8: {exc}") from None
+        return self.token_ids(value, what)
+
     def collate(self, samples: list) -> torch.Tensor:
         return self.definitions.pad_batch(samples)
-
-    def encode_response(self, outputs: torch.Tensor, many: bool) -> Any:
-        answers = [classification(row, self.labels, int(self.config["top_k"])) for row in outputs]
-        return answers if many else answers[0]
 
     def example_samples(self, count: int) -> list:
         return [[self.tokenizer.CLS] + [self.tokenizer.UNK] * 8] * count

@@ -34,15 +34,16 @@ def wall_s(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def bare_register_s(client: ServeClient, archive: str, name: str, version: str, workers: int) -> float:
-    """TorchServe's own register-to-ready: the synchronous management call, then READY as TorchServe reports it."""
+def bare_register_s(client: ServeClient, archive: str, name: str, version: str) -> float:
+    """TorchServe's own register-to-ready: the synchronous management call, then the archive's minWorkers READY as
+    TorchServe reports them."""
     started = time.perf_counter()
-    client.register(archive, initial_workers=workers)
-    wait_until_ready(client, name, version, workers)
+    client.register(archive)
+    wait_until_ready(client, name, version)
     return time.perf_counter() - started
 
 
-def prepare_store(store: Path, image_size: int) -> list[tuple[str, str, int]]:
+def prepare_store(store: Path, image_size: int) -> list[tuple[str, str]]:
     from servekit.train import train_digits, train_image
 
     digits = Workspace().trained("digits")
@@ -52,7 +53,7 @@ def prepare_store(store: Path, image_size: int) -> list[tuple[str, str, int]]:
     image = store / "work" / "image"
     train_image(image, "resnet18", image_size=image_size, epochs=0)
     build_archive("image", "1.0.0", image, store, handler="image")
-    return [("digits", "1.0.0", 2), ("image", "1.0.0", 1)]
+    return [("digits", "1.0.0"), ("image", "1.0.0")]
 
 
 def main() -> None:
@@ -74,17 +75,16 @@ def main() -> None:
         ):
             times = [wall_s(command) for _ in range(args.repeats)]
             print(f"{label:<28} median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
-        for name, version, workers in models:
+        for name, version in models:
             bare, cli = [], []
             for _ in range(args.repeats):
-                bare.append(bare_register_s(client, f"{name}-{version}.mar", name, version, workers))
+                bare.append(bare_register_s(client, f"{name}-{version}.mar", name, version))
                 client.unregister(name, version)
-                register = [*SERVEKIT, "register", name, "--version", version, "--workers", str(workers)]
-                cli.append(wall_s([*register, "--workdir", str(workdir)]))
+                cli.append(wall_s([*SERVEKIT, "register", name, "--version", version, "--workdir", str(workdir)]))
                 client.unregister(name, version)
             b, c = statistics.median(bare), statistics.median(cli)
             print(
-                f"register {name} ({workers} worker(s)): servekit {c:.2f} s, bare TorchServe {b:.2f} s, "
+                f"register {name}: servekit {c:.2f} s, bare TorchServe {b:.2f} s, "
                 f"servekit - bare {c - b:+.2f} s (medians of {args.repeats}, alternating)"
             )
         print(f"load after: {Path('/proc/loadavg').read_text().split()[:3]}")

@@ -18,9 +18,10 @@ from types import ModuleType
 import yaml
 
 from servekit import __version__
-from servekit.catalog import Catalog, CatalogEntry, check_name_version, sha256_file, utc_now
+from servekit.catalog import Catalog, CatalogEntry, sha256_file, utc_now
 from servekit.errors import ArchiveError, UsageError
 from servekit.heldout import HELD_OUT_INDEX, read_held_out, write_bodies
+from servekit.names import check_name_version
 from servekit.server import check_max_batch_delay
 from servekit.workspace import (
     FORMAT_FILES,
@@ -255,9 +256,9 @@ def build_archive(
     The lineage parent defaults to the highest cataloged version below this one. Up to GOLDEN_SAMPLES held-out
     samples of the trained folder are kept in `store/golden/NAME-VERSION/`: rollouts smoke-test with them.
     """
+    check_name_version(name, version)
     options = options or BuildOptions()
     options.validate()
-    check_name_version(name, version)
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
@@ -270,14 +271,16 @@ def build_archive(
     store.mkdir(parents=True, exist_ok=True)
     archive_path = store / archive_file_name(name, version)
     catalog = Catalog.load(store)
-    if not force and (archive_path.exists() or catalog.get(name, version)):
-        raise ArchiveError(f"{archive_path.name} already exists in {store}: pick a new version or pass --force")
+    refuse_existing(catalog, name, version, archive_path, force)
     if parent_version is None:
         parent_version = catalog.latest_before(name, version)
     elif parent_version and not catalog.get(name, parent_version):
         raise UsageError(f"parent version {name} {parent_version} is not in the catalog of {store}")
 
-    with tempfile.TemporaryDirectory(prefix="servekit-build-", dir=store) as tmp:
+    # Each build stages in its own folder, and so does the archiver (it copies the files to TMPDIR/NAME), so builds
+    # running together never share a file until the catalog's lock is held.
+    metrics_path = source_dir / METRICS_FILE
+    with tempfile.TemporaryDirectory(prefix=f".servekit-build-{name}-", dir=store) as tmp:
         staging = Path(tmp)
         trained = json.loads((source_dir / HANDLER_FILE).read_text())
         prebuilt = trained.get("format")
@@ -321,35 +324,45 @@ def build_archive(
             "--export-path",
             str(staging),
         ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        archiver_tmp = staging / "archiver-tmp"
+        archiver_tmp.mkdir()
+        environment = {**os.environ, "TMPDIR": str(archiver_tmp), "TEMP": str(archiver_tmp), "TMP": str(archiver_tmp)}
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
         built = staging / f"{name}.mar"
         if result.returncode != 0 or not built.is_file():
             raise ArchiveError(f"torch-model-archiver failed: {(result.stderr or result.stdout).strip()}")
-        os.replace(built, archive_path)
-
-    golden_dir = keep_golden_samples(source_dir / HELD_OUT_DIR, Workspace(store).golden(name, version))
-    metrics_path = source_dir / METRICS_FILE
-    entry = CatalogEntry(
-        name=name,
-        version=version,
-        archive=archive_path.name,
-        sha256=sha256_file(archive_path),
-        size_bytes=archive_path.stat().st_size,
-        created=utc_now(),
-        handler=handler,
-        model_format=options.model_format,
-        parent_version=parent_version,
-        built_by=f"{getpass.getuser()}@{socket.gethostname()}",
-        golden_dir=str(golden_dir.relative_to(store)) if golden_dir else "",
-        source_dir=str(source_dir.resolve()),
-        source_weights_sha256=source_weights_sha256(source_dir),
-        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
-        config=config,
-        servekit_version=__version__,
-    )
-    catalog.add(entry, replace=force)
-    catalog.save()
+        with Catalog.locked(store) as catalog:  # of two builds of one version, the second one stops here
+            refuse_existing(catalog, name, version, archive_path, force)
+            os.replace(built, archive_path)
+            golden_dir = keep_golden_samples(source_dir / HELD_OUT_DIR, Workspace(store).golden(name, version))
+            entry = CatalogEntry(
+                name=name,
+                version=version,
+                archive=archive_path.name,
+                sha256=sha256_file(archive_path),
+                size_bytes=archive_path.stat().st_size,
+                created=utc_now(),
+                handler=handler,
+                model_format=options.model_format,
+                parent_version=parent_version,
+                built_by=f"{getpass.getuser()}@{socket.gethostname()}",
+                golden_dir=str(golden_dir.relative_to(store)) if golden_dir else "",
+                source_dir=str(source_dir.resolve()),
+                source_weights_sha256=source_weights_sha256(source_dir),
+                metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+                config=config,
+                servekit_version=__version__,
+            )
+            catalog.add(entry, replace=force)
     return entry
+
+
+def refuse_existing(catalog: Catalog, name: str, version: str, archive_path: Path, force: bool) -> None:
+    """Without `force`, an archive or a catalog entry of the same name and version stops the build."""
+    if not force and (archive_path.exists() or catalog.get(name, version)):
+        raise ArchiveError(
+            f"{archive_path.name} already exists in {archive_path.parent}: pick a new version or pass --force"
+        )
 
 
 def source_weights_sha256(source_dir: Path) -> str:

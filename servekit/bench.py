@@ -174,11 +174,10 @@ def bench(
         raise UsageError("concurrency levels and repeats must be >= 1 and the duration > 0")
     entry = verify_archive(store, name, version)
     url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-    headers = client.auth_headers("inference")
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
-        run = measure_load(url, headers, bodies, level, duration_s, repeats, server_pid, rate, generator)
+        run = measure_load(url, {}, bodies, level, duration_s, repeats, server_pid, rate, generator, client.keys)
         after = metrics.scrape(client)
         figures = after.version(name, version) - before
         levels.append(

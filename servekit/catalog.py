@@ -5,18 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from servekit.errors import ArchiveError, UsageError
+from servekit.names import check_name, check_name_version
 
 CATALOG_FILE = "catalog.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-# Semantic versions (https://semver.org), without build metadata: TorchServe puts versions in URLs.
-VERSION_PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 SCHEMA_VERSION = 1
+LOCK_TIMEOUT_S = 300.0
+# One FileLock per lock file and process: it is reentrant in a thread and excludes other threads and processes.
+_locks: dict[Path, FileLock] = {}
 
 
 def version_key(version: str) -> tuple:
@@ -70,9 +75,24 @@ class Catalog:
                 for name, versions in document["models"].items()
             }
             optimizations = dict(document.get("optimizations", {}))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ArchiveError(f"{path} is not a servekit catalog ({exc}): fix or remove it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ArchiveError(
+                f"{path} is truncated or not a servekit catalog ({exc}): restore it from a backup, or move it aside "
+                "and rebuild each archive with `servekit build NAME --version V --force`"
+            ) from None
         return cls(path, models, optimizations)
+
+    @classmethod
+    @contextmanager
+    def locked(cls, store: Path) -> Iterator[Catalog]:
+        """Loads the catalog under its lock and saves it when the block ends without an exception.
+
+        Concurrent builds each read, change and write the catalog inside this block, so none loses another's entry.
+        """
+        with catalog_lock(store):
+            catalog = cls.load(store)
+            yield catalog
+            catalog.save()
 
     def get(self, name: str, version: str) -> CatalogEntry | None:
         return self.models.get(name, {}).get(version)
@@ -87,6 +107,7 @@ class Catalog:
 
     def variant_dir(self, name: str, variant: str) -> Path:
         """The folder of an optimized variant recorded by `servekit optimize --pick` (`best` = the fastest accepted)."""
+        check_name(name)
         record = self.optimizations.get(name)
         if record is None:
             raise UsageError(
@@ -100,13 +121,15 @@ class Catalog:
         return Path(record["variants"][chosen])
 
     def add(self, entry: CatalogEntry, replace: bool = False) -> None:
+        check_name_version(entry.name, entry.version)
         versions = self.models.setdefault(entry.name, {})
         if entry.version in versions and not replace:
             raise ArchiveError(f"{entry.name} {entry.version} is already in {self.path}: pass --force to replace it")
         versions[entry.version] = entry
 
     def save(self) -> None:
-        """Writes atomically, so a crash never leaves half a catalog."""
+        """Writes atomically under the catalog's lock (a unique temp file, fsync, rename): a crash or a concurrent
+        writer never leaves half a catalog."""
         document = {
             "schema": SCHEMA_VERSION,
             "models": {
@@ -115,10 +138,46 @@ class Catalog:
             },
             "optimizations": self.optimizations,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(temporary, self.path)
+        with catalog_lock(self.path.parent):
+            write_atomically(self.path, json.dumps(document, indent=2) + "\n")
+
+
+@contextmanager
+def catalog_lock(store: Path) -> Iterator[None]:
+    """Holds the lock (a file beside catalog.json) that every reader-modifier-writer of the catalog takes."""
+    store.mkdir(parents=True, exist_ok=True)
+    path = (store / f".{CATALOG_FILE}.lock").resolve()
+    lock = _locks.setdefault(path, FileLock(path))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise ArchiveError(
+            f"another servekit held {path} for {LOCK_TIMEOUT_S:.0f} s: wait for its build to finish, then retry"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes a unique temp file beside `path`, fsyncs it, renames it over `path`, and fsyncs the folder."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(descriptor, 0o644)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def sha256_file(path: Path) -> str:
@@ -127,13 +186,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_name_version(name: str, version: str) -> None:
-    if not NAME_PATTERN.match(name):
-        raise UsageError(f"model name {name!r} must start with a letter and use only letters, digits, _ and -")
-    if not VERSION_PATTERN.match(version):
-        raise UsageError(f"version {version!r} is not a semantic version like 1.0.0 or 1.1.0-rc.1")
 
 
 def verify_archive(store: Path, name: str, version: str) -> CatalogEntry:

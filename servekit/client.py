@@ -1,43 +1,52 @@
 """A client for TorchServe's inference and management APIs with token authorization on.
 
-`ServeClient` holds the base URLs, reads the keys from the server's `key_file.json`, puts a timeout on every
-call and turns every failure into one exception with the server's own message in it.
+`ServeClient` holds the base URLs, reads the keys from the server's `key_file.json` (renewing them through
+TorchServe's token API when they expire), puts a timeout on every call and turns every failure into one exception
+with the server's own message in it.
 """
 
 from __future__ import annotations
 
 import json
 import mimetypes
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import requests
+from filelock import FileLock, Timeout
 from prometheus_client.parser import text_string_to_metric_families
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from servekit.errors import ApiError, ServerError
+from servekit.names import check_segment
 
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
 TRANSIENT_STATUSES = (503, 507)
+# The file `servekit serve start` writes beside key_file.json (servekit.server reads and writes it).
+SERVER_STATE_FILE = "server.json"
+KEY_RENEWAL_LOCK = ".key_file.lock"
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries for the inference API, which is safe to repeat (a prediction changes nothing on the server).
 
-    TorchServe answers 503 while no worker is free or the queue is full, and 507 "Worker died." to the requests a
-    crashed worker held: both are retried with exponential backoff (0.25, 0.5, 1, 2 s...) while TorchServe
-    restarts the worker. A refused connection is retried once, then it is the failover's turn.
-    Management calls that change state are never retried.
+    TorchServe answers 503 while no worker is free or the queue is full (`job_queue_size`), and 507 "Worker
+    died." to the requests a crashed worker held: both are retried with exponential backoff (urllib3 retries
+    once at once, then after 0.5, 1, 2, 4 s), each wait plus up to `jitter_s` at random so that a crowd of
+    clients turned away together does not come back together. A refused connection is retried once, then it is
+    the failover's turn. Management calls that change state are never retried.
     """
 
     unavailable: int = 5
     connect: int = 1
     backoff_s: float = 0.25
+    jitter_s: float = 0.5
 
     def inference(self) -> Retry:
         return Retry(
@@ -47,6 +56,7 @@ class RetryPolicy:
             status=self.unavailable,
             other=0,
             backoff_factor=self.backoff_s,
+            backoff_jitter=self.jitter_s,
             status_forcelist=TRANSIENT_STATUSES,
             allowed_methods=frozenset({"GET", "POST"}),
             raise_on_status=False,
@@ -88,6 +98,94 @@ def read_keys(key_file: Path) -> dict[str, str]:
         raise ServerError(f"{key_file} is not a TorchServe key file ({exc})") from None
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def is_invalid_key(status: int, body: str) -> bool:
+    """TorchServe 0.12 answers a wrong or expired key with 400 {"type": "InvalidKeyException", ...}."""
+    return status in (400, 401) and "InvalidKeyException" in body
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one TorchServe, renewed through its token API once they expire (`token_expiration_min`).
+
+    Holds paths, never keys, so it can be printed, logged and sent to the load generator's process as it is.
+    """
+
+    key_file: Path
+    management_url: str = ""
+
+    def current(self, api: str) -> str:
+        """The key for "inference", "management" or "API" as key_file.json holds it now."""
+        return read_keys(self.key_file)[api]
+
+    def renew(self, api: str, refused: str) -> str:
+        """A fresh key for "inference" or "management" in place of `refused`, which the server turned down.
+
+        Another client (thread or process) may have renewed it already: then the file holds a new key and that is
+        used as it is. Renewals are serialized by a lock file beside key_file.json, so two clients never renew
+        one after the other and leave the first with a key the second just replaced.
+        """
+        with _renewal_guard, self._file_lock():
+            key = self.current(api)
+            if key != refused:
+                return key
+            url = f"{self.token_api_url()}/token"
+            try:
+                response = requests.post(
+                    url, params={"type": api}, headers=bearer(self.current("API")), timeout=DEFAULT_TIMEOUT_S
+                )
+            except requests.RequestException as exc:
+                raise ServerError(f"cannot renew the {api} key at {url}: {type(exc).__name__}") from None
+            if not response.ok:
+                raise ApiError(response.status_code, error_message(response), url)
+            key = self.current(api)
+            if key == refused:
+                raise ServerError(f"TorchServe's token API answered but {self.key_file} still holds the old {api} key")
+            return key
+
+    def token_api_url(self) -> str:
+        """The management address (where the token API answers): given, or from server.json beside the keys."""
+        if self.management_url:
+            return self.management_url
+        state_file = self.key_file.parent / SERVER_STATE_FILE
+        try:
+            return json.loads(state_file.read_text())["management_url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ServerError(
+                f"the keys in {self.key_file} expired and no management address is known to renew them "
+                f"({state_file} is missing or unreadable): restart the client with the server's management URL"
+            ) from None
+
+    def _file_lock(self) -> FileLock:
+        return _TimeoutAsError(FileLock(self.key_file.parent / KEY_RENEWAL_LOCK, timeout=DEFAULT_TIMEOUT_S))
+
+
+_renewal_guard = threading.Lock()  # one renewal at a time in this process (the file lock spans processes)
+
+
+class _TimeoutAsError:
+    def __init__(self, lock: FileLock):
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise ServerError(f"another client held {self.lock.lock_file} too long while renewing keys") from None
+
+    def __exit__(self, *exc_info) -> None:
+        self.lock.release()
+
+
+def model_path(name: str, version: str | None = None) -> str:
+    """NAME or NAME/VERSION for a URL, each checked to be one safe path segment before anything is sent."""
+    segments = [check_segment(name, "model name")] + ([check_segment(version, "version")] if version else [])
+    return "/".join(quote(segment) for segment in segments)
+
+
 def answer_of(response: requests.Response) -> Any:
     try:
         return response.json()
@@ -103,7 +201,10 @@ def error_message(response: requests.Response) -> str:
         return response.text.strip() or response.reason
     if isinstance(body, dict):
         kind = body.get("type") or body.get("error") or ""
-        message = body.get("message") or body.get("detail") or json.dumps(body)
+        message = body.get("message") or body.get("detail")
+        if message is None and isinstance(kind, str) and kind:  # KServe's {"error": message}
+            return kind
+        message = message or json.dumps(body)
         return f"{kind}: {message}" if kind else str(message)
     return json.dumps(body)
 
@@ -114,32 +215,38 @@ class ServeClient:
     def __init__(self, endpoints: Endpoints, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None):
         self.endpoints = endpoints
         self.timeout_s = timeout_s
+        self.keys = Keys(endpoints.key_file, endpoints.management_url) if endpoints.key_file else None
         retry = retry or RetryPolicy()
         self.sessions = {"inference": session_with(retry.inference()), "management": session_with(retry.management())}
 
     # Plumbing --------------------------------------------------------------------------------------------------
     def auth_headers(self, api: str) -> dict[str, str]:
-        if self.endpoints.key_file is None:
-            return {}
-        return {"Authorization": f"Bearer {read_keys(self.endpoints.key_file)[api]}"}
+        return bearer(self.keys.current(api)) if self.keys else {}
 
     def _call(self, api: str, method: str, path: str, timeout_s: float | None = None, **kwargs) -> requests.Response:
+        """One API call; a key the server refuses (expired) is renewed through the token API and the call sent again."""
+        key = self.keys.current(api) if self.keys else None
+        response = self._send(api, method, path, key, timeout_s, kwargs)
+        if key and is_invalid_key(response.status_code, response.text):
+            response = self._send(api, method, path, self.keys.renew(api, key), timeout_s, kwargs)
+        if not response.ok:
+            raise ApiError(response.status_code, error_message(response), response.url.split("?", 1)[0])
+        return response
+
+    def _send(
+        self, api: str, method: str, path: str, key: str | None, timeout_s: float | None, kwargs: dict
+    ) -> requests.Response:
         base = self.endpoints.inference_url if api == "inference" else self.endpoints.management_url
         url = f"{base}{path}"
-        headers = {**self.auth_headers(api), **kwargs.pop("headers", {})}
+        headers = {**(bearer(key) if key else {}), **kwargs.get("headers", {})}
+        options = {k: v for k, v in kwargs.items() if k != "headers"}
+        timeout_s = timeout_s or self.timeout_s
         try:
-            response = self.sessions[api].request(
-                method, url, headers=headers, timeout=timeout_s or self.timeout_s, **kwargs
-            )
+            return self.sessions[api].request(method, url, headers=headers, timeout=timeout_s, **options)
         except requests.Timeout:
-            raise ServerError(
-                f"TorchServe did not answer {method} {url} within {timeout_s or self.timeout_s:g} s"
-            ) from None
+            raise ServerError(f"TorchServe did not answer {method} {url} within {timeout_s:g} s") from None
         except (requests.ConnectionError, requests.exceptions.RetryError):
             raise ServerError(f"cannot reach TorchServe at {base}: is it running? (servekit serve status)") from None
-        if not response.ok:
-            raise ApiError(response.status_code, error_message(response), url)
-        return response
 
     # Inference API ---------------------------------------------------------------------------------------------
     def ping(self) -> dict:
@@ -155,7 +262,7 @@ class ServeClient:
         self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None
     ) -> requests.Response:
         """The whole HTTP response of a prediction (servekit's handlers add X-Servekit-* timing headers)."""
-        path = f"/predictions/{quote(name)}" + (f"/{quote(version)}" if version else "")
+        path = f"/predictions/{model_path(name, version)}"
         if isinstance(body, (dict, list)):
             return self._call("inference", "POST", path, json=body)
         headers = {"Content-Type": content_type or "application/octet-stream"}
@@ -166,6 +273,10 @@ class ServeClient:
         if path.suffix == ".json":
             content_type = "application/json"
         return self.predict(name, path.read_bytes(), version=version, content_type=content_type)
+
+    def post_inference(self, path: str, document: dict) -> Any:
+        """POSTs a JSON document to another inference route, e.g. KServe's `/v2/models/NAME/infer`."""
+        return answer_of(self._call("inference", "POST", path, json=document))
 
     # Management API --------------------------------------------------------------------------------------------
     def register(self, archive: str, initial_workers: int = 1, synchronous: bool = True) -> dict:
@@ -186,18 +297,17 @@ class ServeClient:
 
     def describe(self, name: str, version: str | None = None) -> list[dict]:
         """One dict per version (or the given one): workers with PIDs, batch size, default flag, ..."""
-        path = f"/models/{quote(name)}" + (f"/{quote(version) if version else 'all'}")
-        return self._call("management", "GET", path).json()
+        return self._call("management", "GET", f"/models/{model_path(name, version or 'all')}").json()
 
     def set_default(self, name: str, version: str) -> dict:
-        return self._call("management", "PUT", f"/models/{quote(name)}/{quote(version)}/set-default").json()
+        return self._call("management", "PUT", f"/models/{model_path(name, version)}/set-default").json()
 
     def unregister(self, name: str, version: str) -> dict:
-        return self._call("management", "DELETE", f"/models/{quote(name)}/{quote(version)}").json()
+        return self._call("management", "DELETE", f"/models/{model_path(name, version)}").json()
 
     def scale(self, name: str, version: str, min_workers: int, max_workers: int, synchronous: bool = True) -> dict:
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": str(synchronous).lower()}
-        path = f"/models/{quote(name)}/{quote(version)}"
+        path = f"/models/{model_path(name, version)}"
         return self._call("management", "PUT", path, timeout_s=REGISTER_TIMEOUT_S, params=params).json()
 
     def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
@@ -242,6 +352,9 @@ class FailoverClient:
 
     def predict_file(self, name: str, path: Path, version: str | None = None):
         return self._first_answer(lambda client: client.predict_file(name, path, version))
+
+    def post_inference(self, path: str, document: dict):
+        return self._first_answer(lambda client: client.post_inference(path, document))
 
     def _first_answer(self, call):
         failures = []

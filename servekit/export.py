@@ -4,6 +4,8 @@ KServe's TorchServe runtime reads, under the InferenceService's storageUri:
     config/config.properties        TorchServe settings, with model_snapshot naming the archive to load
     model-store/NAME.mar            the archive
 `export_kserve` writes that layout plus `inferenceservice.yaml`, built with the kserve package's own models.
+The runtime starts TorchServe with TS_SERVICE_ENVELOPE set from the InferenceService's `serviceEnvelope` label
+(`kserve`: the v1 protocol, `kservev2`: v2); TorchServe reads it only with `enable_envvars_config=true`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import yaml
 from servekit.catalog import verify_archive
 from servekit.errors import UsageError
 
+# KServe protocol -> the TorchServe envelope KServe's runtime asks for through the serviceEnvelope label.
+SERVICE_ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+
 
 @dataclass
 class KServeSpec:
@@ -30,8 +35,11 @@ class KServeSpec:
     canary_traffic_percent: int | None = None
     cpu: str = "2"
     memory: str = "4Gi"
+    protocol: str = "v1"
 
     def validate(self) -> None:
+        if self.protocol not in SERVICE_ENVELOPES:
+            raise UsageError(f"--protocol {self.protocol!r} must be one of {', '.join(SERVICE_ENVELOPES)}")
         if "://" not in self.storage_uri:
             raise UsageError(f"--storage-uri {self.storage_uri!r} must be a URI such as gs://bucket/path or pvc://...")
         if self.gpus < 0 or self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -42,7 +50,8 @@ class KServeSpec:
 
 def kserve_properties(name: str, version: str, archive: str, config: dict) -> str:
     """TorchServe settings inside KServe: KServe's proxy owns auth and routing, so tokens and the model API are
-    off, every address listens in the pod, and model_snapshot loads the one archive as the default version."""
+    off, every address listens in the pod, model_snapshot loads the one archive as the default version, and
+    environment variables are read (TS_SERVICE_ENVELOPE, set by the runtime)."""
     snapshot = {
         "name": "startup.cfg",
         "modelCount": 1,
@@ -72,6 +81,7 @@ def kserve_properties(name: str, version: str, archive: str, config: dict) -> st
         "disable_token_authorization=true",
         "enable_model_api=false",
         "install_py_dep_per_model=false",
+        "enable_envvars_config=true",
         "model_store=/mnt/models/model-store",
         f"model_snapshot={json.dumps(snapshot)}",
     ]
@@ -104,7 +114,7 @@ def inference_service(spec: KServeSpec) -> dict:
         model=V1beta1ModelSpec(
             name="kserve-container",
             model_format=V1beta1ModelFormat(name="pytorch"),
-            protocol_version="v1",
+            protocol_version=spec.protocol,
             storage_uri=spec.storage_uri,
             resources=V1ResourceRequirements(limits=limits, requests=dict(limits)),
         ),
@@ -112,7 +122,10 @@ def inference_service(spec: KServeSpec) -> dict:
     service = V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
-        metadata=V1ObjectMeta(name=spec.name, labels={"servekit/version": spec.version}),
+        metadata=V1ObjectMeta(
+            name=spec.name,
+            labels={"servekit/version": spec.version, "serviceEnvelope": SERVICE_ENVELOPES[spec.protocol]},
+        ),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),
     )
     return ApiClient().sanitize_for_serialization(service)

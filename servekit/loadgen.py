@@ -9,6 +9,9 @@ Two ways to drive a server:
 - open loop (`rate`): requests are scheduled at fixed times, `rate` per second, with at most `concurrency` in
   flight; latency is measured from the *scheduled* time, so a stalled server is charged for the requests it
   delayed (no coordinated omission).
+
+With `keys`, a request whose key the server refuses (it expired) is sent once more with a key renewed through
+TorchServe's token API, so a long run outlives `token_expiration_min`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import requests
 
 from servekit.choices import GENERATORS
-from servekit.errors import UsageError
+from servekit.client import Keys, bearer, is_invalid_key
+from servekit.errors import ServerError, UsageError
 from servekit.timing import CpuMonitor, CpuUse, Figure
 
 CLIENTS_PER_PROCESS = 16  # one aiohttp process keeps about this many clients busy before its own CPU is the limit
@@ -60,7 +65,7 @@ class LoadResult:
         return asdict(self)
 
 
-async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s):
+async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys):
     import aiohttp
 
     outcomes: list[tuple[float, str]] = []  # (latency ms, status or error name)
@@ -69,7 +74,29 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
     counter = iter(range(10**12))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    auth = bearer(keys.current("inference")) if keys else {}
+    renewal = asyncio.Lock()
+
+    async def renew(refused: dict[str, str]) -> None:
+        """One coroutine renews the key; those that were refused meanwhile find it renewed and just retry."""
+        async with renewal:
+            if auth == refused:
+                stale = refused["Authorization"].removeprefix("Bearer ")
+                auth.update(bearer(await asyncio.to_thread(keys.renew, "inference", stale)))
+
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def send(body: bytes, content_type: str, key: dict[str, str]) -> tuple[int, str]:
+            async with session.post(url, data=body, headers={**headers, **key, "Content-Type": content_type}) as reply:
+                return reply.status, await reply.text(errors="replace")
+
+        async def post(body: bytes, content_type: str) -> str:
+            sent = dict(auth)
+            status, text = await send(body, content_type, sent)
+            if keys and is_invalid_key(status, text):
+                await renew(sent)
+                status, _ = await send(body, content_type, auth)
+            return str(status)
 
         async def client() -> None:
             while True:
@@ -81,9 +108,7 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
                     await asyncio.sleep(scheduled - time.perf_counter())
                 body, content_type = bodies[index % len(bodies)]
                 try:
-                    async with session.post(url, data=body, headers={**headers, "Content-Type": content_type}) as reply:
-                        await reply.read()
-                        status = str(reply.status)
+                    status = await post(body, content_type)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     status = type(exc).__name__
                 outcomes.append(((time.perf_counter() - scheduled) * 1000, status))
@@ -92,9 +117,9 @@ async def _drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s)
     return outcomes, time.perf_counter() - start
 
 
-def _child(connection, url, headers, bodies, concurrency, duration_s, rate, timeout_s) -> None:
+def _child(connection, url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys) -> None:
     try:
-        outcomes, elapsed = asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s))
+        outcomes, elapsed = asyncio.run(_drive(url, headers, bodies, concurrency, duration_s, rate, timeout_s, keys))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         connection.send((outcomes, elapsed, usage.ru_utime + usage.ru_stime))
     except BaseException as exc:  # reported to the parent, which raises it
@@ -112,15 +137,21 @@ def run_load(
     rate: float | None = None,
     timeout_s: float = 30.0,
     generator: str = "python",
+    keys: Keys | None = None,
 ) -> LoadResult:
     """POSTs `bodies` (round robin) to `url` for `duration_s` from separate processes; 2xx counts as success.
 
     generator: "python" (aiohttp), "wrk" (must be installed), "auto" (wrk when installed and the loop is closed).
+    `keys` (a ServeClient's `keys`) authorizes each request with the current inference key and renews it when
+    the server refuses it; without them, `headers` are sent as they are. wrk cannot renew a key mid-run: it gets
+    a key the server accepts at the start (see `live_key_headers`).
     """
     if concurrency < 1 or duration_s <= 0 or not bodies or (rate is not None and rate <= 0):
         raise ValueError("need concurrency >= 1, duration > 0, a positive rate and at least one body")
     chosen = pick_generator(generator, rate)
     if chosen == "wrk":
+        if keys is not None:
+            headers = live_key_headers(url, headers, bodies[0], keys, timeout_s)
         return run_wrk(url, headers, bodies, concurrency, duration_s, timeout_s)
     processes = min(max(1, concurrency // CLIENTS_PER_PROCESS), concurrency)
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
@@ -131,7 +162,7 @@ def run_load(
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(
             target=_child,
-            args=(sender, url, headers, bodies, share, duration_s, per_process_rate, timeout_s),
+            args=(sender, url, headers, bodies, share, duration_s, per_process_rate, timeout_s, keys),
             daemon=True,
         )
         process.start()
@@ -157,6 +188,24 @@ def run_load(
     result.generator = f"python x{processes}" if processes > 1 else "python"
     result.client_cpu_s = sum(payload[2] for payload in payloads)
     return result
+
+
+def live_key_headers(
+    url: str, headers: dict[str, str], body: tuple[bytes, str], keys: Keys, timeout_s: float
+) -> dict[str, str]:
+    """`headers` with an inference key the server accepts now: one request with the current key, renewed if the
+    server refuses it (for wrk, which sends one fixed set of headers for the whole run)."""
+    key = keys.current("inference")
+    data, content_type = body
+    try:
+        reply = requests.post(
+            url, data=data, headers={**headers, **bearer(key), "Content-Type": content_type}, timeout=timeout_s
+        )
+    except requests.RequestException as exc:
+        raise ServerError(f"cannot reach {url} before the wrk run: {type(exc).__name__}") from None
+    if is_invalid_key(reply.status_code, reply.text):
+        key = keys.renew("inference", key)
+    return {**headers, **bearer(key)}
 
 
 def pick_generator(generator: str, rate: float | None) -> str:
@@ -302,12 +351,14 @@ def measure_load(
     server_pid: int | None = None,
     rate: float | None = None,
     generator: str = "python",
+    keys: Keys | None = None,
 ) -> LoadRun:
     """`repeats` runs of `run_load` under one CpuMonitor: the generator's CPU counts as the client's, the process
     tree of `server_pid` as the server's, the rest of the machine as background."""
     with CpuMonitor({"server": server_pid} if server_pid else {}, own_label="client") as monitor:
         runs = [
-            run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator) for _ in range(repeats)
+            run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator, keys=keys)
+            for _ in range(repeats)
         ]
     background = monitor.use.background_cores
     median_run = sorted(runs, key=lambda run: run.throughput_per_s)[len(runs) // 2]

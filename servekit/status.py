@@ -31,6 +31,8 @@ def observe(server: Server) -> dict:
         "pid": state.pid,
         "health": client.ping().get("status"),
         "inference_url": state.inference_url,
+        "proxy_url": state.proxy_url,  # where clients call when the traffic-split proxy runs
+        "proxy_pid": state.proxy_pid,
         "management_url": state.management_url,
         "metrics_url": state.metrics_url,
         "responses": scrape.responses,

@@ -22,7 +22,7 @@ from pathlib import Path
 from servekit.archive import BuildOptions, available_cores, build_archive
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
-from servekit.errors import ServekitError, UsageError
+from servekit.errors import ApiError, ServekitError, UsageError
 from servekit.loadgen import LoadResult, run_load
 from servekit.registry import register_verified
 from servekit.server import check_max_batch_delay
@@ -164,11 +164,14 @@ def tune(
         entry = build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
                               parent_version="")  # fmt: skip
         try:
-            register_verified(client, store, name, version, setting.workers)
-            url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-            headers = client.auth_headers("inference")
-            results = {c: run_load(url, headers, bodies, c, duration_s, generator=generator) for c in levels}
-            client.unregister(name, version)
+            try:
+                register_verified(client, store, name, version, setting.workers)
+                url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+                results = {
+                    c: run_load(url, {}, bodies, c, duration_s, generator=generator, keys=client.keys) for c in levels
+                }
+            finally:  # a trial that fails must not leave its throw-away version on the server
+                discard(client, name, version)
         finally:
             forget(store, entry.name, version)
         trials.append(Trial(setting, results, list(objectives)))
@@ -177,11 +180,19 @@ def tune(
     return trials
 
 
+def discard(client: ServeClient, name: str, version: str) -> None:
+    """Unregisters a throw-away version; one that never got registered (404) leaves nothing to undo."""
+    try:
+        client.unregister(name, version)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+
+
 def forget(store: Path, name: str, version: str) -> None:
     """Deletes a throw-away archive, its golden samples and its catalog entry."""
-    catalog = Catalog.load(store)
-    entry = catalog.models.get(name, {}).pop(version, None)
-    catalog.save()
+    with Catalog.locked(store) as catalog:
+        entry = catalog.models.get(name, {}).pop(version, None)
     if entry is not None:
         (store / entry.archive).unlink(missing_ok=True)
         if entry.golden_dir:

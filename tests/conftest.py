@@ -2,114 +2,23 @@
 
 from __future__ import annotations
 
-import io
-import json
-import struct
 import sys
-import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
-import yaml
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # Handlers import each other as top-level modules, as they do inside a TorchServe worker.
 sys.path.insert(0, str(REPO / "handlers"))
 
+from helpers import start_server  # noqa: E402
+
 from servekit import server  # noqa: E402
 from servekit.archive import BuildOptions, build_archive  # noqa: E402
 from servekit.client import ServeClient  # noqa: E402
 from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
-from servekit.inprocess import worker_value  # noqa: E402
 from servekit.train import train_digits, train_image, train_text  # noqa: E402
 from servekit.workspace import HELD_OUT_DIR  # noqa: E402
-
-
-class FakeRequestStatus:
-    def __init__(self):
-        self.code, self.phrase = None, None
-
-
-class FakeContext:
-    """The parts of ts.context.Context that handlers use, recording per-request statuses."""
-
-    def __init__(self, model_dir: Path, manifest: dict, yaml_config: dict | None = None, gpu_id: int | None = None):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": 4}
-        self.manifest = manifest
-        self.model_yaml_config = yaml_config or {}
-        self.metrics = None
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.response_headers: dict[int, dict[str, str]] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.response_headers.setdefault(idx, {})[key] = value
-
-    def get_request_header(self, idx: int, name: str):
-        """As TorchServe: each body parameter maps to {"content-type": ...}."""
-        if idx in self.content_types and name in ("body", "data"):
-            return {"content-type": self.content_types[idx]}
-        return None
-
-
-def extracted_archive(archive: Path, folder: Path) -> FakeContext:
-    """Unpacks a .mar as TorchServe does and returns a context with its manifest and model-config.yaml."""
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(folder)
-    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
-    return FakeContext(folder, manifest, yaml.safe_load((folder / "model-config.yaml").read_text()))
-
-
-def requests_for(bodies: list[tuple[bytes, str]], context: FakeContext) -> list[dict]:
-    """TorchServe's request list for (body, content type) pairs, with the context knowing the content types."""
-    context.content_types = {i: content_type for i, (_, content_type) in enumerate(bodies)}
-    return [{"body": worker_value(body, content_type)} for body, content_type in bodies]
-
-
-def png_header_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid 1-bit PNG of width x height black pixels in about 50 KB: it decodes to `width * height` pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def bad_inputs(good_png: bytes) -> dict[str, tuple[bytes, str]]:
-    """Each case a body and its content type, all of which must be answered 400 with a JSON error."""
-    row = [0.5] * 28
-    return {
-        "not_an_image": (b"this is not an image at all", "application/octet-stream"),
-        "truncated_png": (good_png[: len(good_png) // 2], "image/png"),
-        "empty_body": (b"", "application/octet-stream"),
-        "png_20000x20000": (png_header_bomb(), "image/png"),
-        "json_wrong_shape": (json.dumps({"input": [row] * 27}).encode(), "application/json"),
-        "json_ragged": (json.dumps({"input": [row] * 27 + [[0.5]]}).encode(), "application/json"),
-        "json_nan": (
-            b'{"input": [' + b",".join([json.dumps(row).encode()] * 27) + b", [NaN" + b", 0.5" * 27 + b"]]}",
-            "application/json",
-        ),
-        "json_out_of_range": (json.dumps({"input": [[255.0] * 28] * 28}).encode(), "application/json"),
-        "json_strings": (json.dumps({"input": [["a"] * 28] * 28}).encode(), "application/json"),
-        "json_wrong_key": (json.dumps({"image": [row] * 28}).encode(), "application/json"),
-        "json_empty_inputs": (json.dumps({"inputs": []}).encode(), "application/json"),
-        "json_syntax_error": (b'{"input": [[0.1, 0.2', "application/json"),
-    }
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -160,16 +69,6 @@ def fixture_options() -> BuildOptions:
     """The session archives' settings, pinned (tests count one worker, batches of 4, and batching within 50 ms)
     rather than following the serving defaults, which tests/server/test_serving_defaults.py pins."""
     return BuildOptions(batch_size=4, max_batch_delay_ms=50, workers=1)
-
-
-def start_server(store: Path, workdir: Path) -> server.ServerState:
-    settings = server.ServerSettings(
-        base_config=REPO / "config.properties",
-        model_store=store,
-        workdir=workdir,
-        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
-    )
-    return server.start(settings)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, start_server
+from helpers import REPO, start_server
 
 from servekit import server
 from servekit.archive import build_archive

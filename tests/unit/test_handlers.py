@@ -8,8 +8,8 @@ import struct
 
 import pytest
 import torch
-from conftest import FakeContext, extracted_archive, png_bytes, png_header_bomb, requests_for
 from digits import DigitsHandler
+from helpers import FakeContext, extracted_archive, png_bytes, png_header_bomb, requests_for
 from image_classifier import ImageClassifierHandler, image_tensor
 from PIL import Image
 from servekit_base import RequestError, ServekitHandler, finite_tensor

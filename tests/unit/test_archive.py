@@ -44,7 +44,13 @@ def test_existing_version_is_not_overwritten_without_force(tmp_path, trained_dig
     )
     assert replaced.config["batchSize"] == 2 and first.config["batchSize"] == 4
     assert Catalog.load(tmp_path).get("digits", "1.0.0").config["batchSize"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "digits-1.0.0.mar", "golden"]
+    # The lock file stays (removing it would race with a waiting build); staging folders and temp files do not.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".catalog.json.lock",
+        "catalog.json",
+        "digits-1.0.0.mar",
+        "golden",
+    ]
 
 
 @pytest.mark.parametrize(

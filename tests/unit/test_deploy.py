@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import REPO
 
 from servekit import config as configs
 from servekit.catalog import sha256_file
@@ -17,7 +17,7 @@ from servekit.errors import UsageError
 from servekit.export import KServeSpec, export_docker, export_kserve
 from servekit.server import read_properties
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = REPO / "tests" / "golden"
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import extracted_archive, requests_for
 from digits import DigitsHandler
+from helpers import extracted_archive, requests_for
 
 from servekit import bench as benchmarks
 from servekit import metrics, server
@@ -85,11 +85,14 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
         served = level.served
         assert served.requests == served.ok + served.errors and served.errors == 0 and served.ok > 0
         assert served.p50_ms <= served.p95_ms <= served.p99_ms
-        assert level.efficiency > 0 and level.added_latency_ms is not None
+        # served / in-process: an inverted ratio (in-process / served) would be far above 1
+        assert level.efficiency == pytest.approx(served.throughput_per_s / report.in_process.throughput_per_s)
+        assert 0 < level.efficiency <= 1.5 and level.added_latency_ms is not None
         assert (
             level.queue_ms is not None and level.service_ms > 0 and level.handler_last_batch["ServekitBatchSize"] >= 1
         )
-        assert level.baseline.ok > 0 and level.ratio_over_baseline > 0
+        assert level.baseline.ok > 0 and level.baseline.errors == 0
+        assert level.ratio_over_baseline == pytest.approx(served.throughput_per_s / level.baseline.throughput_per_s)
     assert report.in_process.throughput_per_s > 0 and report.in_process.batch_size == 4
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and "| 4 |" in (tmp_path / "bench.md").read_text()
 
@@ -115,9 +118,10 @@ def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, mod
     result = run_load(url, served_digits.auth_headers("inference"), bodies, 4, 6.0, timeout_s=2.0)
     remover.join()
     assert result.ok > 0 and result.errors > 0 and result.requests == result.ok + result.errors
-    # Requests queued when the model goes away are never answered by TorchServe 0.12 (they time out);
-    # later ones get 404. Either way each one is counted as an error.
-    assert set(result.error_statuses) <= {"404", "TimeoutError"}, result.error_statuses
+    # Requests queued when the model goes away are never answered by TorchServe 0.12 (they time out), the ones
+    # its worker holds while it is shut down are answered 500 (seen here: 4 of 2,612), later ones get 404.
+    # Each one is counted as an error.
+    assert set(result.error_statuses) <= {"404", "500", "TimeoutError"}, result.error_statuses
 
 
 @pytest.mark.server
@@ -143,6 +147,26 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
     assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
     with pytest.raises(Exception, match="between 1 and"):
         tuning.grid([(1, 2), (2, 1), (3, 1)], [1, 2, 4, 8, 16], [1, 2, 5])
+
+
+@pytest.mark.server
+def test_a_trial_that_fails_leaves_no_version_registered(
+    served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
+):
+    def fail(*args, **kwargs):
+        raise RuntimeError("the load generator crashed")
+
+    monkeypatch.setattr(tuning, "run_load", fail)
+    bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:4]]
+    try:
+        with pytest.raises(RuntimeError, match="crashed"):
+            tuning.tune(served_digits, model_store, "digits", "digits", trained_digits,
+                        tuning.grid([(1, 1)], [1], [5]), bodies, [tuning.parse_objective("p99=100000ms@1")],
+                        0.5)  # fmt: skip
+        assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
+        assert not list(model_store.glob("digits-0.0.0-tune*"))
+    finally:
+        tuning.discard(served_digits, "digits", "0.0.0-tune.0")
 
 
 @pytest.mark.server

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import FakeContext, bad_inputs, extracted_archive, png_header_bomb, requests_for
 from digits import DigitsHandler
+from helpers import FakeContext, bad_inputs, extracted_archive, png_header_bomb, post_body, requests_for
 from image_classifier import ImageClassifierHandler
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
@@ -56,12 +56,7 @@ def in_process(model_store, tmp_path_factory):
 
 
 def post(client, name: str, body: bytes, content_type: str) -> requests.Response:
-    return requests.post(
-        f"{client.endpoints.inference_url}/predictions/{name}",
-        data=body,
-        headers={**client.auth_headers("inference"), "Content-Type": content_type},
-        timeout=60,
-    )
+    return post_body(client, f"/predictions/{name}", body, content_type)
 
 
 def worker_pids(client) -> dict[str, list[int]]:

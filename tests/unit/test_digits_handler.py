@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FakeContext, bad_inputs, extracted_archive, png_bytes, requests_for
 from digits import DigitsHandler, image_to_tensor, json_to_decoded
+from helpers import FakeContext, bad_inputs, extracted_archive, png_bytes, requests_for
 from PIL import Image
 from servekit_base import RequestError, classification, request_payload, select_device
 

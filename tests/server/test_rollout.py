@@ -6,15 +6,14 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, FakeContext, extracted_archive, requests_for, start_server
 from digits import DigitsHandler
+from helpers import REPO, ClientThreads, FakeContext, extracted_archive, requests_for, same_prediction, start_server
 
 from servekit import server
 from servekit.archive import build_archive
@@ -36,8 +35,8 @@ from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
 from servekit.train import train_digits
 
 pytestmark = pytest.mark.server
-# The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised by
-# test_the_latency_gate_stops_a_rollout.
+# The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in
+# tests/server/test_latency_gate.py with a candidate whose handler really is slower.
 QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
 
 
@@ -93,46 +92,21 @@ def expected_answers(store, version, pngs, folder) -> list[dict]:
     return handler.handle(requests_for([(png, "image/png") for png in pngs], context), context)
 
 
-def matches(answer: dict, expected: dict, tolerance: float = 1e-5) -> bool:
-    """The same prediction: label, index and top-k labels equal, probabilities within `tolerance` (a sample answered
-    in another batch composition differs in the sixth decimal)."""
-    return (answer["label"], answer["index"], list(answer["probabilities"])) == (
-        expected["label"],
-        expected["index"],
-        list(expected["probabilities"]),
-    ) and answer["probabilities"] == pytest.approx(expected["probabilities"], abs=tolerance)
-
-
-class Traffic:
+class Traffic(ClientThreads):
     """`threads` clients posting PNGs in a loop until stopped (at most `limit_s`), recording every outcome."""
 
     def __init__(self, client, pngs: list[bytes], threads: int = 8, limit_s: float = 90.0):
-        self.client, self.pngs, self.limit_s = client, pngs, limit_s
+        super().__init__(threads, limit_s)
+        self.client, self.pngs = client, pngs
         self.results: list[tuple[int, float, object]] = []  # (png index, time, answer or exception)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
 
-    def run(self, offset: int) -> None:
-        deadline = time.monotonic() + self.limit_s
-        i = offset
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            index = i % len(self.pngs)
-            try:
-                answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
-            except Exception as exc:  # recorded, and the test fails on it
-                answer = exc
-            self.results.append((index, time.monotonic(), answer))
-            i += len(self.threads)
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+    def send(self, i: int) -> None:
+        index = i % len(self.pngs)
+        try:
+            answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
+        except Exception as exc:  # recorded, and the test fails on it
+            answer = exc
+        self.results.append((index, time.monotonic(), answer))
 
     def failures(self) -> list:
         return [answer for _, _, answer in self.results if isinstance(answer, Exception)]
@@ -165,9 +139,9 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
     assert watch["requests"] > 0 and watch["error_rate"] == 0
     assert traffic.failures() == [] and len(traffic.results) > 50
     for index, _, answer in traffic.results:
-        assert matches(answer, v1[index]) or matches(answer, v2[index]), answer
+        assert same_prediction(answer, v1[index]) or same_prediction(answer, v2[index]), answer
     late = [(index, answer) for index, at, answer in traffic.results if at > promoted_at + 0.5]
-    assert late and all(matches(answer, v2[index]) for index, answer in late)
+    assert late and all(same_prediction(answer, v2[index]) for index, answer in late)
     assert default_version(client, "digits") == "1.1.0"
 
 
@@ -182,17 +156,6 @@ def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store
     assert "agreement" in str(info.value) and report.steps[-1].numbers["agreement"] < 0.95
     assert default_version(client, "digits") == before
     assert "6.6.6" not in registered_versions(client, "digits")
-
-
-def test_the_latency_gate_stops_a_rollout(live, rollout_store):
-    given(live, rollout_store, default="1.0.0")
-    state, client, history = live
-    before = default_version(client, "digits")
-    strict = RolloutPolicy(shadow_samples=8, watch_s=0.5, max_latency_ratio=0.01)
-    with pytest.raises(RolloutFailed, match="ratio") as info:
-        rollout(client, rollout_store, "digits", "1.1.0", history, policy=strict)
-    assert info.value.report.steps[-1].name == "latency" and not info.value.report.promoted
-    assert default_version(client, "digits") == before
 
 
 def test_rollback_retire_and_scale(live, rollout_store):

@@ -1,0 +1,73 @@
+"""Keys expire (token_expiration_min): every client renews them through TorchServe's token API and goes on."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import digits_server
+
+from servekit import server
+from servekit.cli import cli
+from servekit.client import Endpoints, FailoverClient, ServeClient
+from servekit.loadgen import run_load
+
+# TorchServe reads the expiry as a number of minutes and accepts fractions: 0.1 min = 6 s.
+EXPIRY_S = 6.0
+
+
+@pytest.fixture
+def expiring_server(tmp_path, trained_digits):
+    """A TorchServe whose keys expire 6 s after they are issued, with digits 1.0.0 registered."""
+    with digits_server(tmp_path, trained_digits, "token_expiration_min=0.1\n") as state:
+        yield state
+
+
+def keys_of(state: server.ServerState) -> dict[str, str]:
+    return {api: entry["key"] for api, entry in json.loads(Path(state.key_file).read_text()).items()}
+
+
+def wait_until_expired(state: server.ServerState) -> dict[str, str]:
+    """Sleeps past the expiry of the keys the file holds now; returns those (now refused) keys."""
+    keys = keys_of(state)
+    time.sleep(EXPIRY_S + 1)
+    return keys
+
+
+@pytest.mark.server
+def test_expired_keys_are_renewed_for_inference_management_failover_and_the_load_generator(
+    expiring_server, good_png, tmp_path
+):
+    state = expiring_server
+    client = ServeClient(state.endpoints())
+    png = tmp_path / "seven.png"
+    png.write_bytes(good_png)
+
+    expired = wait_until_expired(state)
+    runner = CliRunner()
+    predicted = runner.invoke(cli, ["predict", "digits", str(png), "--workdir", state.workdir, "--json"])
+    listed = runner.invoke(cli, ["models", "--workdir", state.workdir, "--json"])
+    assert predicted.exit_code == 0 and listed.exit_code == 0, predicted.output + listed.output
+    assert "label" in predicted.output and "digits" in listed.output
+    renewed = keys_of(state)
+    assert renewed["inference"] != expired["inference"] and renewed["management"] != expired["management"]
+    assert renewed["API"] == expired["API"]
+    for key in (*expired.values(), *renewed.values()):
+        assert key not in predicted.output + listed.output
+
+    expired = wait_until_expired(state)
+    assert client.predict("digits", good_png, content_type="image/png")["label"]
+    assert client.describe("digits", "1.0.0")[0]["modelVersion"] == "1.0.0"
+    assert client.ping()["status"] == "Healthy"
+
+    wait_until_expired(state)
+    failover = FailoverClient([ServeClient(Endpoints(state.inference_url, "", "", client.endpoints.key_file))])
+    assert failover.predict("digits", good_png, content_type="image/png")["label"]
+
+    wait_until_expired(state)
+    url = f"{state.inference_url}/predictions/digits"
+    result = run_load(url, {}, [(good_png, "image/png")], 4, 2.0, keys=client.keys)
+    assert result.ok > 0 and result.errors == 0, result.error_statuses

