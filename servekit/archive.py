@@ -121,15 +121,22 @@ def batch_size_for(sample_ms: float) -> int:
 
 def sample_cost_ms(source_dir: Path, threads: int) -> float:
     """Milliseconds per sample of the trained folder's eager model at batch 2 on `threads` torch threads: the
-    fastest of the timed calls, the model's own cost, which other work on a busy machine only ever adds to."""
+    fastest of the timed calls, the model's own cost, which other work on a busy machine only ever adds to.
+    A variant folder without the eager weights (e.g. a TorchScript file of a model class servekit does not know)
+    is timed in its own format."""
     import torch
 
-    from servekit.formats import example_batch, load_trained, torch_threads
+    from servekit.formats import example_batch, load_format, load_trained, torch_threads
     from servekit.timing import time_calls
 
-    model, trained = load_trained(source_dir)
-    example = example_batch(trained, batch=2)
+    trained = json.loads((source_dir / HANDLER_FILE).read_text())
+    prebuilt = trained.get("format")
     with torch_threads(threads), torch.inference_mode():
+        if prebuilt and prebuilt != "state_dict" and not (source_dir / FORMAT_FILES["state_dict"]).is_file():
+            model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
+        else:
+            model, trained = load_trained(source_dir)
+        example = example_batch(trained, batch=2)
         times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
     return min(times) / 2
 

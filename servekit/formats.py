@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +31,36 @@ def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
     model = build_model(handler["model_class"], handler.get("model_kwargs"))
     model.load_state_dict(torch.load(source_dir / FORMAT_FILES["state_dict"], map_location="cpu", weights_only=True))
     return model.eval(), handler
+
+
+def ort_session(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ONNX Runtime session on `threads` intra-op threads, as a callable on a batch."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+
+
+def load_format(path: Path, model_format: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A serialized model (not a state_dict) loaded on the CPU as a callable on a batch; TorchScript and the
+    export formats carry their own code, so a model class servekit does not know loads too."""
+    if model_format == "torchscript":
+        with warnings.catch_warnings():  # torch.jit is deprecated
+            warnings.simplefilter("ignore")
+            return torch.jit.load(str(path), map_location="cpu")
+    if model_format == "export":
+        return torch.export.load(str(path)).module()
+    if model_format == "aoti":
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(path))
+    if model_format == "onnx":
+        return ort_session(path, threads)
+    raise UsageError(f"{model_format!r} is not a serialized format; choose one of {', '.join(FORMAT_FILES)}")
 
 
 @contextlib.contextmanager

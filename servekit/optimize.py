@@ -25,7 +25,7 @@ from servekit.archive import handler_module
 from servekit.catalog import Catalog
 from servekit.choices import QUICK_VARIANTS, VARIANTS
 from servekit.errors import UsageError
-from servekit.formats import dynamic_shapes, example_batch, export_model, load_trained
+from servekit.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained, ort_session
 from servekit.heldout import read_held_out
 from servekit.models import Tokenizer, image_transform, pad_batch
 from servekit.names import check_name
@@ -105,17 +105,6 @@ class Built:
     archivable: str = ""  # why it cannot be archived ('' when it can)
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
-
-
 class Builder:
     """Builds each variant of one model into `work/NAME/`."""
 
@@ -142,16 +131,8 @@ class Builder:
     def exported(self, name: str, model_format: str, model: torch.nn.Module | None = None) -> Built:
         folder = self.folder(name)
         path, _ = export_model(model or self.model, self.handler, model_format, folder)
-        if model_format == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loaded = torch.jit.load(str(path))
-            return Built(loaded, [path], {"format": "torchscript"})
-        if model_format == "export":
-            return Built(torch.export.load(str(path)).module(), [path], {"format": "export"})
-        if model_format == "aoti":
-            return Built(torch._inductor.aoti_load_package(str(path)), [path], {"format": "aoti", "aoti_device": "cpu"})
-        return Built(ort_session(path, self.threads), [path], {"format": "onnx"})
+        settings = {"format": model_format, **({"aoti_device": "cpu"} if model_format == "aoti" else {})}
+        return Built(load_format(path, model_format, self.threads), [path], settings)
 
     def build(self, name: str) -> Built:
         model = self.model

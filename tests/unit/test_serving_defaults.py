@@ -8,9 +8,10 @@ import sys
 import time
 
 import psutil
+from helpers import poison_trained_folder
 
 from servekit import archive, timing
-from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, BuildOptions, batch_size_for
+from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, BuildOptions, batch_size_for, build_archive
 
 
 def test_defaults_use_every_core_without_oversubscribing(monkeypatch):
@@ -31,6 +32,14 @@ def test_batch_size_follows_the_models_cost():
     assert batch_size_for(BATCH_BUDGET_MS / 4) == 4
     assert batch_size_for(BATCH_BUDGET_MS / 3) == 2
     assert batch_size_for(30.0) == 1  # resnet18 at 224 px on one thread: batching only adds waiting
+
+
+def test_a_variant_without_eager_weights_gets_its_batch_size_from_its_own_file(tmp_path):
+    """A TorchScript file of a model class servekit does not know (no model.pt beside it) is timed as it is."""
+    folder = poison_trained_folder(tmp_path / "poison")
+    assert 0 < archive.sample_cost_ms(folder, 1) < 1000
+    entry = build_archive("poison", "1.0.0", folder, tmp_path / "store", handler="tensor")
+    assert 1 <= entry.config["batchSize"] <= DEFAULT_MAX_BATCH and entry.config["handler"]["format"] == "torchscript"
 
 
 def test_a_figure_with_a_wide_spread_or_a_busy_machine_says_so():
