@@ -126,9 +126,8 @@ def seconds_option(text: str) -> float:
     return value
 
 
-def generator_option(function):
-    return click.option("--generator", type=click.Choice(GENERATORS), default="auto", show_default=True,
-                        help="wrk (C; when installed, closed loop) or servekit's aiohttp one.")(function)  # fmt: skip
+generator_option = click.option("--generator", type=click.Choice(GENERATORS), default="auto", show_default=True,
+                                help="wrk (C; when installed, closed loop) or servekit's aiohttp one.")  # fmt: skip
 
 
 def handler_for(name: str, handler: str | None) -> str:
@@ -260,12 +259,11 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
 @click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
 @click.option("--format", "model_format", type=click.Choice(list(FORMAT_FILES)), default=None,
               help="How the model is serialized [default: state_dict, or an optimized variant's own].")  # fmt: skip
-@click.option("--batch-size", type=int, default=None, help="TorchServe batchSize "
-              f"[the most, up to {DEFAULT_MAX_BATCH}, one worker runs in {BATCH_BUDGET_MS:g} ms].")  # fmt: skip
+@click.option("--batch-size", type=int, default=None,
+              help=f"batchSize [what a worker runs in {BATCH_BUDGET_MS:g} ms, up to {DEFAULT_MAX_BATCH}].")  # fmt: skip
 @click.option("--max-batch-delay", type=int, default=None,
               help=f"ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].")  # fmt: skip
-@click.option("--workers", type=int, default=None, help="minWorkers = maxWorkers "
-              f"[{BUILD_DEFAULTS.workers}: one per core, up to 4, the cores shared as threads].")  # fmt: skip
+@click.option("--workers", type=int, default=None, help=f"minWorkers = maxWorkers [cores: {BUILD_DEFAULTS.workers}].")
 @click.option("--variant", default=None, help="Pack an optimized variant recorded by `optimize --pick` ('best').")
 @click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A model-config.yaml from `servekit config` (devices, workers) to merge in.")  # fmt: skip
