@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = "1,16,64"
+GPU_TESTS = ("tests/unit/test_gpu_path.py", "tests/unit/test_devices.py", "tests/unit/test_handlers.py")
 TARGETS = {  # issue 15, one H100 or H200, resnet18 224 px JPEG bodies
     "c64_req_per_s": 5000,
     "c64_p99_ms": 50,
@@ -244,7 +245,7 @@ def main() -> int:
     finally:
         check.run("serve stop", [*sk, "serve", "stop"], 60)
     check.save()
-    tests = os.environ.get("GPU_CHECK_TESTS", "tests/unit/test_gpu_path.py tests/unit/test_handlers.py").split()
+    tests = os.environ.get("GPU_CHECK_TESTS", " ".join(GPU_TESTS)).split()
     check.run("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-m", "gpu or not server", *tests],
               150, cwd=REPO)  # fmt: skip
     check.report["verdict"] = verdict(check.report)
