@@ -23,6 +23,7 @@ from servekit import __version__, registry, server
 from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions
 from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
+from servekit.devices import DEVICE_CHOICES, resolve_device
 from servekit.errors import ServekitError, UsageError
 from servekit.protocols import PROTOCOLS, predict_files
 from servekit.rollout import RolloutPolicy
@@ -180,20 +181,24 @@ def out_option(default: str):
 
 
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
+device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                             help="Where to train: auto = cuda:0 when torch sees a GPU, else the CPU.")  # fmt: skip
 
 
 @train.command("digits")
 @out_option("digits")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @seed_option
-def train_digits_command(out: Path, epochs: int, seed: int) -> None:
+@device_option
+def train_digits_command(out: Path, epochs: int, seed: int, device: str) -> None:
     """SimpleCNN on scikit-learn's digits (8x8 upscaled to 28x28), 20 % held out.
 
     Example: servekit train digits --out model_store/work/digits
     """
     from servekit.train import train_digits
 
-    run_training("training SimpleCNN", epochs, functools.partial(train_digits, out, epochs, seed), out)
+    trainer = functools.partial(train_digits, out, epochs, seed, device=resolve_device(device))
+    run_training("training SimpleCNN", epochs, trainer, out)
 
 
 @train.command("image")
@@ -202,14 +207,16 @@ def train_digits_command(out: Path, epochs: int, seed: int) -> None:
 @click.option("--image-size", type=click.IntRange(min=16), default=64, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True, help="0: random weights.")
 @seed_option
-def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed: int) -> None:
+@device_option
+def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed: int, device: str) -> None:
     """A torchvision classifier trained from scratch on the digits as RGB images (no pretrained download).
 
     Example: servekit train image --arch resnet18 --image-size 64 --epochs 4
     """
     from servekit.train import train_image
 
-    run_training(f"training {arch}", epochs, functools.partial(train_image, out, arch, image_size, epochs, seed), out)
+    trainer = functools.partial(train_image, out, arch, image_size, epochs, seed, device=resolve_device(device))
+    run_training(f"training {arch}", epochs, trainer, out)
 
 
 @train.command("text")
@@ -218,14 +225,16 @@ def train_image_command(out: Path, arch: str, image_size: int, epochs: int, seed
 @click.option("--samples", type=click.IntRange(min=500), default=6000, show_default=True,
               help="Size of the generated review corpus (20 % held out).")  # fmt: skip
 @seed_option
-def train_text_command(out: Path, epochs: int, samples: int, seed: int) -> None:
+@device_option
+def train_text_command(out: Path, epochs: int, samples: int, seed: int, device: str) -> None:
     """The Transformer text classifier on generated sentiment reviews (rule: servekit.datasets.sentiment_corpus).
 
     Example: servekit train text --out model_store/work/text
     """
     from servekit.train import train_text
 
-    run_training("training TextClassifier", epochs, functools.partial(train_text, out, epochs, seed, samples), out)
+    trainer = functools.partial(train_text, out, epochs, seed, samples, device=resolve_device(device))
+    run_training("training TextClassifier", epochs, trainer, out)
 
 
 @cli.group()

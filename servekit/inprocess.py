@@ -22,10 +22,11 @@ from ts.context import Context, RequestProcessor
 class InProcessHandler:
     """Unpacks a .mar into a temp folder and initialises its handler with a real `ts.context.Context`.
 
-    Use it as a context manager: leaving it removes the temp folder.
+    `gpu_id` is what TorchServe hands a GPU worker (None: a CPU worker), so the handler runs on the device the
+    served workers use. Use it as a context manager: leaving it removes the temp folder.
     """
 
-    def __init__(self, archive: Path, batch_size: int | None = None):
+    def __init__(self, archive: Path, batch_size: int | None = None, gpu_id: int | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="servekit-inprocess-"))
         with zipfile.ZipFile(archive) as mar:
             mar.extractall(self.folder)
@@ -37,7 +38,7 @@ class InProcessHandler:
             str(self.folder),
             manifest,
             self.batch_size,
-            None,
+            gpu_id,
             "servekit",
             model_yaml_config=config,
         )

@@ -42,6 +42,11 @@ class VersionInfo:
     def ready_workers(self) -> int:
         return sum(worker.get("status") == "READY" for worker in self.workers)
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether TorchServe placed this version's workers on GPUs (its worker records carry `gpu`)."""
+        return any(worker.get("gpu") for worker in self.workers)
+
     @classmethod
     def of(cls, description: dict, default_url: str | None) -> VersionInfo:
         return cls(

@@ -31,6 +31,7 @@ from servekit.models import Tokenizer, build_model, image_transform, pad_batch
 from servekit.workspace import HANDLER_FILE, HELD_OUT_DIR, LABELS_FILE, METRICS_FILE, VOCAB_FILE, WEIGHTS_FILE
 
 DIGIT_LABELS = [str(i) for i in range(10)]
+CPU = torch.device("cpu")
 
 OnEpoch = Callable[[int, float], None]
 
@@ -55,17 +56,21 @@ def fit(
     max_learning_rate: float = 2e-3,
     on_epoch: OnEpoch | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device = CPU,
 ) -> None:
-    """AdamW with a one-cycle schedule; `make_batch(indices)` builds (and may augment) one input batch.
+    """AdamW with a one-cycle schedule on `device`; `make_batch(indices)` builds (and may augment) one input batch
+    on the CPU, and it is copied to the device.
 
     `loss_fn(logits, indices)` defaults to cross-entropy against `labels[indices]`.
     """
+    model.to(device)
+    targets = labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=max_learning_rate)
     steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_learning_rate, total_steps=epochs * steps_per_epoch
     )
-    loss_fn = loss_fn or (lambda logits, indices: nn.functional.cross_entropy(logits, labels[indices]))
+    loss_fn = loss_fn or (lambda logits, indices: nn.functional.cross_entropy(logits, targets[indices.to(device)]))
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         model.train()
@@ -74,7 +79,7 @@ def fit(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(model(make_batch(batch)), batch)
+            loss = loss_fn(model(make_batch(batch).to(device, non_blocking=True)), batch)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -85,12 +90,14 @@ def fit(
 
 
 def accuracy(model: nn.Module, make_batch: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor) -> float:
-    """Held-out accuracy, computed in batches of 256."""
+    """Held-out accuracy, computed in batches of 256 on the model's device."""
+    device = next(model.parameters()).device
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(labels), 256):
             indices = torch.arange(start, min(start + 256, len(labels)))
-            correct += int((model(make_batch(indices)).argmax(dim=1) == labels[indices]).sum())
+            predictions = model(make_batch(indices).to(device)).argmax(dim=1).cpu()
+            correct += int((predictions == labels[indices]).sum())
     return correct / len(labels)
 
 
@@ -105,7 +112,7 @@ def save_outputs(
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
-    torch.save(model.state_dict(), weights)
+    torch.save(model.cpu().state_dict(), weights)
     (out_dir / LABELS_FILE).write_text(json.dumps(labels))
     (out_dir / HANDLER_FILE).write_text(json.dumps(handler, indent=2))
     metrics = {
@@ -144,7 +151,14 @@ def finish_digits(
     return result
 
 
-def train_digits(out_dir: Path, epochs: int = 15, seed: int = 0, max_shift: int = 2, on_epoch: OnEpoch | None = None):
+def train_digits(
+    out_dir: Path,
+    epochs: int = 15,
+    seed: int = 0,
+    max_shift: int = 2,
+    on_epoch: OnEpoch | None = None,
+    device: torch.device = CPU,
+):
     """SimpleCNN on the digits split, with shift augmentation: 99 % held-out accuracy in about 10 s on 2 cores."""
     if epochs < 1:
         raise ValueError("epochs must be at least 1")
@@ -160,6 +174,7 @@ def train_digits(out_dir: Path, epochs: int = 15, seed: int = 0, max_shift: int 
         epochs,
         seed,
         on_epoch=on_epoch,
+        device=device,
     )
     handler = {"model_class": "SimpleCNN", "example_input": {"shape": [1, 28, 28], "dtype": "float32"}}
     metrics = {"model": "SimpleCNN", "dataset": "sklearn load_digits, 8x8 upscaled to 28x28", "seed": seed}
@@ -173,6 +188,7 @@ def train_image(
     epochs: int = 4,
     seed: int = 0,
     on_epoch: OnEpoch | None = None,
+    device: torch.device = CPU,
 ) -> TrainResult:
     """A torchvision classifier from scratch on the digits as RGB images of `image_size` pixels.
 
@@ -206,7 +222,10 @@ def train_image(
             batch_size=32,
             max_learning_rate=3e-3,
             on_epoch=on_epoch,
+            device=device,
         )
+    else:
+        model.to(device)
     model.eval()
     handler = {
         "model_class": f"torchvision:{architecture}",
@@ -227,6 +246,7 @@ def train_text(
     count: int = 6000,
     max_tokens: int = 64,
     on_epoch: OnEpoch | None = None,
+    device: torch.device = CPU,
 ) -> TrainResult:
     """The Transformer text classifier on the generated sentiment corpus (`servekit.datasets.sentiment_corpus`)."""
     if epochs < 1:
@@ -249,6 +269,7 @@ def train_text(
         seed,
         max_learning_rate=1e-3,
         on_epoch=on_epoch,
+        device=device,
     )
     test_labels = all_labels[test_idx]
     result = TrainResult(

@@ -20,6 +20,30 @@ from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
 from servekit.train import train_digits, train_image, train_text  # noqa: E402
 from servekit.workspace import HELD_OUT_DIR  # noqa: E402
 
+GPU_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without a GPU they are deselected, and the summary says how many."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.stash[GPU_DESELECTED] = len(gpu_only)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.stash.get(GPU_DESELECTED, 0)
+    if count:
+        terminalreporter.write_line(
+            f"{count} gpu-marked test(s) deselected: torch sees no GPU here (run scripts/gpu_check.sh on a GPU host)",
+            yellow=True,
+        )
+
 
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory) -> Path:

@@ -45,6 +45,15 @@ def test_cpu_plan_sets_threads_per_worker_so_workers_do_not_oversubscribe(tmp_pa
     assert "deviceIds" not in config
 
 
+def test_gpu_plan_bounds_each_workers_cpu_threads_too(monkeypatch):
+    """GPU workers decode and collate on the CPU: 4 workers on a 16-core host get 4 threads each, not 16."""
+    monkeypatch.setattr(configs.os, "cpu_count", lambda: 16)
+    config = configs.model_config(configs.make_plan("1", 4, ["image"]))
+    assert config["deviceType"] == "gpu" and config["minWorkers"] == 4 and config["handler"]["torch_threads"] == 4
+    two_models = configs.model_config(configs.make_plan("2", 2, ["image", "digits"]))
+    assert two_models["minWorkers"] == 4 and two_models["handler"]["torch_threads"] == 2
+
+
 def test_device_subset_and_parallel_type(tmp_path):
     subset = configs.model_config(configs.make_plan("4", 1, ["digits"], device_ids=[2, 3]))
     assert subset["deviceIds"] == [2, 3] and subset["minWorkers"] == 2
