@@ -117,23 +117,23 @@ class ImageClassifierHandler(ClassifierHandler):
         images = iter(decode_jpegs(jpegs, self.device))
         finished: list[Decoded | RequestError] = []
         for decoded in requests:
-            try:
-                samples = [self.device_sample(sample, images) for sample in decoded.samples]
-            except RequestError as exc:
-                finished.append(exc)
-                continue
-            finished.append(Decoded(samples, decoded.many, decoded.protocol, decoded.v2))
+            samples, error = [], None
+            for sample in decoded.samples:
+                image = next(images) if isinstance(sample, bytes) else sample  # every JPEG's, even after an error
+                try:
+                    samples.append(self.device_sample(sample, image))
+                except RequestError as exc:
+                    error = error or exc
+            finished.append(error or Decoded(samples, decoded.many, decoded.protocol, decoded.v2))
         return finished
 
-    def device_sample(self, sample: torch.Tensor | bytes, images) -> torch.Tensor:
-        """A batched-mode sample -> its model input on the device; `images` yields the JPEGs' decodes in order."""
-        if isinstance(sample, bytes):
-            image = next(images)
-            if isinstance(image, Exception):
-                logger.info("decode_jpeg refused an image (%s): decoding it with Pillow", image)
-                image = image_tensor(sample, int(self.config["max_image_pixels"]))
-            sample = image
-        return self.transform(to_device(sample, self.device)).unsqueeze(0)
+    def device_sample(self, sample: torch.Tensor | bytes, image: torch.Tensor | Exception) -> torch.Tensor:
+        """A batched-mode sample -> its model input on the device, from its image: decode_jpeg's (or its exception:
+        then Pillow's) for JPEG bytes, Pillow's for the others."""
+        if isinstance(image, Exception):
+            logger.info("decode_jpeg refused an image (%s): decoding it with Pillow", image)
+            image = image_tensor(sample, int(self.config["max_image_pixels"]))
+        return self.transform(to_device(image, self.device)).unsqueeze(0)
 
     def decode_request(self, payload: Any, content_type: str) -> Decoded:
         if isinstance(payload, (dict, list)) or content_type == "application/json":

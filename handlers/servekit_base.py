@@ -875,14 +875,13 @@ class ServekitHandler(BaseHandler):
             except RequestError as exc:
                 answers[idx] = self.reject(context, idx, exc, protocol)
         finished = self.finish_decoding([decoded for _, decoded in accepted])
+        ready: list[tuple[int, Decoded]] = []
         for (idx, decoded), result in zip(accepted, finished, strict=True):
             if isinstance(result, RequestError):
                 answers[idx] = self.reject(context, idx, result, decoded.protocol)
-        accepted = [
-            (idx, decoded)
-            for (idx, _), decoded in zip(accepted, finished, strict=True)
-            if not isinstance(decoded, RequestError)
-        ]
+            else:
+                ready.append((idx, result))
+        accepted = ready
         decoded_at = time.perf_counter()
         results = self.infer([decoded for _, decoded in accepted])
         inferred_at = time.perf_counter()

@@ -116,13 +116,20 @@ def test_a_corrupt_jpeg_in_a_batch_answers_400_alone(pil_handler, batched_handle
     calls = []
     decode = image_classifier.decode_jpeg
     monkeypatch.setattr(image_classifier, "decode_jpeg", lambda data, **kw: calls.append(data) or decode(data, **kw))
-    bodies = [(jpegs[0], "image/jpeg"), (corrupt, "image/jpeg"), (jpegs[2], "image/jpeg")]
+    encoded = [base64.b64encode(jpeg).decode() for jpeg in (jpegs[2], corrupt, jpegs[0])]
+    bodies = [
+        (jpegs[0], "image/jpeg"),
+        (corrupt, "image/jpeg"),
+        (json.dumps({"images": encoded}).encode(), "application/json"),  # one bad image fails its whole request
+        (jpegs[2], "image/jpeg"),
+    ]
     answers, statuses = answer_batch(batched_handler, bodies)
-    assert len(calls[0]) == 3 and len(calls) == 4  # one batched call, then each JPEG alone
-    assert list(statuses) == [1] and statuses[1][0] == 400 and answers[1]["error"] == "invalid_image"
+    assert len(calls[0]) == 6 and len(calls) == 7  # one batched call, then each JPEG alone
+    assert list(statuses) == [1, 2] and {status for status, _ in statuses.values()} == {400}
+    assert answers[1]["error"] == answers[2]["error"] == "invalid_image"
     expected, _ = answer_batch(pil_handler, bodies)
-    assert expected[1] == answers[1]
-    assert_same_answers([answers[0], answers[2]], [expected[0], expected[2]], CPU_PROBABILITY_TOLERANCE)
+    assert expected[1:3] == answers[1:3]
+    assert_same_answers([answers[0], answers[3]], [expected[0], expected[3]], CPU_PROBABILITY_TOLERANCE)
 
 
 def test_a_jpeg_decode_jpeg_refuses_is_decoded_by_pillow(batched_handler, pil_handler, held_out, monkeypatch):
