@@ -4,10 +4,18 @@ A request is image bytes (raw body or a multipart upload), or JSON with base64 i
 answers one prediction, `{"images": ["<base64>", ...]}` a list. Preprocessing (resize, center crop, mean/std)
 comes from the archive's model-config.yaml `handler.preprocess`, through torchvision transforms v2.
 KServe v1 instances and v2 BYTES elements are base64 images.
+
+`handler.image_decode` picks how images are decoded: "pil" decodes each request's image with Pillow on the CPU
+as it arrives; "batched" (the default on CUDA workers, "auto") only reads each image's header then, and decodes
+all JPEGs of a batch in one `torchvision.io.decode_jpeg` call on the worker's device (nvJPEG on CUDA), resized,
+cropped and normalised there too. Other formats (PNG, ...), JPEGs with an EXIF orientation and non-RGB JPEGs
+(grayscale, CMYK) are decoded by Pillow, then transformed on the device. The GPU's JPEG decoder (nvJPEG) and
+libjpeg differ slightly: measured on an H100, 0.0085 mean and 0.23 max in normalised units per pixel.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,13 +25,21 @@ from servekit_base import (
     RequestError,
     as_bytes,
     base64_bytes,
+    image_header,
     instance_value,
     json_items,
     open_image,
     parse_json,
+    to_device,
 )
+from torchvision.io import ImageReadMode, decode_jpeg
+
+logger = logging.getLogger(__name__)
 
 JSON_FORMAT = '{"image": "<base64 image>"} or {"images": ["<base64 image>", ...]}'
+IMAGE_DECODES = ("auto", "batched", "pil")
+EXIF_ORIENTATION = 0x0112
+JPEG_END = b"\xff\xd9"
 
 
 def image_tensor(raw: bytes, max_pixels: int) -> torch.Tensor:
@@ -31,6 +47,41 @@ def image_tensor(raw: bytes, max_pixels: int) -> torch.Tensor:
     image = open_image(raw, max_pixels).convert("RGB")
     width, height = image.size
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3).permute(2, 0, 1)
+
+
+def batchable_jpeg(raw: bytes, max_pixels: int) -> bool:
+    """Whether decode_jpeg gives the same pixels as Pillow for these bytes: a complete (ends with the EOI marker)
+    RGB JPEG without EXIF rotation. Reads only the header; a bad or too large image is refused here."""
+    image = image_header(raw, max_pixels)
+    if image.format != "JPEG" or image.mode != "RGB" or not raw.rstrip(b"\0").endswith(JPEG_END):
+        return False
+    try:
+        return image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except Exception:  # unreadable EXIF: Pillow's path answers it as in "pil" mode
+        return False
+
+
+def jpeg_data(raw: bytes) -> torch.Tensor:
+    """JPEG bytes as the 1-D uint8 CPU tensor decode_jpeg reads."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | Exception]:
+    """uint8 RGB 3 x H x W tensors on `device`, one per JPEG, from one batched decode_jpeg call; when that call
+    raises, each JPEG is decoded alone and the one that fails gets its exception in its place."""
+    if not jpegs:
+        return []
+    try:
+        return list(decode_jpeg([jpeg_data(raw) for raw in jpegs], mode=ImageReadMode.RGB, device=device))
+    except (RuntimeError, ValueError) as exc:
+        logger.info("the batched JPEG decode of %d images failed (%s): decoding each alone", len(jpegs), exc)
+    images: list[torch.Tensor | Exception] = []
+    for raw in jpegs:
+        try:
+            images.append(decode_jpeg(jpeg_data(raw), mode=ImageReadMode.RGB, device=device))
+        except (RuntimeError, ValueError) as exc:
+            images.append(exc)
+    return images
 
 
 class ImageClassifierHandler(ClassifierHandler):
@@ -42,9 +93,47 @@ class ImageClassifierHandler(ClassifierHandler):
         super().setup()
         self.preprocess = dict(self.config.get("preprocess") or {})
         self.transform = self.definitions.image_transform(**self.preprocess)
+        image_decode = self.config["image_decode"]
+        if image_decode not in IMAGE_DECODES:
+            raise RuntimeError(f"handler.image_decode is {image_decode!r}; expected one of {', '.join(IMAGE_DECODES)}")
+        if image_decode == "auto":
+            image_decode = "batched" if self.device.type == "cuda" else "pil"
+        self.batched_decode = image_decode == "batched"
 
-    def to_sample(self, raw: bytes) -> torch.Tensor:
-        return self.transform(image_tensor(raw, int(self.config["max_image_pixels"]))).unsqueeze(0)
+    def to_sample(self, raw: bytes) -> torch.Tensor | bytes:
+        """One image's sample: its model input (1 x 3 x crop x crop), or in batched mode the JPEG bytes left for
+        `finish_decoding` or the uint8 RGB image Pillow decoded (3 x H x W), to transform on the device."""
+        max_pixels = int(self.config["max_image_pixels"])
+        if not self.batched_decode:
+            return self.transform(image_tensor(raw, max_pixels)).unsqueeze(0)
+        return raw if batchable_jpeg(raw, max_pixels) else image_tensor(raw, max_pixels)
+
+    def finish_decoding(self, requests: list[Decoded]) -> list[Decoded | RequestError]:
+        """Batched mode: every JPEG of the batch decoded in one call on the device, then every image transformed
+        there; a JPEG the decoder refuses is tried with Pillow, and fails only its own request (400)."""
+        if not self.batched_decode:
+            return requests
+        jpegs = [sample for decoded in requests for sample in decoded.samples if isinstance(sample, bytes)]
+        images = iter(decode_jpegs(jpegs, self.device))
+        finished: list[Decoded | RequestError] = []
+        for decoded in requests:
+            samples, error = [], None
+            for sample in decoded.samples:
+                image = next(images) if isinstance(sample, bytes) else sample  # every JPEG's, even after an error
+                try:
+                    samples.append(self.device_sample(sample, image))
+                except RequestError as exc:
+                    error = error or exc
+            finished.append(error or Decoded(samples, decoded.many, decoded.protocol, decoded.v2))
+        return finished
+
+    def device_sample(self, sample: torch.Tensor | bytes, image: torch.Tensor | Exception) -> torch.Tensor:
+        """A batched-mode sample -> its model input on the device, from its image: decode_jpeg's (or its exception:
+        then Pillow's) for JPEG bytes, Pillow's for the others."""
+        if isinstance(image, Exception):
+            logger.info("decode_jpeg refused an image (%s): decoding it with Pillow", image)
+            image = image_tensor(sample, int(self.config["max_image_pixels"]))
+        return self.transform(to_device(image, self.device)).unsqueeze(0)
 
     def decode_request(self, payload: Any, content_type: str) -> Decoded:
         if isinstance(payload, (dict, list)) or content_type == "application/json":
@@ -58,7 +147,7 @@ class ImageClassifierHandler(ClassifierHandler):
             raise RequestError("empty_body", f"the body is empty: send image bytes or {JSON_FORMAT}")
         return Decoded([self.to_sample(raw)])
 
-    def decode_instance(self, value: Any, what: str) -> torch.Tensor:
+    def decode_instance(self, value: Any, what: str) -> torch.Tensor | bytes:
         """A base64 image: `"<b64>"`, `{"data": "<b64>"}` or `{"b64": "<b64>"}`."""
         value = instance_value(value, what)
         return self.to_sample(value if isinstance(value, bytes) else base64_bytes(value, what))

@@ -23,13 +23,16 @@ TorchServe's own `kserve`/`kservev2` envelopes (TS_SERVICE_ENVELOPE) cannot serv
 envelope's job itself, per request.
 
 The archive's `model-config.yaml` drives everything under its `handler:` section: the model `format`
-(state_dict, torchscript, export, aoti, onnx), limits, allowed content types, `compile`, `warmup`.
+(state_dict, torchscript, export, aoti, onnx), limits, allowed content types, `compile`, `warmup`, and on GPU
+workers `device` (the device the variant was built for: a worker elsewhere refuses it), `channels_last` and
+`cuda_graphs` (batch-size buckets, each captured as one CUDA graph; a batch is padded to its bucket).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.util
 import io
 import json
@@ -39,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -58,7 +62,17 @@ DEFAULT_CONFIG = {
     "top_k": 3,
     "warmup": 0,
     "compile": False,
+    # The device type ("cpu", "cuda") the variant was built and gated for; None: any. Workers elsewhere refuse it.
+    "device": None,
+    # NCHW models and batches in channels_last memory format (CUDA workers only; faster convolutions).
+    "channels_last": True,
+    # Batch sizes captured as CUDA graphs at start-up (CUDA workers only), e.g. [1, 2, 4, 8, 16, 32, 64].
+    "cuda_graphs": [],
+    # Image handlers: "batched" decodes a batch's JPEGs in one torchvision call on the worker's device, "pil" one
+    # by one with Pillow on the CPU, "auto" batched on CUDA workers and pil on CPU workers.
+    "image_decode": "auto",
 }
+DEVICE_TYPES = ("cpu", "cuda")
 MODEL_FORMATS = ("state_dict", "torchscript", "export", "aoti", "onnx")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # TorchServe's TS_SERVICE_ENVELOPE values (KServe sets them from the serviceEnvelope label) -> the protocol spoken.
@@ -187,19 +201,11 @@ def parse_json(payload: Any) -> Any:
         raise RequestError("invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
-def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes fully and upright (EXIF orientation applied), refusing decompression bombs before any
-    pixel is allocated."""
+@contextlib.contextmanager
+def image_errors():
+    """Pillow's failures on a client's bytes -> the request's 400."""
     try:
-        image = Image.open(io.BytesIO(raw))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(
-                "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-            )
-        image.load()
-        # Phones store portrait photos rotated with an EXIF Orientation tag: apply it before anything else.
-        ImageOps.exif_transpose(image, in_place=True)
+        yield
     except RequestError:
         raise
     except Image.DecompressionBombError as exc:
@@ -208,6 +214,29 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
         raise RequestError("invalid_image", "the body is not an image Pillow can read (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RequestError("invalid_image", f"cannot decode the image: {exc}") from None
+
+
+def image_header(raw: bytes, max_pixels: int) -> Image.Image:
+    """Image bytes opened lazily: Pillow reads only the header (format, size, mode, EXIF), and decompression
+    bombs are refused before any pixel is allocated."""
+    with image_errors():
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise RequestError(
+                "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+    return image
+
+
+def open_image(raw: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes fully and upright (EXIF orientation applied), refusing decompression bombs before any
+    pixel is allocated."""
+    image = image_header(raw, max_pixels)
+    with image_errors():
+        image.load()
+        # Phones store portrait photos rotated with an EXIF Orientation tag: apply it before anything else.
+        ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
@@ -454,6 +483,124 @@ def select_device(properties: dict) -> torch.device:
     return torch.device("cpu")
 
 
+def variant_summary(config: dict) -> str:
+    """What a variant was built with, in words: "float16, CUDA graphs"."""
+    parts = [config.get("dtype", "float32")]
+    if config.get("format") == "aoti":
+        parts.insert(0, "AOTInductor package")
+    if config.get("compile"):
+        parts.append("torch.compile")
+    if config.get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    return ", ".join(parts)
+
+
+def refuse_wrong_device(built_for: str | None, device: torch.device, config: dict) -> None:
+    """Raises when the variant was built for another device type than the worker's (None: built for any)."""
+    if built_for is None:
+        return
+    if built_for not in DEVICE_TYPES:
+        raise RuntimeError(f"handler.device is {built_for!r}; expected one of {', '.join(DEVICE_TYPES)} or none")
+    if built_for == device.type:
+        return
+    fix = (
+        "serve it with GPU workers (servekit config --gpus) or build a CPU variant"
+        if built_for == "cuda"
+        else "serve it with CPU workers or build a cuda variant"
+    )
+    raise RuntimeError(
+        f"this archive's variant was built for {built_for} ({variant_summary(config)}); "
+        f"this worker runs on {device.type}: {fix}"
+    )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` on `device` (floating tensors in `dtype` when given): a CPU tensor bound for CUDA goes through
+    pinned memory and a non-blocking copy."""
+    dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, dtype, non_blocking=True)
+    return tensor.to(device, dtype)
+
+
+def bucket_for(count: int, buckets: list[int]) -> int | None:
+    """The smallest bucket that holds `count` samples; None when none does."""
+    fitting = [bucket for bucket in buckets if bucket >= count]
+    return min(fitting) if fitting else None
+
+
+class StaticBatch:
+    """A fixed-size model call (one captured CUDA graph): the batch is copied into the first rows of the static
+    input, the rest zeroed, `replay` runs, and the batch's rows of the static output are cloned out."""
+
+    def __init__(self, static_input: torch.Tensor, static_output: torch.Tensor, replay: Callable[[], Any]):
+        self.static_input = static_input
+        self.static_output = static_output
+        self.replay = replay
+
+    @property
+    def size(self) -> int:
+        return self.static_input.shape[0]
+
+    def fits(self, batch: torch.Tensor) -> bool:
+        return (
+            batch.shape[0] <= self.size
+            and batch.shape[1:] == self.static_input.shape[1:]
+            and batch.dtype == self.static_input.dtype
+        )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        count = batch.shape[0]
+        self.static_input[:count].copy_(batch)
+        self.static_input[count:].zero_()
+        self.replay()
+        return self.static_output[:count].clone()
+
+
+class BucketedModel:
+    """Runs each batch through the smallest StaticBatch that holds it (padding it), a batch larger than every
+    bucket in chunks of the largest, and a batch of another sample shape or dtype through the eager model."""
+
+    def __init__(self, runners: dict[int, StaticBatch], eager: Callable[[torch.Tensor], torch.Tensor]):
+        self.runners = runners
+        self.eager = eager
+        self.largest = max(runners)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > self.largest:
+            return torch.cat([self(chunk) for chunk in batch.split(self.largest)])
+        runner = self.runners[bucket_for(batch.shape[0], list(self.runners))]
+        return runner(batch) if runner.fits(batch) else self.eager(batch)
+
+
+def capture_cuda_graphs(
+    model: Callable, example: torch.Tensor, buckets: list[int], channels_last: bool
+) -> dict[int, StaticBatch]:
+    """One CUDA graph per bucket, replaying `model` on a static batch of copies of `example` (one sample, on the
+    CUDA device, in the model's dtype). The graphs share one memory pool: they run one at a time and each output
+    is cloned as soon as its graph has run, so one graph may reuse another's scratch memory.
+    """
+    device = example.device
+    pool = torch.cuda.graph_pool_handle()
+    runners = {}
+    for bucket in sorted(set(buckets), reverse=True):  # the largest first: it sizes the shared pool
+        static_input = torch.cat([example] * bucket)
+        if channels_last:
+            static_input = static_input.contiguous(memory_format=torch.channels_last)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():  # warm-up (cuDNN autotuning, lazy init) off the capture
+            for _ in range(3):
+                model(static_input)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+            static_output = model(static_input)
+        runners[bucket] = StaticBatch(static_input, static_output, graph.replay)
+    torch.cuda.synchronize(device)
+    return runners
+
+
 def load_module_from_file(path: Path, module_name: str):
     """Import a file shipped inside the archive, without relying on sys.path."""
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -509,9 +656,7 @@ def load_model(model_format: str, weights: Path, definitions, config: dict, devi
     if model_format == "export":
         return torch.export.load(str(weights)).module()
     if model_format == "aoti":
-        built_for = config.get("aoti_device", "cpu")
-        if built_for != device.type:
-            raise RuntimeError(f"this AOTInductor package was built for {built_for}, the worker runs on {device}")
+        refuse_wrong_device(config.get("aoti_device", "cpu"), device, {**config, "format": "aoti"})
         return CallableModule(torch._inductor.aoti_load_package(str(weights)), f"AOTInductor package {weights.name}")
     if model_format == "onnx":
         return onnx_module(weights, device)
@@ -578,24 +723,38 @@ class ServekitHandler(BaseHandler):
         if self.config.get("torch_threads"):
             torch.set_num_threads(int(self.config["torch_threads"]))
         self.device = select_device(properties)
+        refuse_wrong_device(self.config.get("device"), self.device, self.config)
         self.definitions = load_module_from_file(self.archive_file("modelFile"), "servekit_archive_models")
         self.setup()
         model = load_model(
             self.config["format"], self.archive_file("serializedFile"), self.definitions, self.config, self.device
         )
         self.dtype = FLOAT_DTYPES[self.config.get("dtype", "float32")]
-        model = model.to(self.device, self.dtype) if self.config["format"] == "state_dict" else model.to(self.device)
+        # channels_last speeds up convolutions on CUDA; compiled artefacts (AOTI, ONNX) keep the layout they were
+        # built for.
+        self.channels_last = (
+            bool(self.config["channels_last"])
+            and self.device.type == "cuda"
+            and self.config["format"] in ("state_dict", "torchscript", "export")
+        )
+        layout = {"memory_format": torch.channels_last} if self.channels_last else {}
+        if self.config["format"] == "state_dict":
+            model = model.to(self.device, self.dtype, **layout)
+        else:
+            model = model.to(self.device, **layout)
         # Exported programs refuse .eval(): they were exported in eval mode.
         self.model = model if self.config["format"] == "export" else model.eval()
         if self.config["compile"]:
             options = self.config["compile"] if isinstance(self.config["compile"], dict) else {}
             self.model = torch.compile(self.model, **options)
+        self.graphs: BucketedModel | None = None
         self.model_name = getattr(context, "model_name", None) or self.manifest.get("model", {}).get("modelName", "")
         self.model_version = self.manifest.get("model", {}).get("modelVersion", "")
         self.handler_metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
         self.profile_left = int(os.environ.get("SERVEKIT_PROFILE") or 0)
         for _ in range(int(self.config["warmup"])):
             self.forward(self.collate(self.example_samples(int(properties.get("batch_size") or 1))))
+        self.graphs = self.capture_graphs([int(size) for size in self.config["cuda_graphs"] or []])
         self.initialized = True
         logger.info("%s ready: %s on %s", type(self).__name__, self.config["format"], self.device)
 
@@ -630,14 +789,46 @@ class ServekitHandler(BaseHandler):
         """Inputs for warm-up passes."""
         raise NotImplementedError(f"{type(self).__name__} has no example inputs: set handler.warmup to 0")
 
+    def finish_decoding(self, requests: list[Decoded]) -> list[Decoded | RequestError]:
+        """The batch's decoded requests, with any work left for the whole batch done (one batched image decode on
+        the device); a request that fails it gets its own RequestError. Counted in the batch's preprocess time."""
+        return requests
+
     def collate(self, samples: list) -> torch.Tensor:
         return torch.cat(samples)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """One pass over the batch on the worker's device (floating inputs in the model's dtype), float32 out."""
-        batch = batch.to(self.device, self.dtype) if batch.is_floating_point() else batch.to(self.device)
+        batch = self.model_input(batch)
         with torch.inference_mode():
-            return self.model(batch).float().cpu()
+            outputs = self.graphs(batch) if self.graphs is not None else self.model(batch)
+            return outputs.float().cpu()
+
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch on the worker's device, floating inputs in the model's dtype, images channels_last on CUDA."""
+        batch = to_device(batch, self.device, self.dtype)
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def capture_graphs(self, buckets: list[int]) -> BucketedModel | None:
+        """The model as CUDA graphs, one per batch-size bucket (handler.cuda_graphs); None when off, on a CPU
+        worker, or when the model cannot be captured (logged: the worker then serves eagerly)."""
+        if not buckets:
+            return None
+        if self.device.type != "cuda":
+            logger.info("handler.cuda_graphs %s ignored: this worker runs on %s", buckets, self.device)
+            return None
+        if any(size < 1 for size in buckets):
+            raise RuntimeError(f"handler.cuda_graphs is {buckets}; expected positive batch sizes")
+        example = self.model_input(self.collate(self.example_samples(1)))
+        try:
+            runners = capture_cuda_graphs(self.model, example, buckets, self.channels_last)
+        except Exception:
+            logger.warning("could not capture CUDA graphs for %s: serving eagerly", buckets, exc_info=True)
+            return None
+        logger.info("captured CUDA graphs for batch sizes %s", sorted(runners))
+        return BucketedModel(runners, self.model)
 
     # Helpers for subclasses -------------------------------------------------------------------------------------
     def archive_file(self, manifest_key: str) -> Path:
@@ -687,6 +878,14 @@ class ServekitHandler(BaseHandler):
                 accepted.append((idx, self.decode_one(context, idx, request, protocol)))
             except RequestError as exc:
                 answers[idx] = self.reject(context, idx, exc, protocol)
+        finished = self.finish_decoding([decoded for _, decoded in accepted])
+        ready: list[tuple[int, Decoded]] = []
+        for (idx, decoded), result in zip(accepted, finished, strict=True):
+            if isinstance(result, RequestError):
+                answers[idx] = self.reject(context, idx, result, decoded.protocol)
+            else:
+                ready.append((idx, result))
+        accepted = ready
         decoded_at = time.perf_counter()
         results = self.infer([decoded for _, decoded in accepted])
         inferred_at = time.perf_counter()

@@ -385,3 +385,61 @@ def post_body(client, path: str, body: bytes, content_type: str) -> requests.Res
         headers={**client.auth_headers("inference"), "Content-Type": content_type},
         timeout=60,
     )
+
+
+# Image handler's decode paths ------------------------------------------------------------------------------
+def image_handler_with(model_store, folder, gpu_id: int | None = None, **handler_config) -> ImageClassifierHandler:
+    """The image archive's handler (on GPU `gpu_id` when given), its model-config.yaml `handler:` section
+    overridden by `handler_config`."""
+    context = extracted_archive(model_store / "image-1.0.0.mar", folder)
+    context.system_properties["gpu_id"] = gpu_id
+    context.model_yaml_config.setdefault("handler", {}).update(handler_config)
+    handler = ImageClassifierHandler()
+    handler.initialize(context)
+    return handler
+
+
+def answer_batch(handler, bodies: list[tuple[bytes, str]]) -> tuple[list, dict]:
+    context = FakeContext(handler.model_dir, handler.manifest)
+    return handler.handle(requests_for(bodies, context), context), context.statuses
+
+
+def jpeg_bytes(image: Image.Image, **save_options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **save_options)
+    return buffer.getvalue()
+
+
+def batched_test_images(held_out, count: int = 6) -> list[Image.Image]:
+    """Held-out digits as RGB photos of odd sizes: tinted, resized to 50x40 up to 75x60."""
+    images = []
+    for i, sample in enumerate(held_out[:count]):
+        gray = Image.open(sample.path).convert("L").resize((50 + 5 * i, 40 + 4 * i), Image.Resampling.BILINEAR)
+        tint = Image.new("RGB", gray.size, (40 * i % 256, 255 - 30 * i, 128))
+        images.append(Image.composite(tint, Image.new("RGB", gray.size, (10, 20, 30)), gray))
+    return images
+
+
+def corrupt_jpeg(good: bytes) -> bytes:
+    """A JPEG whose header Pillow reads (so batched mode defers it) but whose Huffman tables are garbage."""
+    counts = good.index(b"\xff\xc4") + 5  # the first DHT segment's 16 code counts, after its length and class
+    return good[:counts] + b"\xff" * 16 + good[counts + 16 :]
+
+
+def rotated_rgb_jpeg(image: Image.Image) -> bytes:
+    """`image` stored as a phone stores a portrait photo: turned 90 degrees, EXIF Orientation=6 to undo it."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    return jpeg_bytes(image.rotate(90, expand=True), exif=exif.tobytes())
+
+
+def assert_same_answers(answers: list, expected: list, tolerance: float) -> None:
+    """Classifier answers (single or lists) with top-k probabilities within `tolerance` of the expected ones and
+    the same label wherever the expected top label leads the next by more than 2 x `tolerance`."""
+    for got, want in zip(answers, expected, strict=True):
+        got, want = (got, want) if isinstance(got, list) else ([got], [want])
+        for one, other in zip(got, want, strict=True):
+            assert one["probabilities"] == pytest.approx(other["probabilities"], abs=tolerance), (one, other)
+            top = sorted(other["probabilities"].values(), reverse=True) + [0.0]
+            if top[0] - top[1] > 2 * tolerance:
+                assert one["index"] == other["index"], (one, other)
