@@ -164,15 +164,7 @@ def resolve_options(
     values = {setting: getattr(defaults, setting) for setting in SETTINGS}
     sources = dict.fromkeys(SETTINGS, "default")
     tuned = serving_defaults(source_dir)
-    extra: dict = {}
-    if model_config_path is not None:
-        try:
-            extra = yaml.safe_load(model_config_path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read --model-config {model_config_path}: {exc}") from None
-        if not isinstance(extra, dict):
-            raise UsageError(f"{model_config_path} is not a YAML mapping")
-        extra.pop("maxWorkers", None)  # minWorkers = maxWorkers: the workers setting covers both
+    extra = read_model_config(model_config_path) if model_config_path is not None else {}
     layers = [
         (SERVING_FILE, {setting: tuned[setting] for setting in SETTINGS if setting in tuned}),
         (
@@ -191,6 +183,28 @@ def resolve_options(
     options = BuildOptions(**values, torch_threads=threads, model_format=model_format, model_config=extra)
     options.validate()
     return ResolvedOptions(options, sources)
+
+
+def read_model_config(path: Path) -> dict:
+    """A model-config.yaml (from `servekit config`), without maxWorkers: minWorkers = maxWorkers covers both."""
+    try:
+        extra = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read --model-config {path}: {exc}") from None
+    if not isinstance(extra, dict):
+        raise UsageError(f"{path} is not a YAML mapping")
+    extra.pop("maxWorkers", None)
+    return extra
+
+
+def placement(path: Path | None) -> dict:
+    """What a model-config.yaml says about where workers run (deviceType, deviceIds, handler settings), without
+    the settings `servekit tune` varies itself (workers, threads, batch size, delay)."""
+    extra = read_model_config(path) if path is not None else {}
+    for key in MODEL_CONFIG_KEYS:
+        extra.pop(key, None)
+    handler = {key: value for key, value in (extra.pop("handler", None) or {}).items() if key != "torch_threads"}
+    return {**extra, "handler": handler} if handler else extra
 
 
 def serving_defaults(source_dir: Path) -> dict:

@@ -29,7 +29,7 @@ from servekit.client import ServeClient
 from servekit.errors import ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
 from servekit.loadgen import LoadResult, LoadRun, measure_load
-from servekit.registry import default_version
+from servekit.registry import default_version, version_info
 from servekit.timing import CpuUse, Figure, machine_summary, percentile, time_calls
 
 
@@ -39,6 +39,7 @@ class InProcess:
     throughput_per_s: float
     p50_ms: float  # one request through the handler
     batch_p50_ms: float
+    device: str = "cpu"  # where the handler ran: the served workers' device
 
 
 @dataclass
@@ -105,17 +106,21 @@ def bench_target(
     return version, request_bodies(held_out, input_file)
 
 
-def measure_in_process(archive: Path, bodies: list[tuple[bytes, str]], budget_s: float) -> InProcess:
-    """Single-request latency and batch throughput of the archive's handler in this process."""
+def measure_in_process(
+    archive: Path, bodies: list[tuple[bytes, str]], budget_s: float, gpu_id: int | None = None
+) -> InProcess:
+    """Single-request latency and batch throughput of the archive's handler in this process, on the GPU `gpu_id`
+    when the served workers run on one (like with like: same handler, same device)."""
     from servekit.inprocess import InProcessHandler
 
-    with InProcessHandler(archive) as handler:
+    with InProcessHandler(archive, gpu_id=gpu_id) as handler:
         singles = time_calls(handler.handle, [[body] for body in bodies[:200]], 0.0, 50)
         size = handler.batch_size
         batches = [[bodies[(i + j) % len(bodies)] for j in range(size)] for i in range(0, len(bodies), size)]
         batch_times = time_calls(handler.handle, batches, budget_s, 20, warmup=0)
     batch_p50 = percentile(batch_times, 50)
-    return InProcess(size, size * 1000 / batch_p50, percentile(singles, 50), batch_p50)
+    device = "cpu" if gpu_id is None else f"cuda:{gpu_id}"
+    return InProcess(size, size * 1000 / batch_p50, percentile(singles, 50), batch_p50, device)
 
 
 class FlaskBaseline:
@@ -198,7 +203,8 @@ def bench(
                 level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
                 if on_level:
                     on_level("baseline", level)
-    in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0))
+    gpu_id = workers_gpu(client, name, version)
+    in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0), gpu_id)
     for level in levels:
         level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
         level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None
@@ -214,6 +220,15 @@ def bench(
         machine_summary(),
         repeats,
     )
+
+
+def workers_gpu(client: ServeClient, name: str, version: str) -> int | None:
+    """GPU 0 when TorchServe put this version's workers on GPUs and torch sees one here; else None (the CPU)."""
+    if not version_info(client, name, version).on_gpu:
+        return None
+    import torch
+
+    return 0 if torch.cuda.is_available() else None
 
 
 def ratio(numerator: float, denominator: float) -> float | None:

@@ -13,11 +13,17 @@ VARIANTS = (
     "pt2e_int8",
     "bf16",
     "fp16",
+    "cuda_graphs",
     "pruned_l1_50",
     "onnx",
     "onnx_int8",
     "onnx_dynamic_int8",
 )
 QUICK_VARIANTS = ("eager", "torchscript", "export", "dynamic_int8", "bf16", "pruned_l1_50", "onnx", "onnx_int8")
+# With --device cuda: half precision, and fp16 replayed as CUDA graphs for bucketed batch sizes.
+QUICK_CUDA_VARIANTS = ("eager", "fp16", "bf16", "cuda_graphs")
+# Variants whose kernels exist only on the CPU (int8 in torch.ao / ONNX Runtime's CPU provider): skipped on cuda.
+CPU_ONLY_VARIANTS = ("dynamic_int8", "pt2e_int8", "onnx_int8", "onnx_dynamic_int8")
+CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 GENERATORS = ("auto", "python", "wrk")  # load generators: auto = wrk when installed and the loop is closed

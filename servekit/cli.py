@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from servekit import __version__, registry, server
-from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions
-from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_VARIANTS, VARIANTS
+from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions, placement
+from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_CUDA_VARIANTS, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.devices import DEVICE_CHOICES, resolve_device
 from servekit.errors import ServekitError, UsageError
@@ -472,11 +472,11 @@ def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency:
 
 
 # optimize ----------------------------------------------------------------------------------------------------------
-def variant_list(value: str) -> tuple[str, ...]:
+def variant_list(value: str, device: str = "cpu") -> tuple[str, ...]:
     if value == "all":
         return VARIANTS
     if value == "quick":
-        return QUICK_VARIANTS
+        return QUICK_CUDA_VARIANTS if device == "cuda" else QUICK_VARIANTS
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
@@ -489,12 +489,19 @@ def variant_list(value: str) -> tuple[str, ...]:
 @click.option("--pick", type=click.Choice(["fastest"]), default=None, help="Record the fastest accepted variant.")
 @path_option("--student", "student_dir", help="A distilled student.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ONNX Runtime threads [all cores].")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default="cpu",
+    show_default=True,
+    help="Where the variants run and are gated: the workers' device (cuda: fp16, bf16, CUDA graphs, ...).",
+)
 @click.option("--budget", "budget_s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds of timing per variant and batch size.")  # fmt: skip
 @store_option
 @json_option
 def optimize(
-    name, source_dir, out_dir, variants, max_accuracy_drop, pick, student_dir, threads, budget_s, store, as_json
+    name, source_dir, out_dir, variants, max_accuracy_drop, pick, student_dir, threads, device, budget_s, store, as_json
 ) -> None:
     """Build, time and score every variant of a trained model; gate on accuracy; report table, JSON, Markdown, PNG.
 
@@ -506,16 +513,19 @@ def optimize(
     out_dir = out_dir or workspace.optimized(name)
     source_dir = source_dir or workspace.trained(name)
     with progress_line(f"optimizing {name}") as show:
-        report = optimizer.optimize(name, source_dir, out_dir, variant_list(variants), max_accuracy_drop, threads,
-                                    budget_s, student_dir, lambda result: show(result.name))  # fmt: skip
+        target = resolve_device(device)
+        report = optimizer.optimize(name, source_dir, out_dir, variant_list(variants, target.type),
+                                    max_accuracy_drop, threads, budget_s, student_dir,
+                                    lambda result: show(result.name), target)  # fmt: skip
     if pick:
         optimizer.record_best(store, report, out_dir)
     if as_json:
         print_json(json.loads((out_dir / "report.json").read_text()))
         return
-    print_table(optimizer.TABLE_HEADERS, optimizer.table_rows(report), title=f"{name}: {report.threads} threads")
+    print_table(optimizer.TABLE_HEADERS, optimizer.table_rows(report), title=f"{name} on {report.device}")
     console.print(
-        f"fastest accepted: [bold]{report.best}[/]; report in {out_dir}/report.md and latency_vs_accuracy.png"
+        f"best accepted by {report.picked_by}: [bold]{report.best}[/]; "
+        f"report in {out_dir}/report.md and latency_vs_accuracy.png"
         + (f"; recorded in {store}/catalog.json" if pick else "")
     )
 
@@ -559,7 +569,7 @@ def bench_command(name, version, concurrency, duration, rate, input_file, held_o
     print_table(benchmarks.HEADERS, benchmarks.rows(report), title=f"{name} {version}")
     ip = report.in_process
     console.print(
-        f"in process: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "
+        f"in process on {ip.device}: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "
         f"{ip.p50_ms:.2f} ms; reports in {out_dir}"
     )
 
@@ -591,11 +601,13 @@ def objectives(ctx, param, values: tuple[str, ...]) -> list:
 @click.option("--duration", default="5s", show_default=True, help="Per setting and concurrency.")
 @path_option("--held-out", "held_out_dir", help="Request bodies [default: the trained folder's heldout/].")
 @path_option("--out", "out_dir", help="[default: work/NAME-tune]")
+@click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A model-config.yaml from `servekit config --gpus`: every trial runs on its devices.")  # fmt: skip
 @generator_option
 @with_server
 @json_option
 def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, duration, held_out_dir, out_dir,
-                 generator, server, as_json) -> None:  # fmt: skip
+                 model_config_path, generator, server, as_json) -> None:  # fmt: skip
     """The highest throughput that meets every objective, over workers x threads x batch size x max batch delay.
 
     Example: servekit tune digits --slo p99=25ms@16 --slo p50=5ms@1
@@ -609,7 +621,7 @@ def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, 
     bodies = benchmarks.request_bodies(held_out_dir or source_dir / HELD_OUT_DIR, None)
     trials = tuning.tune(server.client, server.store, name, handler_for(name, handler), source_dir, grid, bodies, goals,
                          seconds_option(duration), None if as_json else lambda t: console.print(tuning.describe(t)),
-                         generator)  # fmt: skip
+                         generator, placement(model_config_path))  # fmt: skip
     out_dir = out_dir or Workspace(server.store).work / f"{name}-tune"
     winner, path, report = tuning.finish(source_dir, trials, out_dir)
     if as_json:

@@ -33,14 +33,18 @@ def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), handler
 
 
-def ort_session(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ONNX Runtime session on `threads` intra-op threads, as a callable on a batch."""
+def ort_session(path: Path, threads: int, device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ONNX Runtime session on `threads` intra-op threads (and its CUDA provider for a cuda device), as a
+    callable on a CPU batch."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers: list = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
     name = session.get_inputs()[0].name
     return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
 
@@ -96,12 +100,16 @@ def dynamic_shapes(handler: dict) -> tuple[dict, ...]:
     return (dims,)
 
 
-def export_model(model: torch.nn.Module, handler: dict, model_format: str, out_dir: Path) -> tuple[Path, dict]:
-    """Writes `model` in `model_format` into out_dir; returns the file and handler settings the format adds."""
+def export_model(
+    model: torch.nn.Module, handler: dict, model_format: str, out_dir: Path, device: torch.device | None = None
+) -> tuple[Path, dict]:
+    """Writes `model` in `model_format` into out_dir; returns the file and handler settings the format adds.
+
+    `device`: where the model (already moved there) runs; AOTInductor compiles its kernels for that device."""
     if model_format not in FORMAT_FILES:
         raise UsageError(f"unknown format {model_format!r}; choose one of {', '.join(FORMAT_FILES)}")
     path = out_dir / FORMAT_FILES[model_format]
-    example = example_batch(handler)
+    example = example_batch(handler).to(device or "cpu")
     if model_format == "state_dict":
         torch.save(model.state_dict(), path)
         return path, {}
@@ -129,4 +137,4 @@ def export_model(model: torch.nn.Module, handler: dict, model_format: str, out_d
         torch.export.save(program, str(path))
         return path, {}
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    return path, {"aoti_device": "cpu"}
+    return path, {"aoti_device": device.type if device is not None else "cpu"}

@@ -23,7 +23,7 @@ import torch
 
 from servekit.archive import handler_module
 from servekit.catalog import Catalog
-from servekit.choices import QUICK_VARIANTS, VARIANTS
+from servekit.choices import CPU_ONLY_VARIANTS, CUDA_GRAPH_BUCKETS, QUICK_VARIANTS, VARIANTS
 from servekit.errors import UsageError
 from servekit.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained, ort_session
 from servekit.heldout import read_held_out
@@ -50,6 +50,7 @@ from servekit.workspace import (
 )
 
 CALIBRATION_SAMPLES = 64
+CPU = torch.device("cpu")
 EVAL_MAX_PIXELS = 1 << 26  # held-out images are ours: only a sanity bound
 COPIED_FILES = (LABELS_FILE, VOCAB_FILE, METRICS_FILE, WEIGHTS_FILE)
 
@@ -106,10 +107,34 @@ class Built:
 
 
 class Builder:
-    """Builds each variant of one model into `work/NAME/`."""
+    """Builds each variant of one model into `work/NAME/`, to run on `device` the way a worker there runs it
+    (on CUDA: inputs copied from the CPU, channels_last for images, outputs copied back)."""
 
-    def __init__(self, model: torch.nn.Module, handler: dict, eval_set: EvalSet, work: Path, threads: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        handler: dict,
+        eval_set: EvalSet,
+        work: Path,
+        threads: int,
+        device: torch.device = CPU,
+    ):
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
+        self.device = device
+        self.channels_last = device.type == "cuda" and len(handler.get("example_input", {}).get("shape", [])) == 3
+
+    def on_device(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        layout = {"memory_format": torch.channels_last} if self.channels_last else {}
+        return model.to(self.device, dtype, **layout)
+
+    def inputs(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A CPU batch as the model on the device takes it."""
+        batch = batch.to(self.device, dtype if batch.is_floating_point() else None, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+    def device_settings(self, dtype: torch.dtype) -> dict:
+        """Handler settings that pin a variant to CUDA workers: half precision gated on the GPU."""
+        return {"device": "cuda"} if self.device.type == "cuda" and dtype != torch.float32 else {}
 
     def folder(self, name: str) -> Path:
         path = self.work / name
@@ -121,28 +146,50 @@ class Builder:
         folder = self.folder(name)
         path = folder / FORMAT_FILES["state_dict"]
         torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
-        model = model.to(dtype)
+        model = self.on_device(model, dtype)
 
         def run(batch):
-            return model(batch.to(dtype) if batch.is_floating_point() else batch).float()
+            return model(self.inputs(batch, dtype)).float().cpu()
 
-        return Built(run, [path], {"format": "state_dict", **handler})
+        return Built(run, [path], {"format": "state_dict", **handler, **self.device_settings(dtype)})
 
     def exported(self, name: str, model_format: str, model: torch.nn.Module | None = None) -> Built:
         folder = self.folder(name)
-        path, _ = export_model(model or self.model, self.handler, model_format, folder)
-        settings = {"format": model_format, **({"aoti_device": "cpu"} if model_format == "aoti" else {})}
-        return Built(load_format(path, model_format, self.threads), [path], settings)
+        if self.device.type == "cpu":
+            path, settings = export_model(model or self.model, self.handler, model_format, folder)
+            return Built(load_format(path, model_format, self.threads), [path], {"format": model_format, **settings})
+        # On CUDA: AOTInductor compiles for the device it exports on; ONNX Runtime needs its CUDA provider; the
+        # TorchScript and exported programs are moved there as the worker moves them.
+        model = copy.deepcopy(model or self.model)
+        if model_format == "onnx" and not cuda_onnxruntime():
+            raise UsageError("onnxruntime here has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+        on_device = model_format == "aoti"
+        path, settings = export_model(self.on_device(model) if on_device else model, self.handler, model_format,
+                                      folder, self.device if on_device else None)  # fmt: skip
+        if model_format == "onnx":
+            runner = ort_session(path, self.threads, self.device)
+            return Built(runner, [path], {"format": "onnx", "device": "cuda"})
+        loaded = load_format(path, model_format, self.threads)
+        if model_format == "aoti":  # compiled for contiguous inputs; the handler sends them so
+            run = lambda b: loaded(self.inputs(b).contiguous()).float().cpu()  # noqa: E731
+            return Built(run, [path], {"format": "aoti", **settings})
+        loaded = loaded.to(self.device)
+        return Built(lambda b: loaded(self.inputs(b)).float().cpu(), [path], {"format": model_format, **settings})
 
     def build(self, name: str) -> Built:
         model = self.model
+        if self.device.type == "cuda" and name in CPU_ONLY_VARIANTS:
+            raise UsageError(f"{name} runs on the CPU only (its int8 kernels have no CUDA version here)")
+        if name == "cuda_graphs":
+            return self.cuda_graphs()
         if name == "eager":
             return self.eager_like(name, model, {})
         if name in ("torchscript", "export", "aoti", "onnx"):
             return self.exported(name, name)
         if name == "compile":
             built = self.eager_like(name, model, {"compile": True})
-            built.run = torch.compile(model)
+            compiled = torch.compile(self.on_device(model))
+            built.run = lambda batch: compiled(self.inputs(batch)).float().cpu()
             return built
         if name == "dynamic_int8":
             with warnings.catch_warnings():
@@ -167,6 +214,21 @@ class Builder:
         if name in ("onnx_int8", "onnx_dynamic_int8"):
             return self.onnx_quantized(name)
         raise UsageError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+    def cuda_graphs(self) -> Built:
+        """fp16 on CUDA with one captured CUDA graph per batch-size bucket (a batch is padded to its bucket): the
+        handler's own capture code, so what is gated here is what the worker replays."""
+        if self.device.type != "cuda":
+            raise UsageError("cuda_graphs needs --device cuda")
+        base = handler_module("servekit_base")
+        built = self.eager_like("cuda_graphs", copy.deepcopy(self.model), {}, torch.float16)
+        model = self.on_device(copy.deepcopy(self.model), torch.float16).eval()
+        example = self.inputs(example_batch(self.handler, 1), torch.float16)
+        runners = base.capture_cuda_graphs(model, example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
+        bucketed = base.BucketedModel(runners, model)
+        built.run = lambda batch: bucketed(self.inputs(batch, torch.float16)).float().cpu()
+        built.handler.update({"dtype": "float16", "cuda_graphs": list(CUDA_GRAPH_BUCKETS)})
+        return built
 
     def pt2e(self) -> Built:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -222,6 +284,12 @@ class Builder:
         return Built(ort_session(target, self.threads), [target], {"format": "onnx"})
 
 
+def cuda_onnxruntime() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def ort_input_name(path: Path) -> str:
     import onnxruntime
 
@@ -256,7 +324,8 @@ class Result:
     bs1_p95_ms: float = 0.0
     bs8_p50_ms: float = 0.0
     bs8_p95_ms: float = 0.0
-    throughput_per_s: float = 0.0
+    bs64_p50_ms: float = 0.0  # measured on CUDA only, where batches of 64 are what a busy worker runs
+    throughput_per_s: float = 0.0  # at batch 64 on CUDA, else at batch 8
     accuracy: float = 0.0
     agreement: float = 0.0
     max_logit_diff: float = 0.0
@@ -274,8 +343,11 @@ class Result:
         self.timing = f"±{figure.spread / 2:.0%}" if figure.trusted else "unreliable: " + ", ".join(figure.doubts)
 
 
-def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, budget_s: float) -> tuple[Result, dict]:
-    """Times and scores one built variant; returns its result and its logits (the baseline's are the reference)."""
+def measure(
+    name: str, built: Built, eval_set: EvalSet, baseline: dict | None, budget_s: float, big_batches: bool = False
+) -> tuple[Result, dict]:
+    """Times and scores one built variant; returns its result and its logits (the baseline's are the reference).
+    `big_batches` (on CUDA) also times batches of 64, and the throughput is theirs."""
     with torch.inference_mode():
         logits = torch.cat([built.run(batch).float() for batch in eval_set.batches(64)])
     predictions = logits.argmax(dim=1)
@@ -291,6 +363,8 @@ def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, b
     with torch.inference_mode():
         bs1_figure = repeated(bs1_round, DEFAULT_REPEATS)
         bs8 = time_calls(built.run, eights, budget_s, 10, max_iterations=200)
+        sixty_fours = [eval_set.collate(eval_set.samples[i : i + 64]) for i in range(0, len(eval_set.samples) - 63, 64)]
+        bs64 = time_calls(built.run, sixty_fours, budget_s, 10, max_iterations=200) if big_batches else []
     result = Result(
         name=name,
         status="baseline" if baseline is None else "accepted",
@@ -298,7 +372,8 @@ def measure(name: str, built: Built, eval_set: EvalSet, baseline: dict | None, b
         bs1_p95_ms=percentile(bs1, 95),
         bs8_p50_ms=percentile(bs8, 50),
         bs8_p95_ms=percentile(bs8, 95),
-        throughput_per_s=8000 / percentile(bs8, 50),
+        bs64_p50_ms=percentile(bs64, 50) if bs64 else 0.0,
+        throughput_per_s=64000 / percentile(bs64, 50) if bs64 else 8000 / percentile(bs8, 50),
         accuracy=float((predictions == eval_set.labels).float().mean()),
     )
     result.set_timing(bs1_figure)
@@ -317,6 +392,8 @@ class Report:
     results: list[Result]
     best: str = ""
     machine: str = ""
+    device: str = "cpu"
+    picked_by: str = "latency at batch 1"
 
     def by_name(self, name: str) -> Result:
         return next(r for r in self.results if r.name == name)
@@ -332,8 +409,11 @@ def optimize(
     budget_s: float = 2.0,
     student_dir: Path | None = None,
     on_result: Callable[[Result], None] | None = None,
+    device: torch.device = CPU,
 ) -> Report:
-    """Builds and measures every variant of the model trained in `source_dir`; writes report files to out_dir."""
+    """Builds and measures every variant of the model trained in `source_dir` on `device`; writes report files to
+    out_dir. On the CPU the fastest accepted variant at batch 1 is the best; on CUDA the one with the highest
+    throughput at batch 64 (a GPU worker serves batches)."""
     check_name(name)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -345,7 +425,8 @@ def optimize(
     model, handler = load_trained(source_dir)
     eval_set = load_eval_set(source_dir, handler)
     out_dir.mkdir(parents=True, exist_ok=True)
-    builder = Builder(model, handler, eval_set, out_dir / "variants", threads)
+    builder = Builder(model, handler, eval_set, out_dir / "variants", threads, device)
+    on_cuda = device.type == "cuda"
     ordered = ("eager", *[v for v in variants if v != "eager"])
     baseline, results = None, []
     jobs: list[tuple[str, Callable[[], Built]]] = [(v, lambda v=v: builder.build(v)) for v in ordered]
@@ -359,7 +440,7 @@ def optimize(
             result = Result(variant, "skipped", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         else:
             load_ms = (time.perf_counter() - started) * 1000
-            result, outputs = measure(variant, built, eval_set, baseline, budget_s)
+            result, outputs = measure(variant, built, eval_set, baseline, budget_s, on_cuda)
             result.load_ms = load_ms
             if baseline is None:
                 baseline = {**outputs, "result": result}
@@ -382,6 +463,9 @@ def optimize(
     report = Report(name, str(source_dir), threads, max_accuracy_drop, results, machine=machine_summary())
     accepted = [r for r in results if r.status in ("baseline", "accepted") and r.archive_dir]
     report.best = min(accepted, key=lambda r: r.bs1_p50_ms).name
+    if on_cuda:
+        report.device, report.picked_by = f"cuda ({torch.cuda.get_device_name(device)})", "throughput at batch 64"
+        report.best = max(accepted, key=lambda r: r.throughput_per_s).name
     write_report(report, out_dir)
     return report
 
@@ -416,6 +500,7 @@ TABLE = {  # terminal column -> (Result field, format)
     "bs1 p50 ms": ("bs1_p50_ms", "{:.3f}"),
     "bs1 p95": ("bs1_p95_ms", "{:.3f}"),
     "bs8 p50": ("bs8_p50_ms", "{:.3f}"),
+    "per s": ("throughput_per_s", "{:.0f}"),
     "timing": ("timing", "{}"),
     "speedup": ("speedup_bs1", "{:.2f}x"),
     "size": ("size_ratio", "{:.2f}x"),
@@ -440,6 +525,7 @@ COLUMNS = (
     "background_cores",
     "bs1_p95_ms",
     "bs8_p50_ms",
+    "bs64_p50_ms",
     "throughput_per_s",
     "speedup_bs1",
     "size_bytes",
@@ -469,8 +555,9 @@ def markdown(report: Report) -> str:
     lines = [
         f"# servekit optimize: {report.name}",
         "",
-        f"Source `{report.source_dir}`; {report.threads} threads; {report.machine}. Accuracy gate: "
-        f"at most {report.max_accuracy_drop} points below eager fp32. Fastest accepted at batch 1: **{report.best}**.",
+        f"Source `{report.source_dir}`; on {report.device}, {report.threads} threads; {report.machine}. Accuracy "
+        f"gate: at most {report.max_accuracy_drop} points below eager fp32. Best accepted by {report.picked_by}: "
+        f"**{report.best}**.",
         f"bs1_p50_ms is the median of {DEFAULT_REPEATS} repeats; `timing` gives half their spread, or says why the "
         f"figure is unreliable (repeats spread more than {MAX_SPREAD:.0%}, or other processes used more than "
         f"{MAX_BACKGROUND_CORES} cores); "

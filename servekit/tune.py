@@ -152,15 +152,19 @@ def tune(
     duration_s: float,
     on_trial: Callable[[Trial], None] | None = None,
     generator: str = "python",
+    placement: dict | None = None,
 ) -> list[Trial]:
-    """Runs every setting at every concurrency the objectives name (lowest first); returns the trials."""
+    """Runs every setting at every concurrency the objectives name (lowest first); returns the trials.
+
+    `placement`: model-config settings every trial archive carries (GPU workers: deviceType, deviceIds)."""
     if not objectives:
         raise UsageError(f"give at least one objective, e.g. {SLO_EXAMPLE}")
     levels = sorted({objective.concurrency for objective in objectives})
     trials = []
     for index, setting in enumerate(settings):
         version = f"0.0.0-tune.{index}"
-        options = BuildOptions(setting.batch_size, setting.max_batch_delay_ms, setting.workers, setting.torch_threads)
+        options = BuildOptions(setting.batch_size, setting.max_batch_delay_ms, setting.workers, setting.torch_threads,
+                               model_config=dict(placement or {}))  # fmt: skip
         entry = build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
                               parent_version="")  # fmt: skip
         try:

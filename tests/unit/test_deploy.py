@@ -154,3 +154,16 @@ def test_docker_export_serves_the_archive_on_the_official_image(tmp_path, model_
     assert properties["load_models"] == archive.name and properties["disable_token_authorization"] == "false"
     gpu_dockerfile, gpu_properties, _ = export_docker(model_store, "digits", "1.0.0", tmp_path / "gpu", gpu=True)
     assert "0.12.0-gpu" in gpu_dockerfile.read_text() and read_properties(gpu_properties)["number_of_gpu"] == "1"
+
+
+def test_tune_keeps_a_gpu_plans_devices_and_varies_the_rest(tmp_path, monkeypatch):
+    """`servekit tune --model-config` puts every trial on the plan's GPUs; workers, threads, batch and delay stay
+    the trial's own."""
+    from servekit.archive import placement
+
+    monkeypatch.setattr(configs.os, "cpu_count", lambda: 16)
+    written = configs.write(configs.make_plan("2", 2, ["image"], batch_size=32, max_batch_delay_ms=2), tmp_path)
+    kept = placement(written[1])
+    assert kept["deviceType"] == "gpu" and kept["deviceIds"] == [0, 1]
+    assert not {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "handler"} & set(kept)
+    assert placement(None) == {}
