@@ -109,31 +109,50 @@ class ImageClassifierHandler(ClassifierHandler):
         return raw if batchable_jpeg(raw, max_pixels) else image_tensor(raw, max_pixels)
 
     def finish_decoding(self, requests: list[Decoded]) -> list[Decoded | RequestError]:
-        """Batched mode: every JPEG of the batch decoded in one call on the device, then every image transformed
-        there; a JPEG the decoder refuses is tried with Pillow, and fails only its own request (400)."""
+        """Batched mode: every JPEG of the batch decoded in one call on the device, then the images transformed
+        there, one transform call per image size; a JPEG the decoder refuses is tried with Pillow, and fails only
+        its own request (400)."""
         if not self.batched_decode:
             return requests
         jpegs = [sample for decoded in requests for sample in decoded.samples if isinstance(sample, bytes)]
-        images = iter(decode_jpegs(jpegs, self.device))
-        finished: list[Decoded | RequestError] = []
+        decoded_jpegs = iter(decode_jpegs(jpegs, self.device))
+        per_request: list[list[torch.Tensor] | RequestError] = []
         for decoded in requests:
-            samples, error = [], None
+            images, error = [], None
             for sample in decoded.samples:
-                image = next(images) if isinstance(sample, bytes) else sample  # every JPEG's, even after an error
+                image = next(decoded_jpegs) if isinstance(sample, bytes) else sample  # each JPEG, even after an error
                 try:
-                    samples.append(self.device_sample(sample, image))
+                    images.append(self.device_image(sample, image))
                 except RequestError as exc:
                     error = error or exc
-            finished.append(error or Decoded(samples, decoded.many, decoded.protocol, decoded.v2))
-        return finished
+            per_request.append(error or images)
+        inputs = iter(self.transform_all([image for item in per_request if isinstance(item, list) for image in item]))
+        return [
+            item if isinstance(item, RequestError) else Decoded([next(inputs) for _ in item], d.many, d.protocol, d.v2)
+            for d, item in zip(requests, per_request, strict=True)
+        ]
 
-    def device_sample(self, sample: torch.Tensor | bytes, image: torch.Tensor | Exception) -> torch.Tensor:
-        """A batched-mode sample -> its model input on the device, from its image: decode_jpeg's (or its exception:
-        then Pillow's) for JPEG bytes, Pillow's for the others."""
+    def device_image(self, sample: torch.Tensor | bytes, image: torch.Tensor | Exception) -> torch.Tensor:
+        """A batched-mode sample's uint8 RGB image on the device: decode_jpeg's (or, when it refused the JPEG,
+        Pillow's) for JPEG bytes, Pillow's for the others."""
         if isinstance(image, Exception):
             logger.info("decode_jpeg refused an image (%s): decoding it with Pillow", image)
             image = image_tensor(sample, int(self.config["max_image_pixels"]))
-        return self.transform(to_device(image, self.device)).unsqueeze(0)
+        return to_device(image, self.device)
+
+    def transform_all(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's model input (1 x 3 x crop x crop), in order. Images of one size are stacked and
+        transformed in one call: per-image transform calls cost more Python than the GPU work they launch
+        (64 images of 256 px: about 0.3 ms each)."""
+        inputs: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_size.values():
+            rows = self.transform(torch.stack([images[i] for i in indices]))
+            for row, index in enumerate(indices):
+                inputs[index] = rows[row : row + 1]
+        return inputs
 
     def decode_request(self, payload: Any, content_type: str) -> Decoded:
         if isinstance(payload, (dict, list)) or content_type == "application/json":

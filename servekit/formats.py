@@ -46,7 +46,7 @@ def ort_session(path: Path, threads: int, device: torch.device | None = None) ->
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     session = onnxruntime.InferenceSession(str(path), options, providers=providers)
     name = session.get_inputs()[0].name
-    return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+    return lambda batch: torch.from_numpy(session.run(None, {name: batch.cpu().numpy()})[0])
 
 
 def load_format(path: Path, model_format: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
