@@ -656,12 +656,22 @@ def status_command(workdir: Path, as_json: bool) -> None:
 # config / export ---------------------------------------------------------------------------------------------------
 @cli.command("config")
 @click.option("--gpus", default="auto", show_default=True, help="GPUs to use: a number, or 'auto' (what torch sees).")
-@click.option("--workers-per-gpu", type=int, default=1, show_default=True, help="Workers per GPU (or on the CPU).")
+@click.option(
+    "--workers-per-gpu",
+    default="auto",
+    show_default=True,
+    help="Workers per GPU (or on the CPU); auto: 4 per GPU while each keeps 4 cores, build's on the CPU.",
+)
 @click.option("--models", "models_text", required=True, help="Comma list of model names.")
 @click.option("--device-ids", default="", help="Comma list of GPU indices for the models [default: all].")
 @click.option("--parallel-type", type=click.Choice(["pp", "tp", "pptp"]), default=None,
               help="Split one model over the GPUs with torchrun (large models only).")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"TorchServe batchSize [64 on GPUs, {DEFAULT_MAX_BATCH} on the CPU].",
+)
 @click.option("--max-batch-delay", type=int, default=BUILD_DEFAULTS.max_batch_delay_ms, show_default=True,
               help="Milliseconds, at least 1 (TorchServe reads 0 as 100).")  # fmt: skip
 @click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -677,9 +687,11 @@ def config_command(
 
     if gpus != "auto" and not gpus.isdigit():
         raise UsageError(f"--gpus {gpus!r} must be a number or auto")
+    if workers_per_gpu != "auto" and not workers_per_gpu.isdigit():
+        raise UsageError(f"--workers-per-gpu {workers_per_gpu!r} must be a number or auto")
     plan = configs.make_plan(
         gpus,
-        workers_per_gpu,
+        workers_per_gpu if workers_per_gpu == "auto" else int(workers_per_gpu),
         [m.strip() for m in models_text.split(",") if m.strip()],
         int_list(device_ids, "--device-ids"),
         parallel_type,

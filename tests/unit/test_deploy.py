@@ -167,3 +167,15 @@ def test_tune_keeps_a_gpu_plans_devices_and_varies_the_rest(tmp_path, monkeypatc
     assert kept["deviceType"] == "gpu" and kept["deviceIds"] == [0, 1]
     assert not {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "handler"} & set(kept)
     assert placement(None) == {}
+
+
+def test_gpu_plans_default_to_the_measured_workers_and_batch(monkeypatch):
+    """4 workers per GPU while each keeps 4 cores, batches of 64: what served resnet18 at 6,030 req/s on an H200."""
+    monkeypatch.setattr(configs.os, "cpu_count", lambda: 16)
+    one = configs.make_plan("1", "auto", ["image"])
+    assert (one.workers, one.batch_size, configs.model_config(one)["handler"]["torch_threads"]) == (4, 64, 4)
+    assert configs.make_plan("4", "auto", ["image"]).workers == 4  # 1 per GPU: 16 cores / (4 cores x 4 GPUs)
+    monkeypatch.setattr(configs.os, "cpu_count", lambda: 2)
+    assert configs.make_plan("1", "auto", ["image"]).workers_per_gpu == 1
+    cpu = configs.make_plan("0", "auto", ["digits"])
+    assert cpu.batch_size == configs.DEFAULT_MAX_BATCH and cpu.workers == configs.default_workers()
