@@ -6,6 +6,7 @@
 # Writes OUT_DIR/{digits-bench,image-bench,image-optimized}/ and prints the tables. TorchServe is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 sk=$PWD/.venv/bin/servekit
 out=$(realpath -m "${1:-latency_check_out}")
 work=$(mktemp -d /tmp/servekit-latency-XXXXXX)
@@ -19,7 +20,7 @@ uptime | tee "$out/load_before.txt"
 "$sk" optimize image --variants eager,onnx_int8,aoti --pick fastest --budget 3 --out "$out/image-optimized"
 "$sk" build digits --version 1.0.0
 "$sk" build image --version 1.0.0 --variant best
-"$sk" serve start --no-proxy
+"$sk" serve start --no-proxy --config "$repo/config.properties"
 "$sk" register digits --version 1.0.0
 "$sk" bench digits --concurrency 1,16 --duration 5s --repeats 3 --generator wrk --baseline flask \
   --out "$out/digits-bench"
