@@ -10,6 +10,8 @@ weights at --image-size (its load time is the model's own: the report shows it b
 from __future__ import annotations
 
 import argparse
+import compileall
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,9 +31,18 @@ SERVEKIT = [str(Path(sys.executable).with_name("servekit"))]
 
 
 def wall_s(command: list[str]) -> float:
+    return timed_run(command)[0]
+
+
+def timed_run(command: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, result.stdout
+
+
+def steps_ms(verbose_output: str) -> dict[str, float]:
+    """{"verify": ms, "register": ms, "ready": ms} from `servekit register --verbose`."""
+    return {step: float(ms) for step, ms in re.findall(r"(\w+) (\d+) ms", verbose_output)}
 
 
 def bare_register_s(client: ServeClient, archive: str, name: str, version: str) -> float:
@@ -61,6 +72,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
+    # What a regular (non-editable) install does; without it, and with PYTHONDONTWRITEBYTECODE set, every start
+    # compiles servekit's modules again.
+    compileall.compile_dir(REPO / "servekit", quiet=1)
     folder = Path(tempfile.mkdtemp(prefix="servekit-cli-speed-"))
     store, workdir = folder / "store", folder / "ts"
     models = prepare_store(store, args.image_size)
@@ -71,21 +85,28 @@ def main() -> None:
         print(f"load before: {Path('/proc/loadavg').read_text().split()[:3]}")
         for label, command in (
             ("servekit --help", [*SERVEKIT, "--help"]),
-            ("servekit models", [*SERVEKIT, "models", "--workdir", str(workdir), "--json"]),
+            ("servekit models --json", [*SERVEKIT, "models", "--workdir", str(workdir), "--json"]),
+            ("servekit models (table)", [*SERVEKIT, "models", "--workdir", str(workdir)]),
         ):
             times = [wall_s(command) for _ in range(args.repeats)]
             print(f"{label:<28} median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})")
         for name, version in models:
-            bare, cli = [], []
+            bare, cli, steps = [], [], []
+            register = [*SERVEKIT, "register", name, "--version", version, "--workdir", str(workdir), "--verbose"]
             for _ in range(args.repeats):
                 bare.append(bare_register_s(client, f"{name}-{version}.mar", name, version))
                 client.unregister(name, version)
-                cli.append(wall_s([*SERVEKIT, "register", name, "--version", version, "--workdir", str(workdir)]))
+                seconds, output = timed_run(register)
+                cli.append(seconds)
+                steps.append(steps_ms(output))
                 client.unregister(name, version)
             b, c = statistics.median(bare), statistics.median(cli)
+            inside = {step: statistics.median(s[step] for s in steps) for step in steps[0]}
+            where = ", ".join(f"{step} {ms:.0f} ms" for step, ms in inside.items())
             print(
                 f"register {name}: servekit {c:.2f} s, bare TorchServe {b:.2f} s, "
-                f"servekit - bare {c - b:+.2f} s (medians of {args.repeats}, alternating)"
+                f"servekit - bare {c - b:+.2f} s (medians of {args.repeats}, alternating); inside servekit: {where}, "
+                f"start-up and the rest {c * 1000 - sum(inside.values()):.0f} ms"
             )
         print(f"load after: {Path('/proc/loadavg').read_text().split()[:3]}")
     finally:

@@ -11,8 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-from filelock import FileLock, Timeout
+from typing import TYPE_CHECKING
 
 from servekit.errors import ArchiveError, UsageError
 from servekit.names import check_name, check_name_version
@@ -20,6 +19,9 @@ from servekit.names import check_name, check_name_version
 CATALOG_FILE = "catalog.json"
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT_S = 300.0
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 # One FileLock per lock file and process: it is reentrant in a thread and excludes other threads and processes.
 _locks: dict[Path, FileLock] = {}
 
@@ -145,6 +147,8 @@ class Catalog:
 @contextmanager
 def catalog_lock(store: Path) -> Iterator[None]:
     """Holds the lock (a file beside catalog.json) that every reader-modifier-writer of the catalog takes."""
+    from filelock import FileLock, Timeout  # 55 ms: only for writers, not for every command that reads the catalog
+
     store.mkdir(parents=True, exist_ok=True)
     path = (store / f".{CATALOG_FILE}.lock").resolve()
     lock = _locks.setdefault(path, FileLock(path))

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from servekit import __version__, registry, server
 from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions, placement
@@ -30,8 +28,25 @@ from servekit.rollout import RolloutPolicy
 from servekit.server import free_port
 from servekit.workspace import DEFAULT_STORE, DEFAULT_WORKDIR, FORMAT_FILES, HELD_OUT_DIR, Server, Workspace
 
-console = Console()
-errors = Console(stderr=True)
+
+class DeferredConsole:
+    """rich's Console, made at its first use: importing rich costs ~60 ms that `--help` and `--json` never need."""
+
+    def __init__(self, stderr: bool = False):
+        self.stderr = stderr
+
+    @functools.cached_property
+    def rich(self):
+        from rich.console import Console
+
+        return Console(stderr=self.stderr)
+
+    def print(self, *objects: Any, **settings: Any) -> None:
+        self.rich.print(*objects, **settings)
+
+
+console = DeferredConsole()
+errors = DeferredConsole(stderr=True)
 DEFAULTS = Workspace()
 BUILD_DEFAULTS = BuildOptions()
 ROLLOUT_DEFAULTS = RolloutPolicy()
@@ -87,6 +102,8 @@ def print_json(value: Any) -> None:
 
 
 def print_table(headers: list[str], rows: list[list], title: str | None = None) -> None:
+    from rich.table import Table
+
     table = Table(*headers, title=title)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
@@ -98,7 +115,7 @@ def progress_line(description: str):
     """A transient progress line; yields a callback that shows what is being worked on."""
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console.rich, transient=True) as progress:
         task = progress.add_task(description, total=None)
         yield lambda text: progress.update(task, description=str(text))
 
@@ -162,7 +179,7 @@ def run_training(description: str, epochs: int, trainer: Callable, out: Path) ->
     """Runs a trainer (called with an on_epoch callback) under a progress bar and prints its held-out accuracy."""
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console.rich, transient=True) as progress:
         task = progress.add_task(description, total=max(epochs, 1))
 
         def on_epoch(epoch: int, loss: float) -> None:

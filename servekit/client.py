@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import requests
-from filelock import FileLock, Timeout
-from prometheus_client.parser import text_string_to_metric_families
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
-
 from servekit.errors import ApiError, ServerError
 from servekit.names import check_segment
+from servekit.transport import Response, Retries, Session, TimedOut, TransportError
 
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
@@ -37,10 +32,11 @@ class RetryPolicy:
     """Retries for the inference API, which is safe to repeat (a prediction changes nothing on the server).
 
     TorchServe answers 503 while no worker is free or the queue is full (`job_queue_size`), and 507 "Worker
-    died." to the requests a crashed worker held: both are retried with exponential backoff (urllib3 retries
-    once at once, then after 0.5, 1, 2, 4 s), each wait plus up to `jitter_s` at random so that a crowd of
+    died." to the requests a crashed worker held: both are retried with exponential backoff (once at once,
+    then after 0.5, 1, 2, 4 s: servekit.transport.Retries), each wait plus up to `jitter_s` at random so that a crowd of
     clients turned away together does not come back together. A refused connection is retried once, then it is
-    the failover's turn. Management calls that change state are never retried.
+    the failover's turn. Management calls that change state are only sent again when the connection was refused
+    (nothing reached the server).
     """
 
     unavailable: int = 5
@@ -48,33 +44,19 @@ class RetryPolicy:
     backoff_s: float = 0.25
     jitter_s: float = 0.5
 
-    def inference(self) -> Retry:
-        return Retry(
-            total=None,
+    def inference(self) -> Retries:
+        return Retries(
             connect=self.connect,
             read=1,
             status=self.unavailable,
-            other=0,
-            backoff_factor=self.backoff_s,
-            backoff_jitter=self.jitter_s,
-            status_forcelist=TRANSIENT_STATUSES,
-            allowed_methods=frozenset({"GET", "POST"}),
-            raise_on_status=False,
-            respect_retry_after_header=True,
+            backoff_s=self.backoff_s,
+            jitter_s=self.jitter_s,
+            statuses=TRANSIENT_STATUSES,
+            methods=frozenset({"GET", "POST"}),
         )
 
-    def management(self) -> Retry:
-        return Retry(
-            total=2, connect=2, read=0, status=0, backoff_factor=self.backoff_s, allowed_methods=frozenset({"GET"})
-        )
-
-
-def session_with(retry: Retry) -> requests.Session:
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+    def management(self) -> Retries:
+        return Retries(connect=2, backoff_s=self.backoff_s)
 
 
 @dataclass(frozen=True)
@@ -134,10 +116,10 @@ class Keys:
                 return key
             url = f"{self.token_api_url()}/token"
             try:
-                response = requests.post(
-                    url, params={"type": api}, headers=bearer(self.current("API")), timeout=DEFAULT_TIMEOUT_S
+                response = Session().request(
+                    "POST", url, params={"type": api}, headers=bearer(self.current("API")), timeout=DEFAULT_TIMEOUT_S
                 )
-            except requests.RequestException as exc:
+            except TransportError as exc:
                 raise ServerError(f"cannot renew the {api} key at {url}: {type(exc).__name__}") from None
             if not response.ok:
                 raise ApiError(response.status_code, error_message(response), url)
@@ -159,7 +141,9 @@ class Keys:
                 f"({state_file} is missing or unreadable): restart the client with the server's management URL"
             ) from None
 
-    def _file_lock(self) -> FileLock:
+    def _file_lock(self) -> _TimeoutAsError:
+        from filelock import FileLock  # only a renewal needs it (hours apart): not imported at every start
+
         return _TimeoutAsError(FileLock(self.key_file.parent / KEY_RENEWAL_LOCK, timeout=DEFAULT_TIMEOUT_S))
 
 
@@ -167,10 +151,12 @@ _renewal_guard = threading.Lock()  # one renewal at a time in this process (the 
 
 
 class _TimeoutAsError:
-    def __init__(self, lock: FileLock):
+    def __init__(self, lock):
         self.lock = lock
 
     def __enter__(self) -> None:
+        from filelock import Timeout
+
         try:
             self.lock.acquire()
         except Timeout:
@@ -186,14 +172,14 @@ def model_path(name: str, version: str | None = None) -> str:
     return "/".join(quote(segment) for segment in segments)
 
 
-def answer_of(response: requests.Response) -> Any:
+def answer_of(response: Response) -> Any:
     try:
         return response.json()
     except ValueError:
         return response.text
 
 
-def error_message(response: requests.Response) -> str:
+def error_message(response: Response) -> str:
     """TorchServe's {"code", "type", "message"} or servekit's {"error", "detail"} as one line."""
     try:
         body = response.json()
@@ -217,13 +203,13 @@ class ServeClient:
         self.timeout_s = timeout_s
         self.keys = Keys(endpoints.key_file, endpoints.management_url) if endpoints.key_file else None
         retry = retry or RetryPolicy()
-        self.sessions = {"inference": session_with(retry.inference()), "management": session_with(retry.management())}
+        self.sessions = {"inference": Session(retry.inference()), "management": Session(retry.management())}
 
     # Plumbing --------------------------------------------------------------------------------------------------
     def auth_headers(self, api: str) -> dict[str, str]:
         return bearer(self.keys.current(api)) if self.keys else {}
 
-    def _call(self, api: str, method: str, path: str, timeout_s: float | None = None, **kwargs) -> requests.Response:
+    def _call(self, api: str, method: str, path: str, timeout_s: float | None = None, **kwargs) -> Response:
         """One API call; a key the server refuses (expired) is renewed through the token API and the call sent again."""
         key = self.keys.current(api) if self.keys else None
         response = self._send(api, method, path, key, timeout_s, kwargs)
@@ -235,7 +221,7 @@ class ServeClient:
 
     def _send(
         self, api: str, method: str, path: str, key: str | None, timeout_s: float | None, kwargs: dict
-    ) -> requests.Response:
+    ) -> Response:
         base = self.endpoints.inference_url if api == "inference" else self.endpoints.management_url
         url = f"{base}{path}"
         headers = {**(bearer(key) if key else {}), **kwargs.get("headers", {})}
@@ -243,9 +229,9 @@ class ServeClient:
         timeout_s = timeout_s or self.timeout_s
         try:
             return self.sessions[api].request(method, url, headers=headers, timeout=timeout_s, **options)
-        except requests.Timeout:
+        except TimedOut:
             raise ServerError(f"TorchServe did not answer {method} {url} within {timeout_s:g} s") from None
-        except (requests.ConnectionError, requests.exceptions.RetryError):
+        except TransportError:
             raise ServerError(f"cannot reach TorchServe at {base}: is it running? (servekit serve status)") from None
 
     # Inference API ---------------------------------------------------------------------------------------------
@@ -260,7 +246,7 @@ class ServeClient:
 
     def predict_response(
         self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None
-    ) -> requests.Response:
+    ) -> Response:
         """The whole HTTP response of a prediction (servekit's handlers add X-Servekit-* timing headers)."""
         path = f"/predictions/{model_path(name, version)}"
         if isinstance(body, (dict, list)):
@@ -316,6 +302,8 @@ class ServeClient:
         Counters come under their family name without `_total` (`ts_inference_requests`, `Requests2XX`), whether
         TorchServe exposed them with the suffix or not.
         """
+        from prometheus_client.parser import text_string_to_metric_families  # 40 ms: only where metrics are read
+
         return [
             (family.name if family.type == "counter" else sample.name, sample.labels, sample.value)
             for family in text_string_to_metric_families(self.metrics())
@@ -326,7 +314,7 @@ class ServeClient:
         """The Prometheus text from the metrics address (no token needed there)."""
         try:
             response = self.sessions["management"].get(f"{self.endpoints.metrics_url}/metrics", timeout=self.timeout_s)
-        except requests.RequestException as exc:
+        except TransportError as exc:
             raise ServerError(f"cannot read metrics from {self.endpoints.metrics_url}: {exc}") from None
         if not response.ok:
             raise ApiError(response.status_code, error_message(response), self.endpoints.metrics_url)

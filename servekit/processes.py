@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import psutil
+from servekit.lazy import lazy_module
+
+psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
 
 
 def stop_process_tree(process: psutil.Process, timeout_s: float) -> None:

@@ -23,10 +23,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
 from servekit.errors import ServerError, UsageError
+from servekit.lazy import lazy_module
 from servekit.processes import stop_process_tree
+
+psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
 
 MIN_NGINX = (1, 27)  # keepalive_min_timeout: without it, every reload under load closed idle keep-alive connections
 VERSION_HEADER = "X-Servekit-Version"

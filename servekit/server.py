@@ -19,12 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
 from servekit import proxy
 from servekit.client import SERVER_STATE_FILE, Endpoints, ServeClient
 from servekit.errors import ApiError, ServerError, UsageError
+from servekit.lazy import lazy_module
 from servekit.processes import stop_process_tree
+
+psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
 
 KEY_FILE = "key_file.json"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"

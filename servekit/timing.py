@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, TypeVar
 
-import psutil
+from servekit.lazy import lazy_module
+
+psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
+
 
 Input = TypeVar("Input")
 

@@ -138,6 +138,8 @@ def start_server(
 
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "sklearn", "torchao")
+# Not heavy, but each costs 25-200 ms of start-up that `--help` and the everyday calls must not pay (issue 17).
+SLOW_TO_IMPORT = ("requests", "urllib3", "rich", "yaml", "filelock", "prometheus_client", "psutil")
 PROBE = "\n".join(
     [
         "import json, sys",
@@ -146,16 +148,29 @@ PROBE = "\n".join(
         "    cli(sys.argv[1:], standalone_mode=False)",
         "except SystemExit:",
         "    pass",
-        f"print('\\nHEAVY=' + json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))",
+        # a module servekit.lazy deferred sits in sys.modules as a _LazyModule until its first use
+        "loaded = {m.split('.')[0] for m, module in list(sys.modules.items())",
+        "          if type(module).__name__ != '_LazyModule'}",
+        f"print('\\nIMPORTED=' + json.dumps(sorted(loaded & set({HEAVY + SLOW_TO_IMPORT!r}))))",
     ]
 )
 
 
-def heavy_modules_after(*args: str) -> list[str]:
-    """Runs `servekit ARGS` in a fresh interpreter and returns the heavy packages it imported."""
+def modules_after(*args: str) -> set[str]:
+    """Runs `servekit ARGS` in a fresh interpreter and returns which of HEAVY and SLOW_TO_IMPORT it imported."""
     result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
-    marker = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY="))
-    return json.loads(marker.removeprefix("HEAVY="))
+    marker = next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED="))
+    return set(json.loads(marker.removeprefix("IMPORTED=")))
+
+
+def heavy_modules_after(*args: str) -> list[str]:
+    """The heavy packages (torch and what pulls it in) `servekit ARGS` imported."""
+    return sorted(modules_after(*args) & set(HEAVY))
+
+
+def slow_modules_after(*args: str) -> list[str]:
+    """The packages that are slow to import which `servekit ARGS` imported."""
+    return sorted(modules_after(*args) & set(SLOW_TO_IMPORT))
 
 
 # KServe protocols, EXIF and poison inputs ------------------------------------------------------------------------

@@ -4,9 +4,9 @@ TS_SERVICE_ENVELOPE, and the setting that lets TorchServe read it; KServe error 
 from __future__ import annotations
 
 import json
+from email.message import Message
 
 import pytest
-import requests
 import yaml
 from click.testing import CliRunner
 
@@ -15,6 +15,7 @@ from servekit.client import error_message
 from servekit.errors import UsageError
 from servekit.export import KServeSpec, export_kserve
 from servekit.server import read_properties
+from servekit.transport import Response
 
 
 @pytest.mark.parametrize(("protocol", "envelope"), [("v1", "kserve"), ("v2", "kservev2")])
@@ -41,9 +42,12 @@ def test_export_command_takes_the_protocol(tmp_path, model_store):
 
 
 def test_a_kserve_error_object_reads_as_its_message():
-    response = requests.Response()
-    response.status_code = 400
-    response._content = json.dumps({"error": "invalid_base64: instance 0 is not valid base64"}).encode()
-    assert error_message(response) == "invalid_base64: instance 0 is not valid base64"
-    response._content = json.dumps({"code": 400, "error": "invalid_image", "detail": "cannot decode"}).encode()
-    assert error_message(response) == "invalid_image: cannot decode"
+    def answer(document: dict) -> Response:
+        return Response(400, "Bad Request", Message(), json.dumps(document).encode(), "http://127.0.0.1/v2")
+
+    assert error_message(answer({"error": "invalid_base64: instance 0 is not valid base64"})) == (
+        "invalid_base64: instance 0 is not valid base64"
+    )
+    assert error_message(answer({"code": 400, "error": "invalid_image", "detail": "cannot decode"})) == (
+        "invalid_image: cannot decode"
+    )
