@@ -38,6 +38,8 @@ def test_each_variant_runs_and_matches_the_baseline(digits_report):
         assert result.status == "accepted", (name, result.reason)
         assert result.max_logit_diff <= tolerance, (name, result.max_logit_diff)
         assert result.agreement >= 0.97 and result.bs1_p50_ms > 0 and result.bs8_p50_ms > 0
+        assert result.speedup_bs1 > 0.05, (name, result.speedup_bs1)  # timed against eager, in turn
+    assert baseline.speedup_bs1 == 1.0
     assert report.by_name("onnx_int8").size_ratio <= 0.3 and report.by_name("dynamic_int8").size_ratio <= 0.3
 
 
