@@ -9,7 +9,6 @@ The file is replaced atomically; probing one model keeps every other model's lin
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -17,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from servekit.catalog import Catalog, write_atomically
 from servekit.client import ServeClient
-from servekit.errors import ServekitError, UsageError
+from servekit.errors import ServekitError, ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
 from servekit.registry import registered_versions
 
@@ -33,6 +34,7 @@ HELP = {
     SAMPLES: "Golden samples asked in the last probe.",
     TIMESTAMP: "When the last probe ended (Unix seconds).",
 }
+LOCK_TIMEOUT_S = 30
 SAMPLE_LINE = re.compile(r'^(\w+)\{model_name="((?:[^"\\]|\\.)*)",model_version="((?:[^"\\]|\\.)*)"\} (\S+)$')
 
 
@@ -120,8 +122,6 @@ def unescape(value: str) -> str:
 
 
 def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
@@ -163,8 +163,12 @@ def merge(text: str, results: list[ProbeResult], replace_model: str | None = Non
 def record(workdir: Path, results: list[ProbeResult], replace_model: str | None = None) -> Path:
     """Merges the results into WORKDIR's probe file, atomically (Prometheus or nginx never read half a file)."""
     path = probes_file(workdir)
-    existing = path.read_text() if path.is_file() else ""
-    write_atomically(path, merge(existing, results, replace_model))
+    try:  # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
+        with FileLock(path.with_name(f".{PROBES_FILE}.lock"), timeout=LOCK_TIMEOUT_S):
+            existing = path.read_text() if path.is_file() else ""
+            write_atomically(path, merge(existing, results, replace_model))
+    except Timeout:
+        raise ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry") from None
     return path
 
 
