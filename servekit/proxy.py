@@ -265,6 +265,9 @@ def render(config: ProxyConfig) -> str:
     lines = [
         "# Written by servekit (servekit/proxy.py); edits are overwritten by the next `servekit split`.",
         "daemon on;",
+        # Started as root, nginx drops its workers to `nobody`, who cannot read the workdir (the probe file, the
+        # body buffers): keep them as root, like TorchServe's own workers in that case.
+        *(["user root;"] if os.geteuid() == 0 else []),
         "worker_processes 1;",
         "pid nginx.pid;",
         "error_log error.log warn;",
