@@ -78,3 +78,21 @@ def test_a_non_positive_interval_is_refused_before_anything_runs(tmp_path, every
     with pytest.raises(UsageError, match="--every must be > 0"):
         probes.probe_every(None, tmp_path, tmp_path, "digits", None, every)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_probes_and_records_each_round_until_ctrl_c(tmp_path, monkeypatch):
+    rounds = iter([[result("digits", "1.0.0", 32, 32)], [result("digits", "1.0.0", 32, 16)]])
+    monkeypatch.setattr(probes, "probe_model", lambda *args: next(rounds))
+    naps = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(probes.time, "sleep", sleep)
+    shown = []
+    last = probes.probe_every(None, tmp_path, tmp_path, "digits", None, 60.0, shown.append)
+    assert [r[0].agreement for r in shown] == [1.0, 0.5] and last == shown[-1]
+    assert all(0 < nap <= 60.0 for nap in naps)
+    assert probes.parse(probes.probes_file(tmp_path).read_text())[("digits", "1.0.0")][AGREEMENT] == 0.5
