@@ -5,6 +5,8 @@ At each step the proxy splits NAME between the current default and the candidate
 current version, while golden probes ask both versions the same questions. Any failed check sends the candidate
 back to 0 % (the split is removed: all traffic to the old default, which never changed) and says which check
 failed, with the numbers. After the last step the candidate becomes the default and the split is removed.
+Each step also records both versions' agreement with the golden labels in the golden-probe gauges
+(servekit/probes.py), which deploy/alerts.yml reads.
 
 The progress is written to `WORKDIR/progressive.json` before each step, so after Ctrl-C or a crash
 `servekit rollout --resume` goes on from that step (or `servekit split NAME OLD=100` gives up).
