@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from servekit.catalog import Catalog, write_atomically
 from servekit.client import ServeClient
 from servekit.errors import ServekitError, ServerError, UsageError
@@ -162,6 +160,8 @@ def merge(text: str, results: list[ProbeResult], replace_model: str | None = Non
 
 def record(workdir: Path, results: list[ProbeResult], replace_model: str | None = None) -> Path:
     """Merges the results into WORKDIR's probe file, atomically (Prometheus or nginx never read half a file)."""
+    from filelock import FileLock, Timeout  # only for writers: --help and the proxy's config stay light
+
     path = probes_file(workdir)
     try:  # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
         with FileLock(path.with_name(f".{PROBES_FILE}.lock"), timeout=LOCK_TIMEOUT_S):
