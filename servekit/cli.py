@@ -946,5 +946,31 @@ def split_as_canary(server: Server, name: str) -> tuple[str, int]:
     return version, percent
 
 
+# probe ------------------------------------------------------------------------------------------------------------
+@cli.command("probe")
+@click.argument("name")
+@version_option(required=False, help_text="[default: every registered version]")
+@click.option("--every", "every_s", type=float, default=None, help="Probe again every SECONDS until Ctrl-C.")
+@with_server
+@json_option
+def probe_command(name: str, version: str | None, every_s: float | None, server: Server, as_json: bool) -> None:
+    """Ask each version of NAME its golden samples; write the top-1 agreement as Prometheus gauges.
+
+    The gauges go to WORKDIR/golden_probes.prom, which the proxy serves at /servekit/metrics (deploy/alerts.yml
+    alerts on them). Example: servekit probe digits --every 300
+    """
+    from servekit import probes
+
+    def show(results: list[probes.ProbeResult]) -> None:
+        if as_json:
+            print_json({"file": str(probes.probes_file(server.workdir)), "versions": [r.to_dict() for r in results]})
+            return
+        rows = [[r.version, r.samples, r.agreeing, f"{r.agreement:.3f}"] for r in results]
+        print_table(["version", "samples", "agreeing", "agreement"], rows, title=f"{name}: golden probes")
+        console.print(f"written to {probes.probes_file(server.workdir)}")
+
+    probes.probe_every(server.client, server.store, server.workdir, name, version, every_s, show)
+
+
 def main() -> None:
     cli()

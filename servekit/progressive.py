@@ -5,6 +5,8 @@ At each step the proxy splits NAME between the current default and the candidate
 current version, while golden probes ask both versions the same questions. Any failed check sends the candidate
 back to 0 % (the split is removed: all traffic to the old default, which never changed) and says which check
 failed, with the numbers. After the last step the candidate becomes the default and the split is removed.
+Each step also records both versions' agreement with the golden labels in the golden-probe gauges
+(servekit/probes.py), which deploy/alerts.yml reads.
 
 The progress is written to `WORKDIR/progressive.json` before each step, so after Ctrl-C or a crash
 `servekit rollout --resume` goes on from that step (or `servekit split NAME OLD=100` gives up).
@@ -18,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from servekit import proxy
+from servekit import probes, proxy
 from servekit import split as splits
 from servekit.catalog import verify_archive
 from servekit.client import RetryPolicy, ServeClient
-from servekit.errors import ServekitError, ServerError, UsageError
-from servekit.heldout import HeldOutSample, read_held_out
+from servekit.errors import ServerError, UsageError
+from servekit.heldout import HeldOutSample
 from servekit.proxy import Split
 from servekit.registry import DefaultHistory, default_version, set_default
 from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, RolloutReport, Step, answer_key
@@ -110,23 +112,40 @@ def window(answered: list[proxy.Answered], name: str, version: str) -> Window:
     return Window(requests, errors, percentile(latencies, 99) if latencies else None)
 
 
-def probe(client: ServeClient, name: str, current: str, candidate: str, golden: list[HeldOutSample], seconds: float):
-    """Asks both versions the golden inputs, in turn, for `seconds`; returns (probes, agreeing answers)."""
+@dataclass
+class Probed:
+    """Golden probes of one step: answers that agree between the versions, and each version's right answers."""
+
+    asked: int = 0
+    agreeing: int = 0
+    right: dict[str, int] = field(default_factory=dict)  # version -> answers with the golden label
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.asked if self.asked else 0.0
+
+    def results(self, name: str) -> list[probes.ProbeResult]:
+        """Each version's agreement with the golden labels, as `servekit probe` records it."""
+        now = time.time()
+        return [probes.ProbeResult(name, version, self.asked, right, now) for version, right in self.right.items()]
+
+
+def probe(
+    client: ServeClient, name: str, current: str, candidate: str, golden: list[HeldOutSample], seconds: float
+) -> Probed:
+    """Asks both versions the golden inputs, in turn, for `seconds`; a failed answer agrees with nothing."""
     deadline = time.monotonic() + seconds
-    probes = agreeing = index = 0
+    probed = Probed(right={current: 0, candidate: 0})
     while time.monotonic() < deadline:
-        sample = golden[index % len(golden)]
-        index += 1
-        probes += 1
-        body = sample.path.read_bytes()
-        try:
-            old = client.predict(name, body, version=current, content_type=sample.content_type)
-            new = client.predict(name, body, version=candidate, content_type=sample.content_type)
-        except ServekitError:
-            continue  # a failed probe is a disagreement
-        agreeing += answer_key(old) == answer_key(new)
+        sample = golden[probed.asked % len(golden)]
+        probed.asked += 1
+        old = probes.answer_or_none(client, name, current, sample)
+        new = probes.answer_or_none(client, name, candidate, sample)
+        probed.agreeing += old is not None and new is not None and answer_key(old) == answer_key(new)
+        probed.right[current] += probes.agrees(old, sample)
+        probed.right[candidate] += probes.agrees(new, sample)
         time.sleep(0.05)
-    return probes, agreeing
+    return probed
 
 
 def progressive_rollout(
@@ -187,10 +206,8 @@ def run_steps(
     policy = ProgressivePolicy(**progress.policy)
     name, version, previous = progress.name, progress.version, progress.previous
     workdir = Path(state.workdir)
-    entry = verify_archive(Path(state.model_store), name, version)
-    golden = read_held_out(Path(state.model_store) / entry.golden_dir) if entry.golden_dir else []
-    if not golden:
-        raise UsageError(f"{name} {version} has no golden samples: rebuild it from a folder with heldout/")
+    verify_archive(Path(state.model_store), name, version)
+    golden = probes.golden_samples(Path(state.model_store), name, version)
     prober = ServeClient(client.endpoints, timeout_s=10, retry=RetryPolicy(unavailable=0))
     config = splits.running_proxy(state)[1]
     previous_p99: float | None = None  # the current version's last measured p99, for the 100 % step
@@ -206,12 +223,12 @@ def run_steps(
         progress.save(workdir)
         splits.set_split(client, state, Split(name, {previous: 100 - share, version: share}, policy.sticky_header))
         offset = proxy.log_size(config)
-        probes, agreeing = probe(prober, name, previous, version, golden, policy.step_s)
+        probed = probe(prober, name, previous, version, golden, policy.step_s)
+        probes.record(workdir, probed.results(name))  # the same gauges as `servekit probe`, for the alerts
         answered = proxy.read_access_log(config, offset)
         new, old = window(answered, name, version), window(answered, name, previous)
         if old.p99_ms is not None and old.requests >= policy.min_requests:
             previous_p99 = old.p99_ms
-        agreement = agreeing / probes if probes else 0.0
         failed = []
         if new.error_rate > policy.max_error_rate:
             failed.append(
@@ -225,8 +242,11 @@ def run_steps(
                 failed.append(
                     f"p99 {new.p99_ms:.1f} ms vs {previous_p99:.1f} ms: ratio {ratio:.2f} > {policy.max_p99_ratio}"
                 )
-        if agreement < policy.min_agreement:
-            failed.append(f"golden-probe agreement {agreement:.3f} ({agreeing}/{probes}) < {policy.min_agreement}")
+        if probed.agreement < policy.min_agreement:
+            failed.append(
+                f"golden-probe agreement {probed.agreement:.3f} ({probed.agreeing}/{probed.asked}) "
+                f"< {policy.min_agreement}"
+            )
         numbers = {
             "share": share,
             "requests": new.requests,
@@ -237,13 +257,13 @@ def run_steps(
             "previous_error_rate": old.error_rate,
             "previous_p99_ms": previous_p99,
             "p99_ratio": ratio,
-            "probes": probes,
-            "agreement": agreement,
+            "probes": probed.asked,
+            "agreement": probed.agreement,
         }
         detail = (
             f"{version} at {share} % for {policy.step_s:g} s: {new.requests} requests, "
             f"5xx {new.error_rate:.3f}, p99 {splits_ms(new.p99_ms)} vs {splits_ms(previous_p99)} ms, "
-            f"probes {agreeing}/{probes} agree"
+            f"probes {probed.agreeing}/{probed.asked} agree"
         )
         if failed:
             splits.remove_split(state, name)  # all traffic back to the default, which is still `previous`

@@ -8,7 +8,8 @@ route (`/ping`, other models, versioned URLs, explanations) passes straight thro
 Everything nginx needs lives in `WORKDIR/proxy/`: nginx.conf (written atomically, checked with `nginx -t`
 before it replaces the last good one), the pid file, the error log and `access.log` (one tab-separated line per
 split request: time, model, version, status, upstream seconds), which `servekit split NAME` reads for error
-rates and latency percentiles.
+rates and latency percentiles. The proxy also serves servekit's golden-probe metrics (WORKDIR/golden_probes.prom,
+written by servekit/probes.py) at /servekit/metrics, for Prometheus.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from servekit.errors import ServerError, UsageError
 from servekit.lazy import lazy_module
+from servekit.probes import METRICS_PATH, probes_file
 from servekit.processes import stop_process_tree
 
 psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
@@ -263,6 +265,9 @@ def render(config: ProxyConfig) -> str:
     lines = [
         "# Written by servekit (servekit/proxy.py); edits are overwritten by the next `servekit split`.",
         "daemon on;",
+        # Started as root, nginx drops its workers to `nobody`, who cannot read the workdir (the probe file, the
+        # body buffers): keep them as root, like TorchServe's own workers in that case.
+        *(["user root;"] if os.geteuid() == 0 else []),
         "worker_processes 1;",
         "pid nginx.pid;",
         "error_log error.log warn;",
@@ -298,6 +303,13 @@ def render(config: ProxyConfig) -> str:
         "        }",
         "        location / {",
         "            proxy_pass http://torchserve;",
+        "        }",
+        # servekit's own metrics (golden probes, servekit/probes.py) for Prometheus: a static file, 404 until the
+        # first probe. Written atomically, so nginx never serves half of it.
+        f"        location = {METRICS_PATH} {{",
+        f"            alias {probes_file(config.directory.parent).resolve()};",
+        "            types { }",
+        '            default_type "text/plain; version=0.0.4";',
         "        }",
         "    }",
         "}",

@@ -320,7 +320,7 @@ def assert_same_prediction(answer: dict, expected: dict, tolerance: float = 1e-5
 
 
 ALERTS = Path(__file__).resolve().parents[1] / "deploy" / "alerts.yml"
-PROMQL_WORDS = {"sum", "by", "rate", "on", "group_left", "changes", "m", "model_name", "model_version"}
+PROMQL_WORDS = {"sum", "by", "rate", "on", "group_left", "changes", "time", "m", "model_name", "model_version"}
 
 
 def alert_rules() -> dict[str, dict]:

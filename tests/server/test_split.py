@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from helpers import REPO, ClientThreads, alerted_metrics, start_server
 
-from servekit import progressive, proxy, registry, server
+from servekit import probes, progressive, proxy, registry, server
 from servekit import split as splits
 from servekit.archive import BuildOptions, build_archive
 from servekit.cli import cli
@@ -24,6 +24,7 @@ from servekit.client import ServeClient, read_keys
 from servekit.errors import ApiError, UsageError
 from servekit.heldout import read_held_out, write_bodies
 from servekit.metrics import scrape
+from servekit.probes import AGREEMENT, METRICS_PATH, TIMESTAMP
 from servekit.progressive import Progress, ProgressivePolicy
 from servekit.proxy import STATE_FILE, VERSION_HEADER, Split
 from servekit.registry import DefaultHistory, default_version, register_verified, registered_versions
@@ -278,8 +279,14 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
     splits.set_split(client, state, Split("digits", {previous: 50, candidate: 50}))
     with pytest.raises(UsageError, match="unfinished"):
         progressive.progressive_rollout(client, state, "digits", candidate, history, policy, QUICK_CHECKS)
+    started = time.time()
     report = progressive.resume(client, state, history)
     assert [s.name for s in report.steps] == ["50%", "100%", "promote"] and report.promoted
+    # Each step recorded both versions' golden-probe gauges, which the alerts read (see test_probe.py).
+    recorded = probes.parse(probes.probes_file(Path(state.workdir)).read_text())
+    for version in (previous, candidate):
+        assert recorded[("digits", version)][TIMESTAMP] >= started
+        assert recorded[("digits", version)][AGREEMENT] >= policy.min_agreement
     assert default_version(client, "digits") == candidate and splits.current_split(state, "digits") is None
     assert not Progress.path(Path(state.workdir)).exists()
     # A crash between set-default and removing the split: resuming only removes the split.
@@ -314,14 +321,24 @@ def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(prox
     assert runner.invoke(cli, ["split", "digits", "--clear", *workdir]).exit_code == 0
 
 
-def test_every_metric_the_alerts_use_is_exposed_by_torchserve(proxied, good_png):
+def test_every_metric_the_alerts_use_is_exposed_by_torchserve_or_the_proxy(proxied, good_png):
     state, client = live(proxied)
     client.predict("digits", good_png, version="1.0.0", content_type="image/png")
     # TorchServe creates Requests4XX from the first 4xx on: answer one here, whatever ran before this test.
     with pytest.raises(ApiError) as refused:
         client.predict("digits", b"not an image", version="1.0.0", content_type="image/png")
     assert 400 <= refused.value.status < 500
-    exposed = {line.split("{")[0].split(" ")[0] for line in client.metrics().splitlines() if not line.startswith("#")}
+    # servekit's own gauges (golden probes) come from the proxy, once a probe has run.
+    probed = CliRunner().invoke(cli, ["probe", "digits", "--workdir", state.workdir])
+    assert probed.exit_code == 0, probed.output
+    served = requests.get(f"{state.proxy_url}{METRICS_PATH}", timeout=10)
+    assert served.status_code == 200, served.text
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for text in (client.metrics(), served.text)
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     lazily_created = {"Requests5XX"}  # the same from the first 5xx on; a healthy handler answers none
     assert alerted_metrics() - lazily_created <= exposed, alerted_metrics() - exposed
 

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from helpers import ALERTS, alert_rules, alerted_metrics
 
+from servekit.probes import AGREEMENT
 from servekit.progressive import ProgressivePolicy
 
 
@@ -16,11 +17,14 @@ def test_alerts_use_the_progressive_rollouts_thresholds():
     expressions = {name: " ".join(rule["expr"].split()) for name, rule in alert_rules().items()}
     assert expressions["ServekitErrorRate"].endswith(f"> {policy.max_error_rate}")
     assert f"{policy.max_p99_ratio} * (" in expressions["ServekitVersionSlow"]
+    assert expressions["ServekitGoldenProbesFailing"] == f"{AGREEMENT} < {policy.min_agreement}"
     assert set(expressions) == {
         "ServekitErrorRate",
         "ServekitVersionSlow",
         "ServekitQueueTime",
         "ServekitWorkerRestarted",
+        "ServekitGoldenProbesFailing",
+        "ServekitGoldenProbesStale",
     }
 
 
@@ -33,6 +37,8 @@ def test_alerted_metric_names_are_read_from_the_expressions():
         "ts_inference_requests_total",
         "ts_queue_latency_microseconds",
         "WorkerLoadTime",
+        "servekit_golden_probe_agreement",
+        "servekit_golden_probe_timestamp_seconds",
     }
 
 
@@ -40,4 +46,4 @@ def test_alerted_metric_names_are_read_from_the_expressions():
 def test_promtool_accepts_the_rules():
     result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout

@@ -9,7 +9,7 @@ import pytest
 from helpers import heavy_modules_after, slow_modules_after
 
 LIGHT_COMMANDS = ["serve", "register", "models", "predict", "status", "rollout", "rollback", "retire", "scale",
-                  "export", "config", "evaluate"]  # fmt: skip
+                  "export", "config", "evaluate", "probe"]  # fmt: skip
 
 
 def test_help_imports_no_heavy_and_no_slow_module():

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from servekit import proxy
+from servekit import probes, proxy
 from servekit.errors import ServerError, UsageError
 from servekit.proxy import ProxyConfig, Split
 from servekit.server import free_port
@@ -144,3 +144,14 @@ def test_the_proxy_splits_sticks_passes_through_and_stops_by_pid(running):
     assert len(logged) == 1101 and logged[0].version == "-" and Counter(a.version for a in logged[1:1001]) == shares
     assert proxy.stop(config, pid) and proxy.nginx_process(pid, config) is None
     assert not proxy.stop(config, pid)
+
+
+def test_the_proxy_serves_the_golden_probe_file_once_written(running):
+    _, config, _ = running
+    url = f"{config.url}{probes.METRICS_PATH}"
+    assert requests.get(url, timeout=10).status_code == 404  # no probe yet: Prometheus marks the target down
+    path = probes.record(config.directory.parent, [probes.ProbeResult("digits", "1.0.0", 32, 31, 1700000000.0)])
+    served = requests.get(url, timeout=10)
+    assert served.status_code == 200 and served.headers["Content-Type"] == "text/plain; version=0.0.4"
+    assert served.text == path.read_text() and 'model_version="1.0.0"} 0.96875' in served.text
+    assert requests.post(url, data=b"x", timeout=10).status_code == 405  # a file, not a route to TorchServe

@@ -1,0 +1,201 @@
+"""Golden probes: each version answers its archive's golden samples; the top-1 agreement with their labels goes to
+a Prometheus text file in the server's workdir, which the proxy serves at /servekit/metrics.
+
+TorchServe exposes no metric for answers that are wrong but well-formed, so servekit writes one:
+`servekit probe NAME` (once, or `--every` seconds) and each step of a progressive rollout record per version
+`servekit_golden_probe_agreement`, `..._samples` and `..._timestamp_seconds`, and deploy/alerts.yml alerts on them.
+The file is replaced atomically; probing one model keeps every other model's lines.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from servekit.catalog import Catalog, write_atomically
+from servekit.client import ServeClient
+from servekit.errors import ServekitError, ServerError, UsageError
+from servekit.heldout import HeldOutSample, read_held_out
+from servekit.registry import registered_versions
+
+PROBES_FILE = "golden_probes.prom"  # in the server's workdir; node_exporter's textfile collector reads *.prom
+METRICS_PATH = "/servekit/metrics"  # where the proxy serves the file
+AGREEMENT = "servekit_golden_probe_agreement"
+SAMPLES = "servekit_golden_probe_samples"
+TIMESTAMP = "servekit_golden_probe_timestamp_seconds"
+HELP = {
+    AGREEMENT: "Share of golden samples whose top-1 answer is the golden label (an error counts as a miss).",
+    SAMPLES: "Golden samples asked in the last probe.",
+    TIMESTAMP: "When the last probe ended (Unix seconds).",
+}
+LOCK_TIMEOUT_S = 30
+SAMPLE_LINE = re.compile(r'^(\w+)\{model_name="((?:[^"\\]|\\.)*)",model_version="((?:[^"\\]|\\.)*)"\} (\S+)$')
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One version's answers to its golden samples."""
+
+    name: str
+    version: str
+    samples: int
+    agreeing: int
+    at: float  # Unix seconds
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.samples if self.samples else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "agreement": self.agreement}
+
+
+def probes_file(workdir: Path) -> Path:
+    return Path(workdir) / PROBES_FILE
+
+
+# Asking ----------------------------------------------------------------------------------------------------------
+def golden_samples(store: Path, name: str, version: str) -> list[HeldOutSample]:
+    """The golden samples the catalog keeps for NAME VERSION; UsageError when it keeps none."""
+    entry = Catalog.load(store).get(name, version)
+    samples = read_held_out(store / entry.golden_dir) if entry is not None and entry.golden_dir else []
+    if not samples:
+        raise UsageError(f"{name} {version} has no golden samples in {store}: rebuild it from a folder with heldout/")
+    return samples
+
+
+def answer_or_none(client: ServeClient, name: str, version: str, sample: HeldOutSample) -> Any:
+    """The version's answer to one sample, or None when it failed (a failed probe is a miss, not a crash)."""
+    try:
+        return client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)
+    except ServekitError:
+        return None
+
+
+def top_label(answer: Any) -> str | None:
+    """The top-1 label of a classifier's answer (`{"label": ...}`, or the first of a list), else None."""
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if isinstance(answer, dict) and "label" in answer:
+        return str(answer["label"])
+    return None
+
+
+def agrees(answer: Any, sample: HeldOutSample) -> bool:
+    return top_label(answer) == sample.label
+
+
+def probe_version(client: ServeClient, name: str, version: str, samples: list[HeldOutSample]) -> ProbeResult:
+    agreeing = sum(agrees(answer_or_none(client, name, version, sample), sample) for sample in samples)
+    return ProbeResult(name, version, len(samples), agreeing, time.time())
+
+
+def probe_model(client: ServeClient, store: Path, name: str, version: str | None = None) -> list[ProbeResult]:
+    """Probes VERSION (or every registered version) of NAME; checks every version has golden samples first."""
+    registered = registered_versions(client, name)
+    if not registered:
+        raise UsageError(f"{name} is not registered on this server: `servekit register {name}` first")
+    if version is not None and version not in registered:
+        raise UsageError(f"{name} {version} is not registered (registered: {', '.join(registered)})")
+    wanted = [version] if version is not None else registered
+    golden = {v: golden_samples(store, name, v) for v in wanted}
+    return [probe_version(client, name, v, golden[v]) for v in wanted]
+
+
+# The exposition file ---------------------------------------------------------------------------------------------
+Series = dict[tuple[str, str], dict[str, float]]  # (model, version) -> metric -> value
+
+
+def escape(value: str) -> str:
+    """A label value as the text exposition format wants it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda match: "\n" if match[1] == "n" else match[1], value)
+
+
+def format_value(value: float) -> str:
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def render(series: Series) -> str:
+    """The text exposition of these series: HELP and TYPE once per metric, lines sorted by model and version."""
+    lines = []
+    for metric, help_text in HELP.items():
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
+        for (model, version), values in sorted(series.items()):
+            if metric in values:
+                labels = f'model_name="{escape(model)}",model_version="{escape(version)}"'
+                lines.append(f"{metric}{{{labels}}} {format_value(values[metric])}")
+    return "\n".join(lines) + "\n"
+
+
+def parse(text: str) -> Series:
+    """The series of a file `render` wrote (other lines are ignored)."""
+    series: Series = {}
+    for line in text.splitlines():
+        match = SAMPLE_LINE.match(line)
+        if match and match[1] in HELP:
+            series.setdefault((unescape(match[2]), unescape(match[3])), {})[match[1]] = float(match[4])
+    return series
+
+
+def as_series(results: Iterable[ProbeResult]) -> Series:
+    return {
+        (r.name, r.version): {AGREEMENT: r.agreement, SAMPLES: r.samples, TIMESTAMP: round(r.at, 3)} for r in results
+    }
+
+
+def merge(text: str, results: list[ProbeResult], replace_model: str | None = None) -> str:
+    """`text` with these results' series replaced; `replace_model` also drops that model's other versions (a full
+    probe of a model forgets versions no longer registered)."""
+    series = {key: values for key, values in parse(text).items() if replace_model is None or key[0] != replace_model}
+    return render({**series, **as_series(results)})
+
+
+def record(workdir: Path, results: list[ProbeResult], replace_model: str | None = None) -> Path:
+    """Merges the results into WORKDIR's probe file, atomically (Prometheus or nginx never read half a file)."""
+    from filelock import FileLock, Timeout  # only for writers: --help and the proxy's config stay light
+
+    path = probes_file(workdir)
+    try:  # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
+        with FileLock(path.with_name(f".{PROBES_FILE}.lock"), timeout=LOCK_TIMEOUT_S):
+            existing = path.read_text() if path.is_file() else ""
+            write_atomically(path, merge(existing, results, replace_model))
+    except Timeout:
+        raise ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry") from None
+    return path
+
+
+def probe_every(
+    client: ServeClient,
+    store: Path,
+    workdir: Path,
+    name: str,
+    version: str | None,
+    every_s: float | None,
+    on_round: Callable[[list[ProbeResult]], None] | None = None,
+) -> list[ProbeResult]:
+    """Probes and records once, or every `every_s` seconds until Ctrl-C, which ends it with the last round."""
+    if every_s is not None and not every_s > 0:
+        raise UsageError(f"--every must be > 0 seconds, got {every_s:g}")
+    results: list[ProbeResult] = []
+    try:
+        while True:
+            started = time.monotonic()
+            results = probe_model(client, store, name, version)
+            record(workdir, results, replace_model=name if version is None else None)
+            if on_round:
+                on_round(results)
+            if every_s is None:
+                return results
+            time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        if every_s is None:
+            raise
+        return results

@@ -1,0 +1,113 @@
+"""`servekit probe`: golden-probe gauges from a real TorchServe, served by the real nginx proxy (token auth on)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+from test_split import VERSIONS, live, proxied, split_store  # noqa: F401  (module fixtures: one server per module)
+
+from servekit import probes
+from servekit.archive import build_archive
+from servekit.cli import cli
+from servekit.probes import AGREEMENT, METRICS_PATH, SAMPLES, TIMESTAMP
+from servekit.progressive import ProgressivePolicy
+from servekit.registry import register_verified, registered_versions
+from servekit.workspace import HELD_OUT_DIR, LABELS_FILE
+
+pytestmark = pytest.mark.server
+MISLABELLED = "7.0.0"  # the same weights with every label shifted by one: well-formed answers, all wrong
+UNPROBED = "8.0.0"  # built from a folder without heldout/: the catalog keeps no golden samples for it
+
+
+@pytest.fixture(scope="module")
+def odd_versions(split_store, trained_digits, tmp_path_factory) -> Path:  # noqa: F811
+    work = tmp_path_factory.mktemp("odd")
+    shifted = work / "digits-shifted"
+    shutil.copytree(trained_digits, shifted)
+    (shifted / LABELS_FILE).write_text(json.dumps([str((i + 1) % 10) for i in range(10)]))
+    build_archive("digits", MISLABELLED, shifted, split_store)
+    bare = work / "digits-bare"
+    shutil.copytree(trained_digits, bare, ignore=shutil.ignore_patterns(HELD_OUT_DIR))
+    build_archive("digits", UNPROBED, bare, split_store)
+    return split_store
+
+
+def invoke(workdir: str, *arguments: str):
+    return CliRunner().invoke(cli, ["probe", "digits", *arguments, "--workdir", workdir])
+
+
+def served_metrics(state) -> requests.Response:
+    return requests.get(f"{state.proxy_url}{METRICS_PATH}", timeout=10)
+
+
+def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_serves_it(proxied, odd_versions):  # noqa: F811
+    state, client = live(proxied)
+    register_verified(client, odd_versions, "digits", MISLABELLED, workers=1)
+    try:
+        result = invoke(state.workdir, "--json")
+        assert result.exit_code == 0, result.output
+        shown = {row["version"]: row for row in json.loads(result.output)["versions"]}
+        threshold = ProgressivePolicy().min_agreement  # deploy/alerts.yml's ServekitGoldenProbesFailing
+        assert set(shown) == {*VERSIONS, MISLABELLED}
+        assert all(shown[v]["agreement"] >= threshold and shown[v]["samples"] == 32 for v in VERSIONS), shown
+        assert shown[MISLABELLED]["agreement"] <= 0.2 and shown[MISLABELLED]["samples"] == 32, shown
+        path = probes.probes_file(Path(state.workdir))
+        written = probes.parse(path.read_text())
+        assert {key: values[AGREEMENT] for key, values in written.items()} == {
+            ("digits", v): shown[v]["agreement"] for v in shown
+        }
+        served = served_metrics(state)
+        assert served.status_code == 200 and served.headers["Content-Type"].startswith("text/plain")
+        assert served.text == path.read_text()
+        # One version again: only its lines change.
+        before = written
+        again = invoke(state.workdir, "--version", VERSIONS[0])
+        assert again.exit_code == 0 and "written to" in again.output, again.output
+        after = probes.parse(served_metrics(state).text)
+        assert after[("digits", VERSIONS[0])][TIMESTAMP] > before[("digits", VERSIONS[0])][TIMESTAMP]
+        assert {key: after[key] for key in before if key[1] != VERSIONS[0]} == {
+            key: values for key, values in before.items() if key[1] != VERSIONS[0]
+        }
+    finally:
+        client.unregister("digits", MISLABELLED)
+    # A whole-model probe forgets versions no longer registered.
+    assert invoke(state.workdir).exit_code == 0
+    assert ("digits", MISLABELLED) not in probes.parse(served_metrics(state).text)
+
+
+def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):  # noqa: F811
+    state, client = live(proxied)
+    path = probes.probes_file(Path(state.workdir))
+    path.unlink(missing_ok=True)
+    register_verified(client, odd_versions, "digits", UNPROBED, workers=1)
+    try:
+        cases = {
+            ("--version", "9.9.9"): "not registered",
+            ("--version", UNPROBED): "no golden samples",
+            (): "no golden samples",  # one version without golden samples stops the whole probe before it asks
+            ("--every", "0"): "--every must be > 0",
+            ("--every", "-5"): "--every must be > 0",
+        }
+        for arguments, message in cases.items():
+            result = invoke(state.workdir, *arguments)
+            assert result.exit_code == 2 and result.output.count("\n") == 1, (arguments, result.output)
+            assert result.output.startswith("error:") and message in result.output, (arguments, result.output)
+        unknown = CliRunner().invoke(cli, ["probe", "nosuch", "--workdir", state.workdir])
+        assert unknown.exit_code == 2 and "not registered" in unknown.output, unknown.output
+        assert not path.exists() and served_metrics(state).status_code == 404
+    finally:
+        client.unregister("digits", UNPROBED)
+    assert UNPROBED not in registered_versions(client, "digits")
+
+
+def test_samples_and_timestamps_are_exposed_for_every_probed_version(proxied):  # noqa: F811
+    state, _ = live(proxied)
+    assert invoke(state.workdir).exit_code == 0
+    exposed = probes.parse(served_metrics(state).text)
+    assert set(exposed) == {("digits", v) for v in VERSIONS}
+    assert all(set(values) == {AGREEMENT, SAMPLES, TIMESTAMP} for values in exposed.values())
