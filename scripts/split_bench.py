@@ -4,7 +4,8 @@
     python scripts/split_bench.py digits 1.0.0 1.1.0 --input model_store/work/digits/heldout/0000_7.png
 
 1. split accuracy: KEYS distinct sticky keys at 90/10, counted by TorchServe's per-version counters;
-2. overhead at c=1: p50 of the same versioned request, direct to TorchServe and through the proxy, alternated;
+2. overhead at c=1: p50 of the same versioned request, direct to TorchServe and through the proxy, alternated, from
+   Python and from wrk (a C client, which takes less of the CPU the proxy and TorchServe share);
 3. throughput at c=16 with wrk (apt-get install wrk), direct and through the proxy, alternated.
 The split is removed at the end. Prints one JSON document.
 """
@@ -77,31 +78,40 @@ def overhead(server: Server, name: str, version: str, body: bytes, token: str, r
     return {"rounds": rounds, "p50_ms": p50, "added_p50_ms": p50["proxy"] - p50["direct"]}
 
 
-def wrk_throughput(server: Server, name: str, version: str, body_path: Path, token: str, seconds: int) -> dict:
+def wrk_runs(server: Server, name: str, version: str, body_path: Path, token: str, seconds: int, clients: int) -> dict:
+    """wrk at `clients` connections on the same versioned URL, direct and through the proxy, alternated
+    (direct/proxy/proxy/direct): requests per second and p50 latency of each run."""
     if shutil.which("wrk") is None:
         return {"skipped": "wrk not installed (apt-get install wrk)"}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
     environment = {**os.environ, "BENCH_BODY": str(body_path), "BENCH_TOKEN": token}
-    results: dict[str, list[float]] = {"direct": [], "proxy": []}
+    runs: dict[str, dict[str, list[float]]] = {key: {"per_s": [], "p50_ms": []} for key in ("direct", "proxy")}
     targets = {"direct": server.state.inference_url, "proxy": server.state.proxy_url}
+    threads = min(2, clients)
     for key in ("direct", "proxy", "proxy", "direct"):
-        command = [
-            "wrk",
-            "-t2",
-            "-c16",
-            f"-d{seconds}s",
-            "-s",
-            script.name,
-            f"{targets[key]}/predictions/{name}/{version}",
-        ]
+        url = f"{targets[key]}/predictions/{name}/{version}"
+        command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script.name, url]
         output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60).stdout
         if "Non-2xx" in output or "Socket errors" in output:
             raise SystemExit(f"wrk saw errors (an expired token answers 400):\n{output}")
-        results[key].append(float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)))
+        runs[key]["per_s"].append(float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)))
+        runs[key]["p50_ms"].append(wrk_ms(re.search(r"^\s+50%\s+([\d.]+\w+)", output, re.MULTILINE).group(1)))
     Path(script.name).unlink()
-    mean = {key: sum(values) / len(values) for key, values in results.items()}
-    return {"runs": results, "per_s": mean, "loss": 1 - mean["proxy"] / mean["direct"], "command": " ".join(command)}
+    mean = {key: {what: sum(v) / len(v) for what, v in figures.items()} for key, figures in runs.items()}
+    return {
+        "runs": runs,
+        "mean": mean,
+        "loss": 1 - mean["proxy"]["per_s"] / mean["direct"]["per_s"],
+        "added_p50_ms": mean["proxy"]["p50_ms"] - mean["direct"]["p50_ms"],
+        "command": " ".join(command),
+    }
+
+
+def wrk_ms(text: str) -> float:
+    """wrk's latency figure ("812.00us", "1.23ms", "2.01s") in milliseconds."""
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
 def main() -> None:
@@ -124,7 +134,8 @@ def main() -> None:
             "machine": machine_summary(),
             "split_accuracy": accuracy(server, args.name, args.old, args.new, body, token, args.keys),
             "overhead_c1": overhead(server, args.name, args.old, body, token, args.rounds),
-            "throughput_c16": wrk_throughput(server, args.name, args.old, args.input, token, args.seconds),
+            "overhead_c1_wrk": wrk_runs(server, args.name, args.old, args.input, token, args.seconds, clients=1),
+            "throughput_c16": wrk_runs(server, args.name, args.old, args.input, token, args.seconds, clients=16),
             "load_average": {"before": load_before, "after": os.getloadavg()},
         }
     finally:
