@@ -22,7 +22,7 @@ from pathlib import Path
 
 from servekit import probes, proxy
 from servekit import split as splits
-from servekit.catalog import verify_archive
+from servekit.catalog import verify_archive, write_atomically
 from servekit.client import RetryPolicy, ServeClient
 from servekit.errors import ServerError, UsageError
 from servekit.heldout import HeldOutSample
@@ -79,7 +79,7 @@ class Progress:
         return Path(workdir) / PROGRESS_FILE
 
     def save(self, workdir: Path) -> None:
-        proxy.write_atomic(self.path(workdir), json.dumps(asdict(self), indent=2))
+        write_atomically(self.path(workdir), json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, workdir: Path) -> Progress:

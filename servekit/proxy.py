@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from servekit.catalog import write_atomically
 from servekit.errors import ServerError, UsageError
 from servekit.lazy import lazy_module
 from servekit.probes import METRICS_PATH, probes_file
@@ -122,7 +123,7 @@ class ProxyConfig:
             "host": self.host,
             "splits": {name: asdict(split) for name, split in sorted(self.splits.items())},
         }
-        write_atomic(self.directory / STATE_FILE, json.dumps(document, indent=2))
+        write_atomically(self.directory / STATE_FILE, json.dumps(document, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> ProxyConfig:
@@ -317,16 +318,6 @@ def render(config: ProxyConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes through a temporary file in the same folder and renames it over `path` (never a half file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def nginx_command(binary: Path, config: ProxyConfig, conf_path: Path) -> list[str]:
     return [str(binary), "-p", f"{config.directory}/", "-c", str(conf_path), "-e", str(config.error_log)]
 
@@ -347,7 +338,7 @@ def write_config(binary: Path, config: ProxyConfig) -> None:
     for directory in TEMP_DIRS:
         (config.directory / directory).mkdir(exist_ok=True)
     candidate = config.directory / "nginx.conf.candidate"
-    write_atomic(candidate, render(config))
+    write_atomically(candidate, render(config))
     try:
         check_config(binary, config, candidate)
     except ServerError:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from servekit import metrics, proxy
+from servekit.catalog import write_atomically
 from servekit.client import ServeClient
 from servekit.errors import ServerError, UsageError
 from servekit.proxy import ProxyConfig, Split
@@ -74,12 +75,12 @@ class Marks:
         marks = self.read()
         served = {label: asdict(figures) for label, figures in metrics.scrape(client).labels(name).items()}
         marks[name] = {"set_at": time.time(), "log_offset": proxy.log_size(config), "served": served}
-        proxy.write_atomic(self.path, json.dumps(marks, indent=2))
+        write_atomically(self.path, json.dumps(marks, indent=2))
 
     def forget(self, name: str) -> None:
         marks = self.read()
         if marks.pop(name, None) is not None:
-            proxy.write_atomic(self.path, json.dumps(marks, indent=2))
+            write_atomically(self.path, json.dumps(marks, indent=2))
 
 
 def apply(state: ServerState, splits: dict[str, Split]) -> ProxyConfig:
