@@ -4,9 +4,12 @@
     python scripts/split_bench.py digits 1.0.0 1.1.0 --input model_store/work/digits/heldout/0000_7.png
 
 1. split accuracy: KEYS distinct sticky keys at 90/10, counted by TorchServe's per-version counters;
-2. overhead at c=1: p50 of the same versioned request, direct to TorchServe and through the proxy, alternated, from
-   Python and from wrk (a C client, which takes less of the CPU the proxy and TorchServe share);
-3. throughput at c=16 with wrk (apt-get install wrk), direct and through the proxy, alternated.
+2. overhead at c=1 from Python: p50 of the same versioned request, direct to TorchServe and through the proxy,
+   alternated request by request;
+3. with wrk (a C client, which takes less of the CPU the proxy and TorchServe share; apt-get install wrk), after a
+   warm-up: c=1 p50 added and c=16 throughput lost, each from PAIRS pairs of runs direct and through the proxy in
+   turn (median pair, min and max), on the split path (the model's URL at 90/10) and on passthrough (the versioned
+   URL), with nginx's CPU per request.
 The split is removed at the end. Prints one JSON document.
 """
 
@@ -17,10 +20,12 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -39,6 +44,14 @@ wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = "image/png"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
+-- Mixed paths: each request goes to BENCH_NEW_PATH with probability BENCH_NEW_SHARE, else to BENCH_OLD_PATH.
+local old_path, new_path = os.getenv("BENCH_OLD_PATH"), os.getenv("BENCH_NEW_PATH")
+if old_path and old_path ~= "" then
+  local share = tonumber(os.getenv("BENCH_NEW_SHARE"))
+  request = function()
+    return wrk.format(nil, math.random() < share and new_path or old_path)
+  end
+end
 """
 
 
@@ -78,34 +91,124 @@ def overhead(server: Server, name: str, version: str, body: bytes, token: str, r
     return {"rounds": rounds, "p50_ms": p50, "added_p50_ms": p50["proxy"] - p50["direct"]}
 
 
-def wrk_runs(server: Server, name: str, version: str, body_path: Path, token: str, seconds: int, clients: int) -> dict:
-    """wrk at `clients` connections on the same versioned URL, direct and through the proxy, alternated
-    (direct/proxy/proxy/direct): requests per second and p50 latency of each run."""
-    if shutil.which("wrk") is None:
-        return {"skipped": "wrk not installed (apt-get install wrk)"}
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT)
-    environment = {**os.environ, "BENCH_BODY": str(body_path), "BENCH_TOKEN": token}
-    runs: dict[str, dict[str, list[float]]] = {key: {"per_s": [], "p50_ms": []} for key in ("direct", "proxy")}
-    targets = {"direct": server.state.inference_url, "proxy": server.state.proxy_url}
-    threads = min(2, clients)
-    for key in ("direct", "proxy", "proxy", "direct"):
-        url = f"{targets[key]}/predictions/{name}/{version}"
-        command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script.name, url]
-        output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60).stdout
-        if "Non-2xx" in output or "Socket errors" in output:
-            raise SystemExit(f"wrk saw errors (an expired token answers 400):\n{output}")
-        runs[key]["per_s"].append(float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)))
-        runs[key]["p50_ms"].append(wrk_ms(re.search(r"^\s+50%\s+([\d.]+\w+)", output, re.MULTILINE).group(1)))
-    Path(script.name).unlink()
-    mean = {key: {what: sum(v) / len(v) for what, v in figures.items()} for key, figures in runs.items()}
+@dataclass(frozen=True)
+class Mix:
+    old_path: str
+    new_path: str
+    share: float  # of requests sent to new_path
+
+
+class Wrk:
+    """wrk (apt-get install wrk) POSTing one body with the inference key; also reads the proxy's CPU."""
+
+    def __init__(self, body_path: Path, token: str, proxy_pid: int | None):
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write(WRK_SCRIPT)
+        self.script = Path(script.name)
+        self.environment = {**os.environ, "BENCH_BODY": str(body_path), "BENCH_TOKEN": token}
+        self.proxy_pid = proxy_pid
+
+    def run(self, url: str, clients: int, seconds: float, mix: Mix | None = None) -> dict:
+        """One wrk run: requests per second, p50 ms, and the CPU seconds nginx (master and workers) used.
+        `mix`: the paths on `url`'s server each request picks between (wrk's Lua picks one per request)."""
+        threads = min(2, clients)
+        command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", str(self.script), url]
+        environment = {**self.environment}
+        if mix:
+            environment.update(BENCH_OLD_PATH=mix.old_path, BENCH_NEW_PATH=mix.new_path, BENCH_NEW_SHARE=str(mix.share))
+        nginx_before = self.nginx_cpu_s()
+        output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60)
+        if "Non-2xx" in output.stdout or "Socket errors" in output.stdout or output.returncode != 0:
+            raise SystemExit(f"wrk saw errors (an expired token answers 400):\n{output.stdout}{output.stderr}")
+        per_s = float(re.search(r"Requests/sec:\s+([\d.]+)", output.stdout).group(1))
+        p50 = wrk_ms(re.search(r"^\s+50%\s+([\d.]+\w+)", output.stdout, re.MULTILINE).group(1))
+        return {"per_s": per_s, "p50_ms": p50, "nginx_cpu_s": self.nginx_cpu_s() - nginx_before}
+
+    def nginx_cpu_s(self) -> float:
+        if self.proxy_pid is None:
+            return 0.0
+        return sum(cpu_seconds(pid) for pid in [self.proxy_pid, *children(self.proxy_pid)])
+
+    def close(self) -> None:
+        self.script.unlink(missing_ok=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alternated(wrk: Wrk, sides: dict[str, tuple[str, Mix | None]], clients: int, seconds: float, pairs: int) -> dict:
+    """`pairs` pairs of wrk runs, `sides["direct"]` and `sides["proxy"]` (URL, mix) in turn (the order flips every
+    pair, so a server still warming up or a neighbour's load does not favour one side): per pair the p50 the proxy
+    added and the throughput it lost; the median pair is the figure, min and max its spread."""
+    pair_figures = []
+    for index in range(pairs):
+        order = ("direct", "proxy") if index % 2 == 0 else ("proxy", "direct")
+        runs = {key: wrk.run(sides[key][0], clients, seconds, sides[key][1]) for key in order}
+        pair_figures.append(
+            {
+                "direct": runs["direct"],
+                "proxy": runs["proxy"],
+                "added_p50_ms": runs["proxy"]["p50_ms"] - runs["direct"]["p50_ms"],
+                "loss": 1 - runs["proxy"]["per_s"] / runs["direct"]["per_s"],
+                "nginx_cpu_ms_per_request": 1000
+                * runs["proxy"]["nginx_cpu_s"]
+                / max(1.0, runs["proxy"]["per_s"] * seconds),
+            }
+        )
+
+    def spread(key: str) -> dict:
+        values = sorted(pair[key] for pair in pair_figures)
+        return {"median": statistics.median(values), "min": values[0], "max": values[-1]}
+
     return {
-        "runs": runs,
-        "mean": mean,
-        "loss": 1 - mean["proxy"]["per_s"] / mean["direct"]["per_s"],
-        "added_p50_ms": mean["proxy"]["p50_ms"] - mean["direct"]["p50_ms"],
-        "command": " ".join(command),
+        "clients": clients,
+        "seconds_per_run": seconds,
+        "pairs": pair_figures,
+        "added_p50_ms": spread("added_p50_ms"),
+        "loss": spread("loss"),
+        "nginx_cpu_ms_per_request": spread("nginx_cpu_ms_per_request"),
     }
+
+
+def proxy_runs(
+    server: Server, name: str, old: str, new: str, wrk: Wrk, seconds: float, pairs: int, warmup_s: float
+) -> dict:
+    """wrk at c=1 and c=16, TorchServe directly against the proxy, on both proxy paths: split (the model's URL
+    split 90/10, against the versioned URLs called directly in the same 90/10 mix: both sides' Lua picks a path per
+    request) and passthrough (the versioned URL, no split involved)."""
+    direct = f"{server.state.inference_url}/predictions/{name}/{old}"
+    passthrough = f"{server.state.proxy_url}/predictions/{name}/{old}"
+    model_path = f"/predictions/{name}"
+    split_sides = {
+        "direct": (direct, Mix(f"{model_path}/{old}", f"{model_path}/{new}", 0.1)),
+        "proxy": (f"{server.state.proxy_url}{model_path}", Mix(model_path, model_path, 0.0)),
+    }
+    splits.set_split(server.client, server.state, Split(name, {old: 90, new: 10}))
+    # TorchServe's frontend is Java: until its JIT has compiled the request path, every run is faster than the one
+    # before it (digits, 16 clients: 324 req/s in the first 5 s, ~590 from 30 s on).
+    for url, mix in (*split_sides.values(), (passthrough, None)):
+        wrk.run(url, 16, warmup_s / 3, mix)
+    report = {"warmup_s": warmup_s}
+    for clients in (1, 16):
+        report[f"c{clients}"] = {
+            "split": alternated(wrk, split_sides, clients, seconds, pairs),
+            "passthrough": alternated(
+                wrk, {"direct": (direct, None), "proxy": (passthrough, None)}, clients, seconds, pairs
+            ),  # fmt: skip
+        }
+    return report
 
 
 def wrk_ms(text: str) -> float:
@@ -122,23 +225,28 @@ def main() -> None:
     parser.add_argument("--input", type=Path, required=True, help="A request body (PNG).")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--keys", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=500)
-    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=500, help="Python requests at c=1, alternated.")
+    parser.add_argument("--seconds", type=float, default=5, help="Per wrk run.")
+    parser.add_argument("--pairs", type=int, default=6, help="wrk runs per side and path, alternated.")
+    parser.add_argument("--warmup", type=float, default=30, help="Seconds of unmeasured wrk load first.")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
     server = Server.connect(args.workdir)
     token = read_keys(Path(server.state.key_file))["inference"]
     body = args.input.read_bytes()
     load_before = os.getloadavg()
+    wrk = Wrk(args.input, token, server.state.proxy_pid)
     try:
         report = {
             "machine": machine_summary(),
             "split_accuracy": accuracy(server, args.name, args.old, args.new, body, token, args.keys),
             "overhead_c1": overhead(server, args.name, args.old, body, token, args.rounds),
-            "overhead_c1_wrk": wrk_runs(server, args.name, args.old, args.input, token, args.seconds, clients=1),
-            "throughput_c16": wrk_runs(server, args.name, args.old, args.input, token, args.seconds, clients=16),
+            "wrk": proxy_runs(server, args.name, args.old, args.new, wrk, args.seconds, args.pairs, args.warmup),
             "load_average": {"before": load_before, "after": os.getloadavg()},
         }
     finally:
+        wrk.close()
         splits.remove_split(server.state, args.name)
     print(json.dumps(report, indent=2))
 

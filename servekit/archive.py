@@ -119,7 +119,8 @@ def batch_size_for(sample_ms: float) -> int:
 
 def sample_cost_ms(source_dir: Path, threads: int) -> float:
     """Milliseconds per sample of the trained folder's eager model at batch 2 on `threads` torch threads: the
-    fastest of the timed calls, the model's own cost, which other work on a busy machine only ever adds to.
+    fastest of the timed calls, the model's own cost, which other work on a busy machine only ever adds to. Images
+    are laid out channels_last, as the worker lays them out.
     A variant folder without the eager weights (e.g. a TorchScript file of a model class servekit does not know)
     is timed in its own format."""
     import torch
@@ -132,9 +133,13 @@ def sample_cost_ms(source_dir: Path, threads: int) -> float:
     with torch_threads(threads), torch.inference_mode():
         if prebuilt and prebuilt != "state_dict" and not (source_dir / FORMAT_FILES["state_dict"]).is_file():
             model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
+            example = example_batch(trained, batch=2)
         else:
             model, trained = load_trained(source_dir)
-        example = example_batch(trained, batch=2)
+            example = example_batch(trained, batch=2)
+            if example.dim() == 4:  # the handler runs an eager model's images channels_last
+                model = model.to(memory_format=torch.channels_last)
+                example = example.contiguous(memory_format=torch.channels_last)
         times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
     return min(times) / 2
 

@@ -10,6 +10,10 @@ Each level is repeated (`repeats`): throughput is the median with the spread of 
 (load generator), the server (TorchServe and its workers) and every other process used is recorded beside it, so
 a reader sees when the machine, not the server, was the limit; a level with a wide spread or a busy machine is
 marked unreliable. Each row names the load generator that produced it.
+
+Before the first level the server is warmed up (`warmup_s` at the highest concurrency, not measured): TorchServe's
+frontend is Java, and until its JIT has compiled the request path a cold server's throughput climbs run after run
+(digits, 16 clients, 2 cores: 324 req/s in the first 5 s, ~590 from 30 s on).
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.errors import ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
-from servekit.loadgen import LoadResult, LoadRun, measure_load
+from servekit.loadgen import LoadResult, LoadRun, measure_load, run_load
 from servekit.registry import default_version, version_info
 from servekit.timing import CpuUse, Figure, machine_summary, percentile, time_calls
+
+# Flask has no JIT to warm: a short warm-up only opens its connections.
+BASELINE_WARMUP_S = 2.0
 
 
 @dataclass
@@ -70,6 +77,7 @@ class BenchReport:
     baseline: str = ""
     machine: str = ""
     repeats: int = 1
+    warmup_s: float = 0.0  # unmeasured load before the first level (the Flask baseline: up to BASELINE_WARMUP_S)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,17 +176,21 @@ def bench(
     repeats: int = 1,
     server_pid: int | None = None,
     generator: str = "python",
+    warmup_s: float = 0.0,
 ) -> BenchReport:
     """Runs every concurrency level against the served model (and the baseline), then the handler in process.
 
     server_pid: TorchServe's frontend, whose process tree's CPU is reported as the server's.
+    warmup_s: load at the highest level before measuring, unrecorded (the Flask baseline gets up to 2 s of it).
     """
     from servekit.catalog import verify_archive
 
-    if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1:
-        raise UsageError("concurrency levels and repeats must be >= 1 and the duration > 0")
+    if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1 or warmup_s < 0:
+        raise UsageError("concurrency levels and repeats must be >= 1, the duration > 0 and the warm-up >= 0")
     entry = verify_archive(store, name, version)
     url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+    if warmup_s:
+        run_load(url, {}, bodies, max(concurrency), warmup_s, rate, generator=generator, keys=client.keys)
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
@@ -194,6 +206,9 @@ def bench(
             on_level("served", levels[-1])
     if baseline_model_dir is not None:
         with FlaskBaseline(baseline_model_dir, baseline_port) as flask:
+            if warmup_s:
+                run_load(f"{flask.url}/predict", {}, bodies, max(concurrency), min(warmup_s, BASELINE_WARMUP_S), rate,
+                         generator=generator)  # fmt: skip
             for level in levels:
                 run: LoadRun = measure_load(
                     f"{flask.url}/predict", {}, bodies, level.served.concurrency, duration_s, repeats,
@@ -219,6 +234,7 @@ def bench(
         "flask" if baseline_model_dir else "",
         machine_summary(),
         repeats,
+        warmup_s,
     )
 
 
@@ -303,7 +319,8 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
     lines = [
         f"# servekit bench: {report.name} {report.version}",
         "",
-        f"{report.bodies} request bodies, {report.duration_s:g} s per level, {report.machine}. In process "
+        f"{report.bodies} request bodies, {report.duration_s:g} s per level after {report.warmup_s:g} s of "
+        f"unmeasured warm-up, {report.machine}. In process "
         f"(same handler, batch {ip.batch_size}): {ip.throughput_per_s:.1f} samples/s, one request p50 "
         f"{ip.p50_ms:.2f} ms. Each level: median of {report.repeats} run(s); CPU in cores used by the load "
         f"generator (client), the server's process tree and every other process; the machine has "

@@ -134,13 +134,13 @@ def levels_option(text: str) -> list[int]:
     return levels
 
 
-def seconds_option(text: str) -> float:
+def seconds_option(text: str, allow_zero: bool = False) -> float:
     try:
         value = float(text.removesuffix("s"))
     except ValueError:
         raise UsageError(f"duration {text!r} is not seconds like 20 or 20s") from None
-    if value <= 0:
-        raise UsageError("the duration must be positive")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise UsageError("the duration must be " + ("0 or more" if allow_zero else "positive"))
     return value
 
 
@@ -562,11 +562,13 @@ def optimize(
              help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: work/NAME-bench]")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per level.")
+@click.option("--warmup", default="10s", show_default=True,
+              help="Unmeasured load first, at the highest level, so TorchServe's JIT is warm (0: none).")  # fmt: skip
 @generator_option
 @with_server
 @json_option
 def bench_command(name, version, concurrency, duration, rate, input_file, held_out_dir, baseline, baseline_model,
-                  out_dir, repeats, generator, server, as_json) -> None:  # fmt: skip
+                  out_dir, repeats, warmup, generator, server, as_json) -> None:  # fmt: skip
     """Drive the inference API with concurrent clients; compare with the handler in process (and Flask).
 
     Example: servekit bench digits --concurrency 1,4,16 --duration 20s --baseline flask
@@ -577,7 +579,7 @@ def bench_command(name, version, concurrency, duration, rate, input_file, held_o
     report = benchmarks.bench(server.client, server.store, name, version, bodies, levels_option(concurrency),
                               seconds_option(duration), rate, baseline_model if baseline else None,
                               free_port() if baseline else None, None if as_json else show_level, repeats,
-                              server.state.pid, generator)  # fmt: skip
+                              server.state.pid, generator, seconds_option(warmup, allow_zero=True))  # fmt: skip
     out_dir = out_dir or Workspace(server.store).bench_reports(name)
     benchmarks.write_reports(report, out_dir)
     if as_json:
@@ -616,6 +618,8 @@ def objectives(ctx, param, values: tuple[str, ...]) -> list:
 @click.option("--batch-sizes", default="1,4,8", show_default=True)
 @click.option("--delays", default="1,2,5", show_default=True, help="maxBatchDelay values in ms (at least 1).")
 @click.option("--duration", default="5s", show_default=True, help="Per setting and concurrency.")
+@click.option("--warmup", default="3s", show_default=True,
+              help="Unmeasured load on each setting first, at the highest concurrency (0: none).")  # fmt: skip
 @path_option("--held-out", "held_out_dir", help="Request bodies [default: the trained folder's heldout/].")
 @path_option("--out", "out_dir", help="[default: work/NAME-tune]")
 @click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -623,8 +627,8 @@ def objectives(ctx, param, values: tuple[str, ...]) -> list:
 @generator_option
 @with_server
 @json_option
-def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, duration, held_out_dir, out_dir,
-                 model_config_path, generator, server, as_json) -> None:  # fmt: skip
+def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, duration, warmup, held_out_dir,
+                 out_dir, model_config_path, generator, server, as_json) -> None:  # fmt: skip
     """The highest throughput that meets every objective, over workers x threads x batch size x max batch delay.
 
     Example: servekit tune digits --slo p99=25ms@16 --slo p50=5ms@1
@@ -638,7 +642,7 @@ def tune_command(name, source_dir, handler, goals, splits, batch_sizes, delays, 
     bodies = benchmarks.request_bodies(held_out_dir or source_dir / HELD_OUT_DIR, None)
     trials = tuning.tune(server.client, server.store, name, handler_for(name, handler), source_dir, grid, bodies, goals,
                          seconds_option(duration), None if as_json else lambda t: console.print(tuning.describe(t)),
-                         generator, placement(model_config_path))  # fmt: skip
+                         generator, placement(model_config_path), seconds_option(warmup, allow_zero=True))  # fmt: skip
     out_dir = out_dir or Workspace(server.store).work / f"{name}-tune"
     winner, path, report = tuning.finish(source_dir, trials, out_dir)
     if as_json:

@@ -110,7 +110,7 @@ class Built:
 
 class Builder:
     """Builds each variant of one model into `work/NAME/`, to run on `device` the way a worker there runs it
-    (on CUDA: inputs copied from the CPU, channels_last for images, outputs copied back)."""
+    (images channels_last; on CUDA: inputs copied from the CPU, outputs copied back)."""
 
     def __init__(
         self,
@@ -123,11 +123,14 @@ class Builder:
     ):
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
-        self.channels_last = device.type == "cuda" and len(handler.get("example_input", {}).get("shape", [])) == 3
+        # Images run channels_last, as the handler runs a state_dict model (and, on CUDA, every eager format).
+        self.channels_last = len(handler.get("example_input", {}).get("shape", [])) == 3
 
     def on_device(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A copy of `model` on the device, in `dtype` and the worker's layout. `Module.to` works in place, and the
+        variants built after this one start from the same model in its own layout (pruning views it flat)."""
         layout = {"memory_format": torch.channels_last} if self.channels_last else {}
-        return model.to(self.device, dtype, **layout)
+        return copy.deepcopy(model).to(self.device, dtype, **layout)
 
     def place(self, batch: torch.Tensor) -> torch.Tensor:
         """A timing batch where a worker's inputs are when the model runs: on the GPU already (the handler decodes
@@ -228,8 +231,8 @@ class Builder:
         if self.device.type != "cuda":
             raise UsageError("cuda_graphs needs --device cuda")
         base = handler_module("servekit_base")
-        built = self.eager_like("cuda_graphs", copy.deepcopy(self.model), {}, torch.float16)
-        model = self.on_device(copy.deepcopy(self.model), torch.float16).eval()
+        built = self.eager_like("cuda_graphs", self.model, {}, torch.float16)
+        model = self.on_device(self.model, torch.float16).eval()
         example = self.inputs(example_batch(self.handler, 1), torch.float16)
         runners = base.capture_cuda_graphs(model, example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
         bucketed = base.BucketedModel(runners, model)

@@ -153,10 +153,13 @@ def tune(
     on_trial: Callable[[Trial], None] | None = None,
     generator: str = "python",
     placement: dict | None = None,
+    warmup_s: float = 0.0,
 ) -> list[Trial]:
     """Runs every setting at every concurrency the objectives name (lowest first); returns the trials.
 
-    `placement`: model-config settings every trial archive carries (GPU workers: deviceType, deviceIds)."""
+    `placement`: model-config settings every trial archive carries (GPU workers: deviceType, deviceIds).
+    `warmup_s`: unmeasured load on each setting first, at the highest concurrency, so neither the frontend's JIT
+    nor the new workers' first batches are charged to the settings measured early."""
     if not objectives:
         raise UsageError(f"give at least one objective, e.g. {SLO_EXAMPLE}")
     levels = sorted({objective.concurrency for objective in objectives})
@@ -171,6 +174,8 @@ def tune(
             try:
                 register_verified(client, store, name, version, setting.workers)
                 url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+                if warmup_s:
+                    run_load(url, {}, bodies, levels[-1], warmup_s, generator=generator, keys=client.keys)
                 results = {
                     c: run_load(url, {}, bodies, c, duration_s, generator=generator, keys=client.keys) for c in levels
                 }

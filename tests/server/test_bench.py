@@ -67,6 +67,7 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
     served_digits, model_store, trained_digits, held_out, tmp_path
 ):
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:32]]
+    answered_before = metrics.scrape(served_digits).version("digits", "1.0.0").requests
     report = benchmarks.bench(
         served_digits,
         model_store,
@@ -77,10 +78,15 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
         1.5,
         baseline_model_dir=trained_digits,
         baseline_port=server.free_port(),
+        warmup_s=1.0,
     )
+    answered = metrics.scrape(served_digits).version("digits", "1.0.0").requests - answered_before
+    measured = sum(level.served.requests for level in report.levels)
+    assert answered > measured + 10, "the warm-up's requests are answered by the server but not measured"
     benchmarks.write_reports(report, tmp_path)
     document = json.loads((tmp_path / "bench.json").read_text())
-    assert [level["served"]["concurrency"] for level in document["levels"]] == [1, 4]
+    assert [level["served"]["concurrency"] for level in document["levels"]] == [1, 4] and document["warmup_s"] == 1.0
+    assert "after 1 s of unmeasured warm-up" in (tmp_path / "bench.md").read_text()
     for level in report.levels:
         served = level.served
         assert served.requests == served.ok + served.errors and served.errors == 0 and served.ok > 0
@@ -126,14 +132,27 @@ def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, mod
 
 @pytest.mark.server
 def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
-    served_digits, model_store, trained_digits, held_out, tmp_path
+    served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
 ):
     source = tmp_path / "digits"
     shutil.copytree(trained_digits, source)
     settings = tuning.grid([(1, 1)], [1, 4], [1])
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:16]]
     goals = [tuning.parse_objective("p99=100000ms@4"), tuning.parse_objective("p50=100000ms@1")]
-    trials = tuning.tune(served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.5)
+    loads = []  # (version, clients, seconds) of every load tune drives
+    real_run_load = tuning.run_load
+    monkeypatch.setattr(
+        tuning,
+        "run_load",
+        lambda url, h, b, c, seconds, **kw: (
+            loads.append((url.rsplit("/", 1)[1], c, seconds)) or real_run_load(url, h, b, c, seconds, **kw)
+        ),
+    )
+    trials = tuning.tune(
+        served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.5, warmup_s=0.5
+    )
+    # each setting: a warm-up at the highest concurrency, then every level measured, lowest first
+    assert loads == [(f"0.0.0-tune.{i}", c, s) for i in range(2) for c, s in ((4, 0.5), (1, 1.5), (4, 1.5))]
     assert [t.setting for t in trials] == settings and all(r.ok > 0 for t in trials for r in t.results.values())
     assert all(sorted(t.results) == [1, 4] for t in trials)
     best, path, report = tuning.finish(source, trials, tmp_path / "tune")

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from servekit import server
-from servekit.cli import cli
-from servekit.errors import ServerError
+from servekit.cli import cli, seconds_option
+from servekit.errors import ServerError, UsageError
 
 
 def run(*args: str):
@@ -60,3 +60,16 @@ def test_java_version_strings_are_parsed(monkeypatch):
     assert server.java_major_version() == 8
     Result.stderr = 'openjdk version "17.0.15" 2025-04-15'
     assert server.java_major_version() == 17
+
+
+def test_durations_are_seconds_and_a_warm_up_may_be_zero():
+    assert seconds_option("20s") == 20.0 and seconds_option("0.5") == 0.5
+    assert seconds_option("0", allow_zero=True) == 0.0 and seconds_option("3s", allow_zero=True) == 3.0
+    for text, allow_zero, message in (
+        ("0s", False, "must be positive"),
+        ("-1s", True, "must be 0 or more"),
+        ("nan", True, "must be 0 or more"),
+        ("ten", True, "is not seconds like 20 or 20s"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            seconds_option(text, allow_zero)

@@ -236,13 +236,27 @@ def test_batches_beyond_the_largest_bucket_run_in_chunks_and_other_shapes_eagerl
         assert torch.equal(bucketed(other), model(other)) and replayed == []
 
 
-def test_cuda_graphs_and_channels_last_are_ignored_on_a_cpu_worker(model_store, tmp_path, pil_handler, caplog):
+def test_cuda_graphs_are_ignored_on_a_cpu_worker(model_store, tmp_path, pil_handler, caplog):
     with caplog.at_level(logging.INFO):
-        handler = image_handler_with(model_store, tmp_path / "graphs", cuda_graphs=[1, 2, 4], channels_last=True)
-    assert handler.graphs is None and handler.channels_last is False
+        handler = image_handler_with(model_store, tmp_path / "graphs", cuda_graphs=[1, 2, 4])
+    assert handler.graphs is None
     assert "handler.cuda_graphs [1, 2, 4] ignored: this worker runs on cpu" in caplog.text
     body = [(png_bytes(Image.new("RGB", (40, 40), (0, 200, 0))), "image/png")]
     assert answer_batch(handler, body)[0] == answer_batch(pil_handler, body)[0]
+
+
+def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(model_store, tmp_path, held_out):
+    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
+    nhwc = image_handler_with(model_store, tmp_path / "nhwc", image_decode="pil")
+    weight = next(p for p in nhwc.model.parameters() if p.dim() == 4)
+    assert nhwc.channels_last and weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.channels_last and weight.shape == next(p for p in nchw.model.parameters() if p.dim() == 4).shape
+    assert nhwc.model_input(torch.zeros(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+    bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 6)]
+    expected, _ = answer_batch(nchw, bodies)
+    answers, statuses = answer_batch(nhwc, bodies)
+    assert statuses == {}
+    assert_same_answers(answers, expected, CPU_PROBABILITY_TOLERANCE)
 
 
 def test_to_device_casts_floating_tensors_only():
