@@ -222,10 +222,10 @@ def run_steps(
         progress.step_index = index
         progress.save(workdir)
         splits.set_split(client, state, Split(name, {previous: 100 - share, version: share}, policy.sticky_header))
-        offset = proxy.log_size(config)
+        offset, started = proxy.log_size(config), time.time()
         probed = probe(prober, name, previous, version, golden, policy.step_s)
         probes.record(workdir, probed.results(name))  # the same gauges as `servekit probe`, for the alerts
-        answered = proxy.read_access_log(config, offset)
+        answered = proxy.read_access_log(config, offset, started)
         new, old = window(answered, name, version), window(answered, name, previous)
         if old.p99_ms is not None and old.requests >= policy.min_requests:
             previous_p99 = old.p99_ms

@@ -153,7 +153,7 @@ def figures(client: ServeClient, state: ServerState, name: str) -> tuple[Split, 
     if split is None:
         raise UsageError(f"{name} has no traffic split: set one with `servekit split {name} 1.0.0=90 1.1.0=10`")
     mark = Marks(state.proxy_dir).read().get(name, {"set_at": 0.0, "log_offset": 0, "served": {}})
-    answered = proxy.read_access_log(ProxyConfig.load(state.proxy_dir), mark["log_offset"])
+    answered = proxy.read_access_log(ProxyConfig.load(state.proxy_dir), mark["log_offset"], mark["set_at"])
     now = metrics.scrape(client)
     rows = []
     for version in [*split.branches, *([split.mirror_version] if split.mirror_version else [])]:

@@ -155,3 +155,21 @@ def test_the_proxy_serves_the_golden_probe_file_once_written(running):
     assert served.status_code == 200 and served.headers["Content-Type"] == "text/plain; version=0.0.4"
     assert served.text == path.read_text() and 'model_version="1.0.0"} 0.96875' in served.text
     assert requests.post(url, data=b"x", timeout=10).status_code == 405  # a file, not a route to TorchServe
+
+
+def test_the_buffered_access_log_holds_every_answer_by_the_time_it_is_read(running):
+    """nginx buffers the log (a write per 64 KiB, not per request): one read right after the answers has them all,
+    and `since` leaves out the requests answered before it."""
+    binary, config, pid = running
+    assert f"buffer=64k flush={proxy.LOG_FLUSH_MS}ms" in config.conf_path.read_text()
+    config.splits = {"digits": Split("digits", {"1.0.0": 50, "1.1.0": 50})}
+    proxy.reload(binary, config, pid)
+    proxy.wait_old_workers_gone(config, pid)
+    session = requests.Session()
+    for i in range(50):
+        if i == 20:
+            middle = time.time()
+        assert session.post(f"{config.url}/predictions/digits", data=b"x", timeout=10).status_code == 200
+    assert len(proxy.read_access_log(config)) == 50
+    later = proxy.read_access_log(config, since=middle)
+    assert len(later) == 30 and all(a.at >= middle for a in later)
