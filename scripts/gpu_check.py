@@ -152,7 +152,8 @@ def bench_image(check: Check, folder: Path, key: str, levels: str) -> None:
     """`servekit bench image` with wrk on one folder of bodies, the GPU's utilization sampled meanwhile."""
     with GpuSampler() as sampler:
         result = check.run(key, ["servekit", "bench", "image", "--held-out", str(folder), "--concurrency", levels,
-                                 "--duration", "8s", "--repeats", "1", "--generator", "wrk", "--out", key, "--json"],
+                                 "--duration", "8s", "--repeats", "1", "--warmup", "5s", "--generator", "wrk",
+                                 "--out", key, "--json"],
                            120, as_json=True)  # fmt: skip
     check.report[key] = {**bench_summary(result), "gpu_utilization": sampler.summary()}
     if (check.work / key / "bench.png").is_file():
@@ -287,7 +288,7 @@ def main() -> int:
             check.report["evaluate_digits"] = check.run("evaluate digits", [*sk, "evaluate", "digits", "--json"], 60,
                                                         as_json=True)  # fmt: skip
             digits = check.run("bench digits", [*sk, "bench", "digits", "--concurrency", LEVELS, "--duration", "5s",
-                                                "--repeats", "1", "--generator", "wrk", "--json"],
+                                                "--repeats", "1", "--warmup", "5s", "--generator", "wrk", "--json"],
                                60, as_json=True)  # fmt: skip
             check.report["bench_digits"] = bench_summary(digits)
         check.report["models"] = check.run("models", [*sk, "models", "--json"], 20, as_json=True)
