@@ -34,7 +34,7 @@ from servekit import metrics
 from servekit import split as splits
 from servekit.client import read_keys
 from servekit.proxy import Split
-from servekit.timing import machine_summary, percentile
+from servekit.timing import CpuMonitor, machine_summary, percentile
 from servekit.workspace import DEFAULT_WORKDIR, Server
 
 WRK_SCRIPT = """
@@ -116,36 +116,17 @@ class Wrk:
         environment = {**self.environment}
         if mix:
             environment.update(BENCH_OLD_PATH=mix.old_path, BENCH_NEW_PATH=mix.new_path, BENCH_NEW_SHARE=str(mix.share))
-        nginx_before = self.nginx_cpu_s()
-        output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60)
+        with CpuMonitor({"nginx": self.proxy_pid} if self.proxy_pid else {}) as monitor:
+            output = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=seconds + 60)
         if "Non-2xx" in output.stdout or "Socket errors" in output.stdout or output.returncode != 0:
             raise SystemExit(f"wrk saw errors (an expired token answers 400):\n{output.stdout}{output.stderr}")
         per_s = float(re.search(r"Requests/sec:\s+([\d.]+)", output.stdout).group(1))
         p50 = wrk_ms(re.search(r"^\s+50%\s+([\d.]+\w+)", output.stdout, re.MULTILINE).group(1))
-        return {"per_s": per_s, "p50_ms": p50, "nginx_cpu_s": self.nginx_cpu_s() - nginx_before}
-
-    def nginx_cpu_s(self) -> float:
-        if self.proxy_pid is None:
-            return 0.0
-        return sum(cpu_seconds(pid) for pid in [self.proxy_pid, *children(self.proxy_pid)])
+        nginx_cpu_s = monitor.use.measured_cores.get("nginx", 0.0) * monitor.use.wall_s
+        return {"per_s": per_s, "p50_ms": p50, "nginx_cpu_s": nginx_cpu_s}
 
     def close(self) -> None:
         self.script.unlink(missing_ok=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def alternated(wrk: Wrk, sides: dict[str, tuple[str, Mix | None]], clients: int, seconds: float, pairs: int) -> dict:

@@ -131,15 +131,15 @@ def sample_cost_ms(source_dir: Path, threads: int) -> float:
     trained = json.loads((source_dir / HANDLER_FILE).read_text())
     prebuilt = trained.get("format")
     with torch_threads(threads), torch.inference_mode():
-        if prebuilt and prebuilt != "state_dict" and not (source_dir / FORMAT_FILES["state_dict"]).is_file():
-            model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
-            example = example_batch(trained, batch=2)
-        else:
+        eager = not prebuilt or prebuilt == "state_dict" or (source_dir / FORMAT_FILES["state_dict"]).is_file()
+        if eager:
             model, trained = load_trained(source_dir)
-            example = example_batch(trained, batch=2)
-            if example.dim() == 4:  # the handler runs an eager model's images channels_last
-                model = model.to(memory_format=torch.channels_last)
-                example = example.contiguous(memory_format=torch.channels_last)
+        else:
+            model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
+        example = example_batch(trained, batch=2)
+        if eager and example.dim() == 4:  # the handler runs an eager model's images channels_last
+            model = model.to(memory_format=torch.channels_last)
+            example = example.contiguous(memory_format=torch.channels_last)
         times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
     return min(times) / 2
 

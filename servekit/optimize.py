@@ -215,8 +215,7 @@ class Builder:
                 torch.backends.mha.set_fastpath_enabled(fast_path)
         if name in ("bf16", "fp16"):
             dtype = torch.bfloat16 if name == "bf16" else torch.float16
-            clone = copy.deepcopy(model)
-            return self.eager_like(name, clone, {"dtype": str(dtype).removeprefix("torch.")}, dtype)
+            return self.eager_like(name, model, {"dtype": str(dtype).removeprefix("torch.")}, dtype)
         if name == "pruned_l1_50":
             return self.eager_like(name, pruned(copy.deepcopy(model), 0.5), {})
         if name == "pt2e_int8":
