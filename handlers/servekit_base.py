@@ -514,6 +514,17 @@ def refuse_wrong_device(built_for: str | None, device: torch.device, config: dic
     )
 
 
+def takes_channels_last(model: Callable, example: torch.Tensor) -> bool:
+    """Whether `model` runs on a channels_last batch. Code written for NCHW tensors (`x.view(n, -1)` after a
+    convolution) raises on one; such a model is kept NCHW rather than failing every request."""
+    try:
+        with torch.inference_mode():
+            model(example.contiguous(memory_format=torch.channels_last))
+    except RuntimeError:
+        return False
+    return True
+
+
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor` on `device` (floating tensors in `dtype` when given): a CPU tensor bound for CUDA goes through
     pinned memory and a non-blocking copy."""
@@ -743,6 +754,14 @@ class ServekitHandler(BaseHandler):
             model = model.to(self.device, **layout)
         # Exported programs refuse .eval(): they were exported in eval mode.
         self.model = model if self.config["format"] == "export" else model.eval()
+        if self.channels_last and not self.takes_channels_last():
+            logger.warning(
+                "%s runs NCHW: it raised on a channels_last batch (e.g. `.view` after a convolution; `.reshape` or "
+                "`torch.flatten` take both layouts)",
+                type(self).__name__,
+            )
+            self.channels_last = False
+            self.model = self.model.to(memory_format=torch.contiguous_format)
         if self.config["compile"]:
             options = self.config["compile"] if isinstance(self.config["compile"], dict) else {}
             self.model = torch.compile(self.model, **options)
@@ -783,6 +802,15 @@ class ServekitHandler(BaseHandler):
     def v2_outputs(self, outputs: torch.Tensor) -> list[dict]:
         """One request's rows of outputs -> its v2 output tensors (named in `v2_output_names`)."""
         return [v2_tensor("output", "FP32", outputs.float())]
+
+    def takes_channels_last(self) -> bool:
+        """The model runs on an example image batch laid out channels_last (True when there is no example)."""
+        try:
+            batch = self.collate(self.example_samples(1))
+        except NotImplementedError:
+            return True
+        batch = to_device(batch, self.device, self.dtype)
+        return batch.dim() != 4 or takes_channels_last(self.model, batch)
 
     def example_samples(self, count: int) -> list:
         """Inputs for warm-up passes."""

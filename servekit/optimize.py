@@ -123,8 +123,11 @@ class Builder:
     ):
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
-        # Images run channels_last, as the handler runs a state_dict model (and, on CUDA, every eager format).
-        self.channels_last = len(handler.get("example_input", {}).get("shape", [])) == 3
+        # Images run channels_last, as the handler runs a state_dict model (and, on CUDA, every eager format) that
+        # takes them.
+        image = len(handler.get("example_input", {}).get("shape", [])) == 3
+        base = handler_module("servekit_base")
+        self.channels_last = image and base.takes_channels_last(model, example_batch(handler, 1))
 
     def on_device(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """A copy of `model` on the device, in `dtype` and the worker's layout. `Module.to` works in place, and the

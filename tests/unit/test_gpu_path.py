@@ -24,7 +24,9 @@ from helpers import (
 )
 from image_classifier import ImageClassifierHandler, batchable_jpeg
 from PIL import Image
-from servekit_base import BucketedModel, StaticBatch, bucket_for, load_model, to_device
+from servekit_base import BucketedModel, StaticBatch, bucket_for, load_model, takes_channels_last, to_device
+
+from servekit.optimize import Builder
 
 # Pillow and decode_jpeg both use libjpeg on the CPU: their pixels agree, so the answers do too. On CUDA
 # (nvJPEG) pixels differ by up to 0.23 (mean 0.0085) in normalised units: see test_gpu_cuda.py.
@@ -257,6 +259,46 @@ def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(mo
     answers, statuses = answer_batch(nhwc, bodies)
     assert statuses == {}
     assert_same_answers(answers, expected, CPU_PROBABILITY_TOLERANCE)
+
+
+def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path, held_out, caplog):
+    """`x.view(n, -1)` after a convolution raises on a channels_last batch: the worker keeps such a model NCHW
+    (and says why) instead of failing every request, and optimize times it NCHW as the worker runs it."""
+    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
+    context = extracted_archive(model_store / "image-1.0.0.mar", tmp_path / "viewing")
+    with (tmp_path / "viewing" / "models.py").open("a") as models:  # the archive's model, flattened with .view first
+        models.write(
+            "\n\n_build_model = build_model\n\n\n"
+            "def build_model(model_class, model_kwargs=None):\n"
+            "    model = _build_model(model_class, model_kwargs)\n"
+            "    forward = model.forward\n"
+            "    model.forward = lambda x: forward(x.view(x.size(0), -1).view(x.shape))\n"
+            "    return model\n"
+        )
+    context.model_yaml_config["handler"].update(image_decode="pil")
+    viewing = ImageClassifierHandler()
+    with caplog.at_level(logging.WARNING):
+        viewing.initialize(context)
+    assert not viewing.channels_last
+    assert "ImageClassifierHandler runs NCHW: it raised on a channels_last batch" in caplog.text
+    bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 4)]
+    answers, statuses = answer_batch(viewing, bodies)
+    assert statuses == {} and answers == answer_batch(nchw, bodies)[0]
+    example = torch.zeros(2, 3, 8, 8)
+    assert not takes_channels_last(lambda x: x.view(x.size(0), -1), example)
+    assert takes_channels_last(lambda x: torch.flatten(x, 1), example)
+    images = {"example_input": {"shape": [3, 8, 8]}}
+    for flat, expected in ((lambda x: x.view(x.size(0), -1), False), (lambda x: torch.flatten(x, 1), True)):
+        assert Builder(FlatteningConv(flat), images, None, tmp_path, 1).channels_last is expected
+
+
+class FlatteningConv(torch.nn.Module):
+    def __init__(self, flatten):
+        super().__init__()
+        self.conv, self.flatten = torch.nn.Conv2d(3, 4, 3), flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.conv(x))
 
 
 def test_to_device_casts_floating_tensors_only():
