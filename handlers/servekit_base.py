@@ -754,7 +754,8 @@ class ServekitHandler(BaseHandler):
             model = model.to(self.device, **layout)
         # Exported programs refuse .eval(): they were exported in eval mode.
         self.model = model if self.config["format"] == "export" else model.eval()
-        if self.channels_last and not self.takes_channels_last():
+        # Tried on CPU workers, which lay images out channels_last since 26 Nov 2026; CUDA workers always did, untried.
+        if self.channels_last and self.device.type == "cpu" and not self.takes_channels_last():
             logger.warning(
                 "%s runs NCHW: it raised on a channels_last batch (e.g. `.view` after a convolution; `.reshape` or "
                 "`torch.flatten` take both layouts)",
