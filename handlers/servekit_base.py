@@ -514,6 +514,19 @@ def refuse_wrong_device(built_for: str | None, device: torch.device, config: dic
     )
 
 
+# Formats whose memory layout the worker chooses, by device type. Compiled artefacts (AOTI, ONNX) keep the layout
+# they were built for; on the CPU, TorchScript and exported programs run as `servekit optimize` gated them.
+CHANNELS_LAST_FORMATS = {"cuda": ("state_dict", "torchscript", "export"), "cpu": ("state_dict",)}
+
+
+def runs_channels_last(config: dict, device_type: str) -> bool:
+    """Whether a worker on `device_type` lays an archive's model and image batches out channels_last: the
+    handler's `channels_last` (default on) and a format it may lay out. The worker, build's cost timing and
+    optimize all ask here; the model must also take such a batch (`takes_channels_last`)."""
+    config = {**DEFAULT_CONFIG, **config}
+    return bool(config["channels_last"]) and config["format"] in CHANNELS_LAST_FORMATS[device_type]
+
+
 def takes_channels_last(model: Callable, example: torch.Tensor) -> bool:
     """Whether `model` runs on a channels_last batch. Code written for NCHW tensors (`x.view(n, -1)` after a
     convolution) raises on one; such a model is kept NCHW rather than failing every request."""
@@ -742,11 +755,8 @@ class ServekitHandler(BaseHandler):
         )
         self.dtype = FLOAT_DTYPES[self.config.get("dtype", "float32")]
         # channels_last speeds up convolutions on CUDA and on the CPU (oneDNN: SimpleCNN 2.0x at batch 8,
-        # resnet18 at 224 px 1.3x, one thread). Compiled artefacts (AOTI, ONNX) keep the layout they were built
-        # for; on the CPU, TorchScript and exported programs run as `servekit optimize` gated them.
-        self.channels_last = bool(self.config["channels_last"]) and self.config["format"] in (
-            ("state_dict", "torchscript", "export") if self.device.type == "cuda" else ("state_dict",)
-        )
+        # resnet18 at 224 px 1.3x, one thread).
+        self.channels_last = runs_channels_last(self.config, self.device.type)
         layout = {"memory_format": torch.channels_last} if self.channels_last else {}
         if self.config["format"] == "state_dict":
             model = model.to(self.device, self.dtype, **layout)

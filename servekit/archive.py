@@ -137,8 +137,14 @@ def sample_cost_ms(source_dir: Path, threads: int) -> float:
         else:
             model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
         example = example_batch(trained, batch=2)
-        # The handler runs an eager model's images channels_last, when the model takes them.
-        if eager and example.dim() == 4 and handler_module("servekit_base").takes_channels_last(model, example):
+        # A CPU worker runs an eager model's images channels_last unless the handler says not, if the model takes them.
+        base = handler_module("servekit_base")
+        if (
+            eager
+            and example.dim() == 4
+            and base.runs_channels_last({**trained, "format": "state_dict"}, "cpu")
+            and base.takes_channels_last(model, example)
+        ):
             model = model.to(memory_format=torch.channels_last)
             example = example.contiguous(memory_format=torch.channels_last)
         times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)

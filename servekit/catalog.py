@@ -11,19 +11,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from servekit.errors import ArchiveError, UsageError
+from servekit.locks import file_lock
 from servekit.names import check_name, check_name_version
 
 CATALOG_FILE = "catalog.json"
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT_S = 300.0
-
-if TYPE_CHECKING:
-    from filelock import FileLock
-# One FileLock per lock file and process: it is reentrant in a thread and excludes other threads and processes.
-_locks: dict[Path, FileLock] = {}
 
 
 def version_key(version: str) -> tuple:
@@ -144,24 +139,12 @@ class Catalog:
             write_atomically(self.path, json.dumps(document, indent=2) + "\n")
 
 
-@contextmanager
-def catalog_lock(store: Path) -> Iterator[None]:
+def catalog_lock(store: Path):
     """Holds the lock (a file beside catalog.json) that every reader-modifier-writer of the catalog takes."""
-    from filelock import FileLock, Timeout  # 55 ms: only for writers, not for every command that reads the catalog
-
     store.mkdir(parents=True, exist_ok=True)
-    path = (store / f".{CATALOG_FILE}.lock").resolve()
-    lock = _locks.setdefault(path, FileLock(path))
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT_S)
-    except Timeout:
-        raise ArchiveError(
-            f"another servekit held {path} for {LOCK_TIMEOUT_S:.0f} s: wait for its build to finish, then retry"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    path = store / f".{CATALOG_FILE}.lock"
+    why = f"another servekit held {path} for {LOCK_TIMEOUT_S:.0f} s: wait for its build to finish, then retry"
+    return file_lock(path, LOCK_TIMEOUT_S, ArchiveError(why))
 
 
 def write_atomically(path: Path, text: str) -> None:

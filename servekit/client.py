@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from servekit.errors import ApiError, ServerError
+from servekit.locks import file_lock
 from servekit.names import check_segment
 from servekit.transport import Response, Retries, Session, TimedOut, TransportError
 
@@ -141,29 +142,14 @@ class Keys:
                 f"({state_file} is missing or unreadable): restart the client with the server's management URL"
             ) from None
 
-    def _file_lock(self) -> _TimeoutAsError:
-        from filelock import FileLock  # only a renewal needs it (hours apart): not imported at every start
-
-        return _TimeoutAsError(FileLock(self.key_file.parent / KEY_RENEWAL_LOCK, timeout=DEFAULT_TIMEOUT_S))
+    def _file_lock(self):
+        """The lock file beside the keys that one renewing client holds at a time, across processes."""
+        path = self.key_file.parent / KEY_RENEWAL_LOCK
+        busy = ServerError(f"another client held {path} too long while renewing keys")
+        return file_lock(path, DEFAULT_TIMEOUT_S, busy)
 
 
 _renewal_guard = threading.Lock()  # one renewal at a time in this process (the file lock spans processes)
-
-
-class _TimeoutAsError:
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        from filelock import Timeout
-
-        try:
-            self.lock.acquire()
-        except Timeout:
-            raise ServerError(f"another client held {self.lock.lock_file} too long while renewing keys") from None
-
-    def __exit__(self, *exc_info) -> None:
-        self.lock.release()
 
 
 def model_path(name: str, version: str | None = None) -> str:

@@ -123,17 +123,21 @@ class Builder:
     ):
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
-        # Images run channels_last, as the handler runs a state_dict model (and, on CUDA, every eager format) that
-        # takes them.
+        # Images run channels_last where a worker on the device runs the eager model so (the handler's rule,
+        # `channels_last: false` included) and the model takes them.
         image = len(handler.get("example_input", {}).get("shape", [])) == 3
         base = handler_module("servekit_base")
-        self.channels_last = image and base.takes_channels_last(model, example_batch(handler, 1))
+        self.channels_last = (
+            image
+            and base.runs_channels_last({**handler, "format": "state_dict"}, device.type)
+            and base.takes_channels_last(model, example_batch(handler, 1))
+        )
+        self.layout = {"memory_format": torch.channels_last} if self.channels_last else {}
 
     def on_device(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """A copy of `model` on the device, in `dtype` and the worker's layout. `Module.to` works in place, and the
         variants built after this one start from the same model in its own layout (pruning views it flat)."""
-        layout = {"memory_format": torch.channels_last} if self.channels_last else {}
-        return copy.deepcopy(model).to(self.device, dtype, **layout)
+        return copy.deepcopy(model).to(self.device, dtype, **self.layout)
 
     def place(self, batch: torch.Tensor) -> torch.Tensor:
         """A timing batch where a worker's inputs are when the model runs: on the GPU already (the handler decodes
@@ -155,11 +159,16 @@ class Builder:
         path.mkdir(parents=True)
         return path
 
-    def eager_like(self, name: str, model: torch.nn.Module, handler: dict, dtype=torch.float32) -> Built:
+    def eager_like(
+        self, name: str, model: torch.nn.Module, handler: dict, dtype=torch.float32, wrap: Callable | None = None
+    ) -> Built:
+        """`model`'s weights archived as a state_dict; timed on the device, through `wrap` (torch.compile) if given."""
         folder = self.folder(name)
         path = folder / FORMAT_FILES["state_dict"]
         torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
         model = self.on_device(model, dtype)
+        if wrap is not None:
+            model = wrap(model)
 
         def run(batch):
             return model(self.inputs(batch, dtype)).float().cpu()
@@ -186,7 +195,7 @@ class Builder:
         if model_format == "aoti":  # compiled for contiguous inputs; the handler sends them so
             run = lambda b: loaded(self.inputs(b).contiguous()).float().cpu()  # noqa: E731
             return Built(run, [path], {"format": "aoti", **settings})
-        loaded = loaded.to(self.device)
+        loaded = loaded.to(self.device, **self.layout)  # TorchScript, exported program: as a CUDA worker lays them out
         return Built(lambda b: loaded(self.inputs(b)).float().cpu(), [path], {"format": model_format, **settings})
 
     def build(self, name: str) -> Built:
@@ -200,10 +209,7 @@ class Builder:
         if name in ("torchscript", "export", "aoti", "onnx"):
             return self.exported(name, name)
         if name == "compile":
-            built = self.eager_like(name, model, {"compile": True})
-            compiled = torch.compile(self.on_device(model))
-            built.run = lambda batch: compiled(self.inputs(batch)).float().cpu()
-            return built
+            return self.eager_like(name, model, {"compile": True}, wrap=torch.compile)
         if name == "dynamic_int8":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -20,6 +20,7 @@ from servekit.catalog import Catalog, write_atomically
 from servekit.client import ServeClient
 from servekit.errors import ServekitError, ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
+from servekit.locks import file_lock
 from servekit.registry import registered_versions
 
 PROBES_FILE = "golden_probes.prom"  # in the server's workdir; node_exporter's textfile collector reads *.prom
@@ -160,15 +161,12 @@ def merge(text: str, results: list[ProbeResult], replace_model: str | None = Non
 
 def record(workdir: Path, results: list[ProbeResult], replace_model: str | None = None) -> Path:
     """Merges the results into WORKDIR's probe file, atomically (Prometheus or nginx never read half a file)."""
-    from filelock import FileLock, Timeout  # only for writers: --help and the proxy's config stay light
-
     path = probes_file(workdir)
-    try:  # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
-        with FileLock(path.with_name(f".{PROBES_FILE}.lock"), timeout=LOCK_TIMEOUT_S):
-            existing = path.read_text() if path.is_file() else ""
-            write_atomically(path, merge(existing, results, replace_model))
-    except Timeout:
-        raise ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry") from None
+    busy = ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry")
+    # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
+    with file_lock(path.with_name(f".{PROBES_FILE}.lock"), LOCK_TIMEOUT_S, busy):
+        existing = path.read_text() if path.is_file() else ""
+        write_atomically(path, merge(existing, results, replace_model))
     return path
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shutil
 import time
 
 import pytest
@@ -24,9 +25,19 @@ from helpers import (
 )
 from image_classifier import ImageClassifierHandler, batchable_jpeg
 from PIL import Image
-from servekit_base import BucketedModel, StaticBatch, bucket_for, load_model, takes_channels_last, to_device
+from servekit_base import (
+    BucketedModel,
+    StaticBatch,
+    bucket_for,
+    load_model,
+    runs_channels_last,
+    takes_channels_last,
+    to_device,
+)
 
+from servekit import archive, timing
 from servekit.optimize import Builder
+from servekit.workspace import HANDLER_FILE
 
 # Pillow and decode_jpeg both use libjpeg on the CPU: their pixels agree, so the answers do too. On CUDA
 # (nvJPEG) pixels differ by up to 0.23 (mean 0.0085) in normalised units: see test_gpu_cuda.py.
@@ -290,6 +301,36 @@ def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path
     images = {"example_input": {"shape": [3, 8, 8]}}
     for flat, expected in ((lambda x: x.view(x.size(0), -1), False), (lambda x: torch.flatten(x, 1), True)):
         assert Builder(FlatteningConv(flat), images, None, tmp_path, 1).channels_last is expected
+
+
+def test_channels_last_false_is_honoured_by_the_worker_build_timing_and_optimize(trained_image, tmp_path, monkeypatch):
+    """One rule (`runs_channels_last`) for every place that lays a model out: a user's `channels_last: false`, and
+    formats whose layout is fixed, keep NCHW in build's cost timing and optimize as in the worker."""
+    assert runs_channels_last({}, "cpu") and runs_channels_last({"format": "torchscript"}, "cuda")
+    assert not runs_channels_last({"channels_last": False}, "cpu")
+    assert not runs_channels_last({"format": "torchscript"}, "cpu")
+    assert not runs_channels_last({"format": "onnx"}, "cuda")
+    images = {"example_input": {"shape": [3, 8, 8]}}
+    conv = FlatteningConv(lambda x: torch.flatten(x, 1))
+    for settings, expected in (({}, True), ({"channels_last": False}, False)):
+        builder = Builder(conv, {**images, **settings}, None, tmp_path, 1)
+        weight = builder.on_device(conv).conv.weight
+        assert builder.channels_last is expected
+        assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert builder.inputs(torch.zeros(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last) is expected
+    layouts = []
+
+    def timed(model, batches, **_):
+        layouts.append(batches[0].is_contiguous(memory_format=torch.channels_last))
+        return [1.0]
+
+    monkeypatch.setattr(timing, "time_calls", timed)
+    nchw = tmp_path / "nchw"
+    shutil.copytree(trained_image, nchw)
+    settings = json.loads((nchw / HANDLER_FILE).read_text())
+    (nchw / HANDLER_FILE).write_text(json.dumps({**settings, "channels_last": False}))
+    assert archive.sample_cost_ms(trained_image, 1) == archive.sample_cost_ms(nchw, 1) == 0.5
+    assert layouts == [True, False]
 
 
 class FlatteningConv(torch.nn.Module):
