@@ -28,13 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 from servekit import metrics
 from servekit import split as splits
 from servekit.client import read_keys
 from servekit.proxy import Split
 from servekit.timing import CpuMonitor, machine_summary, percentile
+from servekit.transport import Session
 from servekit.workspace import DEFAULT_WORKDIR, Server
 
 WRK_SCRIPT = """
@@ -59,12 +58,11 @@ def accuracy(server: Server, name: str, old: str, new: str, body: bytes, token: 
     splits.set_split(server.client, server.state, Split(name, {old: 90, new: 10}, sticky_header="X-Request-Key"))
     before = metrics.scrape(server.client)
     url = f"{server.state.proxy_url}/predictions/{name}"
-    sessions: dict[int, requests.Session] = {}
+    session = Session()  # kept-alive connections per thread
 
     def send(i: int) -> int:
-        session = sessions.setdefault(i % 16, requests.Session())
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png", "X-Request-Key": f"user-{i}"}
-        return session.post(url, data=body, headers=headers, timeout=60).status_code
+        return session.request("POST", url, data=body, headers=headers, timeout=60).status_code
 
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(send, range(keys)))
@@ -81,11 +79,12 @@ def overhead(server: Server, name: str, version: str, body: bytes, token: str, r
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
     targets = {"direct": server.state.inference_url, "proxy": server.state.proxy_url}
     times: dict[str, list[float]] = {key: [] for key in targets}
-    session = requests.Session()
+    session = Session()
     for i in range(rounds):
         for key in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
             started = time.perf_counter()
-            session.post(f"{targets[key]}/predictions/{name}/{version}", data=body, headers=headers, timeout=60)
+            url = f"{targets[key]}/predictions/{name}/{version}"
+            session.request("POST", url, data=body, headers=headers, timeout=60)
             times[key].append((time.perf_counter() - started) * 1000)
     p50 = {key: percentile(values[10:], 50) for key, values in times.items()}
     return {"rounds": rounds, "p50_ms": p50, "added_p50_ms": p50["proxy"] - p50["direct"]}

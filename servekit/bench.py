@@ -25,8 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import requests
-
 from servekit import metrics
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
@@ -35,6 +33,7 @@ from servekit.heldout import HeldOutSample, read_held_out
 from servekit.loadgen import LoadResult, LoadRun, measure_load, run_load
 from servekit.registry import default_version, version_info
 from servekit.timing import CpuUse, Figure, machine_summary, percentile, time_calls
+from servekit.transport import Session, TransportError
 
 # Flask has no JIT to warm: a short warm-up only opens its connections.
 BASELINE_WARMUP_S = 2.0
@@ -145,9 +144,9 @@ class FlaskBaseline:
             if self.process.poll() is not None:
                 raise ServerError(f"the Flask baseline exited with {self.process.returncode}")
             try:
-                if requests.get(f"{self.url}/health", timeout=1).ok:
+                if Session().get(f"{self.url}/health", timeout=1).ok:
                     return self
-            except requests.RequestException:
+            except TransportError:
                 time.sleep(0.2)
         self.__exit__()
         raise ServerError("the Flask baseline did not answer /health within 60 s")

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import requests
 
 from servekit.choices import GENERATORS
 from servekit.client import Keys, bearer, is_invalid_key
 from servekit.errors import ServerError, UsageError
 from servekit.timing import CpuMonitor, CpuUse, Figure
+from servekit.transport import Session, TransportError
 
 CLIENTS_PER_PROCESS = 16  # one aiohttp process keeps about this many clients busy before its own CPU is the limit
 
@@ -198,10 +198,10 @@ def live_key_headers(
     key = keys.current("inference")
     data, content_type = body
     try:
-        reply = requests.post(
-            url, data=data, headers={**headers, **bearer(key), "Content-Type": content_type}, timeout=timeout_s
+        reply = Session().request(
+            "POST", url, data=data, headers={**headers, **bearer(key), "Content-Type": content_type}, timeout=timeout_s
         )
-    except requests.RequestException as exc:
+    except TransportError as exc:
         raise ServerError(f"cannot reach {url} before the wrk run: {type(exc).__name__}") from None
     if is_invalid_key(reply.status_code, reply.text):
         key = keys.renew("inference", key)

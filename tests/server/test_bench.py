@@ -222,16 +222,22 @@ def test_every_metric_the_grafana_dashboard_queries_is_exposed(served_digits, go
     served_digits.predict("digits", good_png, content_type="image/png")
     with pytest.raises(Exception, match="400"):
         served_digits.predict("digits", b"not an image", content_type="image/png")
-    exposed = {
-        re.split(r"[{ ]", line, maxsplit=1)[0]
-        for line in served_digits.metrics().splitlines()
-        if line and not line.startswith("#")
-    }
     dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     promql = {"sum", "by", "rate", "model_name", "model_version", "ModelName", "m", "h"}
     queried = {token for expr in expressions for token in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", expr)} - promql
     lazily_created = {"Requests5XX"}  # TorchServe exposes it from the first 5xx on
+    # The worker's metric lines reach the frontend through its stdout, after the answer: read until they are in.
+    deadline = time.monotonic() + 10
+    while True:
+        exposed = {
+            re.split(r"[{ ]", line, maxsplit=1)[0]
+            for line in served_digits.metrics().splitlines()
+            if line and not line.startswith("#")
+        }
+        if queried - lazily_created <= exposed or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert queried and queried - lazily_created <= exposed, queried - exposed
     scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8082"]
