@@ -522,9 +522,10 @@ CHANNELS_LAST_FORMATS = {"cuda": ("state_dict", "torchscript", "export"), "cpu":
 def runs_channels_last(config: dict, device_type: str) -> bool:
     """Whether a worker on `device_type` lays an archive's model and image batches out channels_last: the
     handler's `channels_last` (default on) and a format it may lay out. The worker, build's cost timing and
-    optimize all ask here; the model must also take such a batch (`takes_channels_last`)."""
+    optimize all ask here. Where the layout is new (CPU workers, build, optimize) the model must also take such a
+    batch (`takes_channels_last`); CUDA workers, channels_last from the start, do not try it."""
     config = {**DEFAULT_CONFIG, **config}
-    return bool(config["channels_last"]) and config["format"] in CHANNELS_LAST_FORMATS[device_type]
+    return bool(config["channels_last"]) and config["format"] in CHANNELS_LAST_FORMATS.get(device_type, ())
 
 
 def takes_channels_last(model: Callable, example: torch.Tensor) -> bool:

@@ -117,10 +117,11 @@ def batch_size_for(sample_ms: float) -> int:
     return size
 
 
-def sample_cost_ms(source_dir: Path, threads: int) -> float:
+def sample_cost_ms(source_dir: Path, threads: int, served: dict | None = None) -> float:
     """Milliseconds per sample of the trained folder's eager model at batch 2 on `threads` torch threads: the
     fastest of the timed calls, the model's own cost, which other work on a busy machine only ever adds to. Images
-    are laid out channels_last, as the worker lays them out.
+    are laid out as a CPU worker lays them out under `served`, the archive's handler settings (format,
+    `channels_last`; default: the folder's handler.json).
     A variant folder without the eager weights (e.g. a TorchScript file of a model class servekit does not know)
     is timed in its own format."""
     import torch
@@ -137,12 +138,13 @@ def sample_cost_ms(source_dir: Path, threads: int) -> float:
         else:
             model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
         example = example_batch(trained, batch=2)
-        # A CPU worker runs an eager model's images channels_last unless the handler says not, if the model takes them.
+        # A CPU worker runs an eager model's images channels_last unless the settings say not, if the model takes them.
         base = handler_module("servekit_base")
+        settings = served if served is not None else {"format": prebuilt or "state_dict", **trained}
         if (
             eager
             and example.dim() == 4
-            and base.runs_channels_last({**trained, "format": "state_dict"}, "cpu")
+            and base.runs_channels_last(settings, "cpu")
             and base.takes_channels_last(model, example)
         ):
             model = model.to(memory_format=torch.channels_last)
@@ -249,8 +251,9 @@ def handler_module(module_name: str) -> ModuleType:
     return importlib.import_module(module_name)
 
 
-def model_config(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
-    """TorchServe's per-model settings; the `handler` section is read by servekit's handlers."""
+def handler_settings(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
+    """The archive's `handler` section, as the worker reads it: the trained folder's handler.json, the format, the
+    build options, and last the --model-config file's own `handler:` section."""
     handler = {
         **trained,
         "format": options.model_format,
@@ -261,8 +264,13 @@ def model_config(handler_name: str, trained: dict, options: BuildOptions, format
     if handler_name == "tensor" and "example_input" in handler:
         handler.setdefault("input_shape", handler["example_input"]["shape"])
         handler.setdefault("input_dtype", handler["example_input"].get("dtype", "float32"))
-    extra = dict(options.model_config)
-    handler.update(extra.pop("handler", None) or {})
+    return {**handler, **(options.model_config.get("handler") or {})}
+
+
+def model_config(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
+    """TorchServe's per-model settings; the `handler` section is read by servekit's handlers."""
+    handler = handler_settings(handler_name, trained, options, format_settings)
+    extra = {key: value for key, value in options.model_config.items() if key != "handler"}
     return {
         "minWorkers": options.workers,
         "maxWorkers": options.workers,
@@ -325,7 +333,8 @@ def build_archive(
             )
         options.model_format = prebuilt or options.model_format or "state_dict"
         if options.batch_size is None:
-            options.batch_size = batch_size_for(sample_cost_ms(source_dir, options.threads_per_worker))
+            served = handler_settings(handler, trained, options, {})
+            options.batch_size = batch_size_for(sample_cost_ms(source_dir, options.threads_per_worker, served))
         if prebuilt:  # an optimized variant: its file is packed as it is
             weights, format_settings = source_dir / FORMAT_FILES[prebuilt], {}
         else:

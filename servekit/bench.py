@@ -139,15 +139,16 @@ class FlaskBaseline:
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def __enter__(self) -> FlaskBaseline:
-        deadline = time.monotonic() + 60
+        deadline, session = time.monotonic() + 60, Session()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"the Flask baseline exited with {self.process.returncode}")
             try:
-                if Session().get(f"{self.url}/health", timeout=1).ok:
+                if session.get(f"{self.url}/health", timeout=1).ok:
                     return self
             except TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         self.__exit__()
         raise ServerError("the Flask baseline did not answer /health within 60 s")
 

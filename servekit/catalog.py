@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,10 +139,10 @@ class Catalog:
             write_atomically(self.path, json.dumps(document, indent=2) + "\n")
 
 
-def catalog_lock(store: Path):
+def catalog_lock(store: Path) -> AbstractContextManager[None]:
     """Holds the lock (a file beside catalog.json) that every reader-modifier-writer of the catalog takes."""
     store.mkdir(parents=True, exist_ok=True)
-    path = store / f".{CATALOG_FILE}.lock"
+    path = (store / f".{CATALOG_FILE}.lock").resolve()
     why = f"another servekit held {path} for {LOCK_TIMEOUT_S:.0f} s: wait for its build to finish, then retry"
     return file_lock(path, LOCK_TIMEOUT_S, ArchiveError(why))
 

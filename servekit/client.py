@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class Keys:
                 f"({state_file} is missing or unreadable): restart the client with the server's management URL"
             ) from None
 
-    def _file_lock(self):
+    def _file_lock(self) -> AbstractContextManager[None]:
         """The lock file beside the keys that one renewing client holds at a time, across processes."""
         path = self.key_file.parent / KEY_RENEWAL_LOCK
         busy = ServerError(f"another client held {path} too long while renewing keys")

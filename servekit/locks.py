@@ -3,6 +3,7 @@ their read-modify-write."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from filelock import FileLock
 
-# One FileLock per lock file and process: reentrant in a thread, it excludes other threads and processes.
-_locks: dict[Path, FileLock] = {}
+# One FileLock per lock file and process (keyed by pid too: a forked child may not use its parent's): reentrant in
+# a thread, it excludes other threads and processes.
+_locks: dict[tuple[int, Path], FileLock] = {}
 
 
 @contextmanager
@@ -20,8 +22,8 @@ def file_lock(path: Path, timeout_s: float, error: Exception) -> Iterator[None]:
     """Holds the lock file `path`; raises `error` (what to do about it) when another holder kept it for timeout_s."""
     from filelock import FileLock, Timeout  # 55 ms: only writers need it, not every command's start
 
-    path = path.resolve()
-    lock = _locks.setdefault(path, FileLock(path))
+    key = (os.getpid(), path.resolve())
+    lock = _locks.get(key) or _locks.setdefault(key, FileLock(key[1]))
     try:
         lock.acquire(timeout=timeout_s)
     except Timeout:

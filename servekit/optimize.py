@@ -110,7 +110,8 @@ class Built:
 
 class Builder:
     """Builds each variant of one model into `work/NAME/`, to run on `device` the way a worker there runs it
-    (images channels_last; on CUDA: inputs copied from the CPU, outputs copied back)."""
+    (images channels_last where `runs_channels_last` says a worker there lays them out so and the model takes
+    them; on CUDA: inputs copied from the CPU, outputs copied back)."""
 
     def __init__(
         self,
@@ -124,7 +125,8 @@ class Builder:
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
         # Images run channels_last where a worker on the device runs the eager model so (the handler's rule,
-        # `channels_last: false` included) and the model takes them.
+        # `channels_last: false` included) and the model takes them (tried here on every device; a CUDA worker
+        # does not try, see runs_channels_last).
         image = len(handler.get("example_input", {}).get("shape", [])) == 3
         base = handler_module("servekit_base")
         self.channels_last = (

@@ -4,7 +4,7 @@ call, and the retries TorchServe needs.
 Why not `requests`: importing it (with urllib3, charset detection, idna, cookies) costs ~0.2 s, which every command
 that talks to a server would pay before doing anything (issue 17: everyday commands answer in ≤ 0.5 s). servekit
 only calls TorchServe and its own proxy, so it needs none of what that buys (proxies from the environment, cookies,
-redirects, content decoding). The load generator, which runs in its own processes, still uses `requests`.
+redirects, content decoding). The load generator's own processes use aiohttp.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from servekit_base import (
 )
 
 from servekit import archive, timing
+from servekit.archive import BuildOptions
 from servekit.optimize import Builder
 from servekit.workspace import HANDLER_FILE
 
@@ -331,6 +332,16 @@ def test_channels_last_false_is_honoured_by_the_worker_build_timing_and_optimize
     (nchw / HANDLER_FILE).write_text(json.dumps({**settings, "channels_last": False}))
     assert archive.sample_cost_ms(trained_image, 1) == archive.sample_cost_ms(nchw, 1) == 0.5
     assert layouts == [True, False]
+    # build times the batch size's cost under the archive's own settings: a --model-config `handler:` section, or
+    # a format a CPU worker runs as it was exported
+    from_model_config = BuildOptions(model_config={"handler": {"channels_last": False}})
+    entry = archive.build_archive("image", "1.0.0", trained_image, tmp_path / "store", "image", from_model_config)
+    archive.build_archive(
+        "image", "1.0.1", trained_image, tmp_path / "store", "image", BuildOptions(model_format="torchscript")
+    )
+    archive.build_archive("image", "1.0.2", trained_image, tmp_path / "store", "image", BuildOptions())
+    assert entry.config["handler"]["channels_last"] is False
+    assert layouts == [True, False, False, False, True]
 
 
 class FlatteningConv(torch.nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -36,3 +37,23 @@ def test_a_lock_held_by_another_process_raises_the_callers_error_and_is_reentran
         holder.wait()
     with file_lock(path, 5, ServerError("busy")), file_lock(path, 0.1, ServerError("not reentrant")):
         assert path.exists()
+
+
+def test_a_held_lock_keeps_other_threads_of_the_process_out(tmp_path):
+    path = tmp_path / ".probes.prom.lock"
+    outcome = []
+
+    def other_thread():
+        try:
+            with file_lock(path, 0.2, ServerError("busy")):
+                outcome.append("entered")
+        except ServerError as exc:
+            outcome.append(str(exc))
+
+    with file_lock(path, 5, ServerError("unexpected")):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert outcome == ["busy"]
+    other_thread()
+    assert outcome == ["busy", "entered"]
