@@ -220,11 +220,14 @@ def require_java() -> None:
         raise ServerError(f"Java {major} found, TorchServe needs Java 11+: install a newer JDK")
 
 
-def torchserve_process(pid: int) -> psutil.Process | None:
-    """The TorchServe frontend with that PID, or None (gone, or the PID now belongs to something else)."""
+def torchserve_process(pid: int, workdir: str | Path) -> psutil.Process | None:
+    """The TorchServe frontend with that PID running from `workdir`, or None: gone, or the PID now belongs to
+    something else — PIDs wrap (at 32,768 on many machines), and a recorded PID may by then be another servekit's
+    TorchServe, which its own folder tells apart."""
     try:
         process = psutil.Process(pid)
-        return process if JAVA_MAIN_CLASS in process.cmdline() else None
+        ours = JAVA_MAIN_CLASS in process.cmdline() and process.cwd() == str(Path(workdir).resolve())
+        return process if ours else None
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 
@@ -244,7 +247,7 @@ def running_state(workdir: Path) -> ServerState | None:
     if not (workdir / SERVER_STATE_FILE).is_file():
         return None
     state = ServerState.load(workdir)
-    return state if torchserve_process(state.pid) else None
+    return state if torchserve_process(state.pid, workdir) else None
 
 
 def start(settings: ServerSettings) -> ServerState:
@@ -334,7 +337,7 @@ def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last_error = ""
     while time.monotonic() < deadline:
-        if torchserve_process(state.pid) is None:
+        if torchserve_process(state.pid, state.workdir) is None:
             raise ServerError(f"TorchServe exited during start-up: see {state.log_dir}/ts_log.log")
         try:
             status = client.ping().get("status")
@@ -365,7 +368,7 @@ def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
                 proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
             except ServerError:  # proxy.json is gone or unreadable: still stop TorchServe
                 pass
-        frontends = [p for p in [torchserve_process(state.pid)] if p is not None]
+        frontends = [p for p in [torchserve_process(state.pid, workdir)] if p is not None]
     for process in frontends:
         stop_process_tree(process, timeout_s)
     (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)

@@ -47,6 +47,23 @@ def test_a_taken_port_is_a_clear_error_with_no_java_left_and_no_server_json(tmp_
 
 
 @pytest.mark.server
+def test_a_stale_server_json_whose_pid_is_now_another_torchserve_stops_nothing(tmp_path):
+    """PIDs wrap: a server.json left behind may name a PID that another servekit's TorchServe holds by then."""
+    store = tmp_path / "store"
+    store.mkdir()
+    workdir, stale = tmp_path / "ts", tmp_path / "stale"
+    state = start_server(store, workdir)
+    try:
+        stale.mkdir()
+        (stale / "server.json").write_text((workdir / "server.json").read_text().replace(str(workdir), str(stale)))
+        assert server.torchserve_process(state.pid, stale) is None and server.running_state(stale) is None
+        assert server.stop(stale) is False
+        assert server.torchserve_process(state.pid, workdir) is not None
+        assert ServeClient(state.endpoints()).ping()["status"] == "Healthy"
+    finally:
+        stop_everything_from(workdir)
+
+
 def test_serve_stop_finds_the_server_of_a_truncated_server_json(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
@@ -59,7 +76,7 @@ def test_serve_stop_finds_the_server_of_a_truncated_server_json(tmp_path):
         assert status.exit_code == 1 and "serve stop --workdir" in status.output
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output, stopped.output
-        assert server.torchserve_process(state.pid) is None and not state_file.exists()
+        assert server.torchserve_process(state.pid, workdir) is None and not state_file.exists()
     finally:
         stop_everything_from(workdir)
 
