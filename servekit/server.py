@@ -226,17 +226,21 @@ def torchserve_process(pid: int, workdir: str | Path) -> psutil.Process | None:
     TorchServe, which its own folder tells apart."""
     try:
         process = psutil.Process(pid)
-        ours = JAVA_MAIN_CLASS in process.cmdline() and process.cwd() == str(Path(workdir).resolve())
-        return process if ours else None
+        return process if is_frontend_of(process.cmdline(), process.cwd(), Path(workdir).resolve()) else None
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def is_frontend_of(cmdline: list[str] | None, cwd: str | None, workdir: Path) -> bool:
+    """A process with this command line and working folder is the TorchServe frontend started from `workdir`."""
+    return JAVA_MAIN_CLASS in (cmdline or []) and cwd == str(workdir)
 
 
 def frontends_in(workdir: Path) -> list[psutil.Process]:
     """The TorchServe frontends running from `workdir` (found by working folder when server.json cannot tell)."""
     found = []
     for process in psutil.process_iter(["cmdline", "cwd"]):
-        if JAVA_MAIN_CLASS in (process.info["cmdline"] or []) and process.info["cwd"] == str(workdir):
+        if is_frontend_of(process.info["cmdline"], process.info["cwd"], workdir):
             found.append(process)
     return found
 
