@@ -522,8 +522,8 @@ CHANNELS_LAST_FORMATS = {"cuda": ("state_dict", "torchscript", "export"), "cpu":
 def runs_channels_last(config: dict, device_type: str) -> bool:
     """Whether a worker on `device_type` lays an archive's model and image batches out channels_last: the
     handler's `channels_last` (default on) and a format it may lay out. The worker, build's cost timing and
-    optimize all ask here. Where the layout is new (CPU workers, build, optimize) the model must also take such a
-    batch (`takes_channels_last`); CUDA workers, channels_last from the start, do not try it."""
+    optimize all ask here; each of them also tries the model on such a batch first (`takes_channels_last`) and
+    keeps a model that raises on it NCHW."""
     config = {**DEFAULT_CONFIG, **config}
     return bool(config["channels_last"]) and config["format"] in CHANNELS_LAST_FORMATS.get(device_type, ())
 
@@ -765,8 +765,7 @@ class ServekitHandler(BaseHandler):
             model = model.to(self.device, **layout)
         # Exported programs refuse .eval(): they were exported in eval mode.
         self.model = model if self.config["format"] == "export" else model.eval()
-        # Tried on CPU workers, which lay images out channels_last since 26 Nov 2026; CUDA workers always did, untried.
-        if self.channels_last and self.device.type == "cpu" and not self.takes_channels_last():
+        if self.channels_last and not self.takes_channels_last():
             logger.warning(
                 "%s runs NCHW: it raised on a channels_last batch (e.g. `.view` after a convolution; `.reshape` or "
                 "`torch.flatten` take both layouts)",
@@ -821,8 +820,7 @@ class ServekitHandler(BaseHandler):
             batch = self.collate(self.example_samples(1))
         except NotImplementedError:
             return True
-        batch = to_device(batch, self.device, self.dtype)
-        return batch.dim() != 4 or takes_channels_last(self.model, batch)
+        return batch.dim() != 4 or takes_channels_last(self.model, to_device(batch, self.device, self.dtype))
 
     def example_samples(self, count: int) -> list:
         """Inputs for warm-up passes."""

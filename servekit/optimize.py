@@ -125,8 +125,7 @@ class Builder:
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
         # Images run channels_last where a worker on the device runs the eager model so (the handler's rule,
-        # `channels_last: false` included) and the model takes them (tried here on every device; a CUDA worker
-        # does not try, see runs_channels_last).
+        # `channels_last: false` included) and the model takes them (tried as the worker tries it).
         image = len(handler.get("example_input", {}).get("shape", [])) == 3
         base = handler_module("servekit_base")
         self.channels_last = (

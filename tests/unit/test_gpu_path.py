@@ -273,12 +273,10 @@ def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(mo
     assert_same_answers(answers, expected, CPU_PROBABILITY_TOLERANCE)
 
 
-def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path, held_out, caplog):
-    """`x.view(n, -1)` after a convolution raises on a channels_last batch: the worker keeps such a model NCHW
-    (and says why) instead of failing every request, and optimize times it NCHW as the worker runs it."""
-    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
-    context = extracted_archive(model_store / "image-1.0.0.mar", tmp_path / "viewing")
-    with (tmp_path / "viewing" / "models.py").open("a") as models:  # the archive's model, flattened with .view first
+def viewing_archive(model_store, folder):
+    """The image archive extracted to `folder`, its model flattened with `.view` first (NCHW-only code)."""
+    context = extracted_archive(model_store / "image-1.0.0.mar", folder)
+    with (folder / "models.py").open("a") as models:
         models.write(
             "\n\n_build_model = build_model\n\n\n"
             "def build_model(model_class, model_kwargs=None):\n"
@@ -288,9 +286,16 @@ def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path
             "    return model\n"
         )
     context.model_yaml_config["handler"].update(image_decode="pil")
+    return context
+
+
+def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path, held_out, caplog):
+    """`x.view(n, -1)` after a convolution raises on a channels_last batch: the worker keeps such a model NCHW
+    (and says why) instead of failing every request, and optimize times it NCHW as the worker runs it."""
+    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
     viewing = ImageClassifierHandler()
     with caplog.at_level(logging.WARNING):
-        viewing.initialize(context)
+        viewing.initialize(viewing_archive(model_store, tmp_path / "viewing"))
     assert not viewing.channels_last
     assert "ImageClassifierHandler runs NCHW: it raised on a channels_last batch" in caplog.text
     bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 4)]
@@ -302,6 +307,23 @@ def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path
     images = {"example_input": {"shape": [3, 8, 8]}}
     for flat, expected in ((lambda x: x.view(x.size(0), -1), False), (lambda x: torch.flatten(x, 1), True)):
         assert Builder(FlatteningConv(flat), images, None, tmp_path, 1).channels_last is expected
+
+
+def test_a_cuda_worker_keeps_an_nchw_model_nchw_too(model_store, tmp_path, caplog, monkeypatch):
+    """CUDA workers lay images out channels_last as CPU workers do, so they try the model on such a batch too
+    (checked without a GPU: the device moves are stubbed and the model runs on the CPU)."""
+    import servekit_base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
+    context = viewing_archive(model_store, tmp_path / "viewing")
+    context.system_properties["gpu_id"] = 0
+    viewing = ImageClassifierHandler()
+    with caplog.at_level(logging.WARNING):
+        viewing.initialize(context)
+    assert viewing.device == torch.device("cuda:0") and not viewing.channels_last
+    assert "ImageClassifierHandler runs NCHW: it raised on a channels_last batch" in caplog.text
 
 
 def test_channels_last_false_is_honoured_by_the_worker_build_timing_and_optimize(trained_image, tmp_path, monkeypatch):
