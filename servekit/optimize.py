@@ -240,12 +240,13 @@ class Builder:
         if self.device.type != "cuda":
             raise UsageError("cuda_graphs needs --device cuda")
         base = handler_module("servekit_base")
-        built = self.eager_like("cuda_graphs", self.model, {}, torch.float16)
-        model = self.on_device(self.model, torch.float16).eval()
         example = self.inputs(example_batch(self.handler, 1), torch.float16)
-        runners = base.capture_cuda_graphs(model, example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
-        bucketed = base.BucketedModel(runners, model)
-        built.run = lambda batch: bucketed(self.inputs(batch, torch.float16)).float().cpu()
+
+        def captured(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+            runners = base.capture_cuda_graphs(model.eval(), example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
+            return base.BucketedModel(runners, model)
+
+        built = self.eager_like("cuda_graphs", self.model, {}, torch.float16, wrap=captured)
         built.handler.update({"dtype": "float16", "cuda_graphs": list(CUDA_GRAPH_BUCKETS)})
         return built
 
