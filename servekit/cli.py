@@ -52,15 +52,37 @@ BUILD_DEFAULTS = BuildOptions()
 ROLLOUT_DEFAULTS = RolloutPolicy()
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error a command did not expect (a file where a folder belongs, or the
+    reverse; a missing permission; a full disk)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = {
+        NotADirectoryError: " (a file stands where a folder is needed: move it or choose another path)",
+        FileExistsError: " (a file stands where a folder is needed: move it or choose another path)",
+        IsADirectoryError: " (a folder stands where a file is needed: move it or choose another path)",
+    }.get(type(exc), "")
+    return f"{where}{exc.strerror or exc}{hint}"
+
+
 class ServekitGroup(click.Group):
-    """Prints a ServekitError as one red line (exit 2 for usage errors, else 1) instead of a traceback."""
+    """Prints a ServekitError (exit 2 for usage errors, else 1) or an unexpected file-system error (exit 1) as one
+    red line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ServekitError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            ctx.exit(2 if isinstance(exc, UsageError) else 1)
+            self.fail(ctx, str(exc), 2 if isinstance(exc, UsageError) else 1)
+        except OSError as exc:
+            self.fail(ctx, os_error_line(exc), 1)
+
+    @staticmethod
+    def fail(ctx: click.Context, message: str, code: int) -> None:
+        from rich.markup import escape
+
+        # escaped: a path or version the user typed may hold "[...]", which rich would read as markup
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        ctx.exit(code)
 
 
 # Option bundles ----------------------------------------------------------------------------------------------------
@@ -155,12 +177,25 @@ def handler_for(name: str, handler: str | None) -> str:
     return handler
 
 
+def checked_url(url: str) -> str:
+    """`url` without a trailing slash, once it is an http(s) address with a host and a valid port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port out of range, a broken IPv6 address
+        valid = False
+    if not valid:
+        raise UsageError(f"--url {url!r} is not an inference address like http://127.0.0.1:8080")
+    return url.rstrip("/")
+
+
 def failover_client(urls: tuple[str, ...], key_files: tuple[Path, ...]) -> FailoverClient:
     if len(key_files) != len(urls):
         raise UsageError(f"{len(urls)} --url but {len(key_files)} --key-file: give one key_file.json per server")
-    return FailoverClient(
-        [ServeClient(Endpoints(url.rstrip("/"), "", "", key)) for url, key in zip(urls, key_files, strict=True)]
-    )
+    urls = tuple(checked_url(url) for url in urls)
+    return FailoverClient([ServeClient(Endpoints(url, "", "", key)) for url, key in zip(urls, key_files, strict=True)])
 
 
 @click.group(cls=ServekitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -71,15 +71,23 @@ class Endpoints:
     key_file: Path | None = None
 
 
+# The APIs key_file.json holds a key for (TorchServe 0.12 with token authorization on).
+KEY_APIS = ("inference", "management", "API")
+
+
 def read_keys(key_file: Path) -> dict[str, str]:
     """{"inference": key, "management": key, "API": key} from TorchServe's key_file.json."""
     try:
         document = json.loads(key_file.read_text())
-        return {api: entry["key"] for api, entry in document.items()}
+        keys = {api: entry["key"] for api, entry in document.items()}
     except FileNotFoundError:
         raise ServerError(f"{key_file} not found: is TorchServe running from that folder?") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ServerError(f"{key_file} is not a TorchServe key file ({exc})") from None
+    missing = [api for api in KEY_APIS if not isinstance(keys.get(api), str)]
+    if missing:
+        raise ServerError(f"{key_file} is not a TorchServe key file (no {', '.join(missing)} key)")
+    return keys
 
 
 def bearer(key: str) -> dict[str, str]:

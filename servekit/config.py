@@ -15,6 +15,7 @@ import yaml
 
 from servekit.archive import DEFAULT_MAX_BATCH, default_workers
 from servekit.errors import UsageError
+from servekit.names import check_name
 from servekit.server import check_max_batch_delay
 
 PARALLEL_TYPES = ("pp", "tp", "pptp")
@@ -78,6 +79,8 @@ def make_plan(
         raise UsageError("--workers-per-gpu must be at least 1: a model with zero workers answers nothing")
     if not models:
         raise UsageError("name at least one model with --models")
+    for model in models:  # each names a folder under --out
+        check_name(model)
     ids = list(device_ids or [])
     if ids and not count:
         raise UsageError(f"--device-ids {ids} given but there are no GPUs (--gpus 0)")

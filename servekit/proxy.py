@@ -39,6 +39,8 @@ HEADER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 MIRROR_READ_TIMEOUT_S = 2  # a slow mirror must not hold the client's keep-alive connection
 KEEPALIVE_MIN_TIMEOUT_S = 2
 STATE_FILE = "proxy.json"
+CONF_FILE = "nginx.conf"
+PID_FILE = "nginx.pid"
 # nginx buffers the access log and writes it at least every LOG_FLUSH_MS (or when 64 KiB are held, or when a worker
 # exits at a reload): one write per buffer instead of one per request is ~18 % of the proxy's CPU per request.
 # Readers wait LOG_FLUSH_MS before reading, and count by the time each line records.
@@ -105,11 +107,11 @@ class ProxyConfig:
 
     @property
     def conf_path(self) -> Path:
-        return self.directory / "nginx.conf"
+        return self.directory / CONF_FILE
 
     @property
     def pid_path(self) -> Path:
-        return self.directory / "nginx.pid"
+        return self.directory / PID_FILE
 
     @property
     def access_log(self) -> Path:
@@ -357,10 +359,27 @@ def nginx_process(pid: int, config: ProxyConfig) -> psutil.Process | None:
     """The nginx master with that PID running this proxy's config, or None."""
     try:
         process = psutil.Process(pid)
-        command = " ".join(process.cmdline())
-        return process if "nginx: master process" in command and str(config.conf_path) in command else None
+        return process if is_master_of(process.cmdline(), config.conf_path) else None
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def is_master_of(cmdline: list[str] | None, conf_path: Path) -> bool:
+    """A process with this command line is an nginx master running `conf_path` (its title, set by nginx, is
+    `nginx: master process BINARY -p DIR -c CONF ...`)."""
+    words = " ".join(cmdline or []).split()
+    return words[:3] == ["nginx:", "master", "process"] and str(conf_path) in words
+
+
+def stop_masters_in(directory: Path, timeout_s: float = 15.0) -> bool:
+    """Stops every nginx master running the proxy config in `directory`, found by command line: a server killed
+    with -9 leaves its proxy running, and its recorded PID may be lost or stale. False if none ran."""
+    conf_path = directory / CONF_FILE
+    masters = [p for p in psutil.process_iter(["cmdline"]) if is_master_of(p.info["cmdline"], conf_path)]
+    for master in masters:
+        stop_process_tree(master, timeout_s)
+    (directory / PID_FILE).unlink(missing_ok=True)
+    return bool(masters)
 
 
 def active_workers(master: psutil.Process) -> set[int]:
@@ -384,7 +403,8 @@ def start(binary: Path, config: ProxyConfig, timeout_s: float = 15.0) -> int:
         nginx_command(binary, config, config.conf_path), capture_output=True, text=True, timeout=30
     )
     if launched.returncode != 0:
-        raise ServerError(f"nginx did not start: {' '.join(launched.stderr.split())} (see {config.error_log})")
+        said = dict.fromkeys(" ".join(line.split()) for line in launched.stderr.splitlines() if line.strip())
+        raise ServerError(f"nginx did not start: {'; '.join(said)} (see {config.error_log})")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if config.pid_path.is_file() and config.pid_path.read_text().strip():

@@ -28,6 +28,7 @@ from servekit.processes import stop_process_tree
 psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
 
 KEY_FILE = "key_file.json"
+PROXY_DIR = "proxy"  # the proxy's config, logs and state, in the workdir
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 HTTP_ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe 0.12 always starts its gRPC servers too (there is no switch): each instance needs its own ports.
@@ -100,7 +101,7 @@ class ServerState:
 
     @property
     def proxy_dir(self) -> Path:
-        return Path(self.workdir) / "proxy"
+        return Path(self.workdir) / PROXY_DIR
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -179,9 +180,13 @@ def listen_addresses(properties: dict[str, str]) -> dict[str, tuple[str, int]]:
     return addresses
 
 
-def check_ports_free(properties: dict[str, str]) -> None:
-    """Refuses to start when something already listens on one of the ports: TorchServe would fail to bind it."""
-    for api, (host, port) in listen_addresses(properties).items():
+def check_ports_free(properties: dict[str, str], proxy_config: proxy.ProxyConfig | None = None) -> None:
+    """Refuses to start when something already listens on one of the ports: TorchServe (or the proxy, which
+    starts once TorchServe is healthy) would fail to bind it."""
+    addresses = listen_addresses(properties)
+    if proxy_config is not None:
+        addresses["proxy"] = (proxy_config.host, proxy_config.port)
+    for api, (host, port) in addresses.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
             try:
@@ -262,11 +267,6 @@ def start(settings: ServerSettings) -> ServerState:
     workdir = settings.workdir.resolve()
     if running_state(workdir) or frontends_in(workdir):
         raise ServerError(f"a TorchServe started from {workdir} is still running: `servekit serve stop` first")
-    tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
-    for folder in (tmp_dir, log_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    pid_file = tmp_dir / ".model_server.pid"
-    pid_file.unlink(missing_ok=True)
     if settings.resume:
         if settings.ports:
             raise UsageError("--resume restores the snapshot's own ports: leave the port options out")
@@ -275,7 +275,17 @@ def start(settings: ServerSettings) -> ServerState:
     else:
         properties = effective_properties(settings)
         config_path = workdir / "config.properties"
-    check_ports_free(properties)
+    proxy_config = planned_proxy(settings, workdir, properties)
+    nginx = proxy.find_nginx(settings.nginx) if proxy_config is not None else None
+    # What a server that died here (kill -9, a crash, a reboot) left: its proxy still holds its port, server.json
+    # names processes that are gone.
+    stop(workdir)
+    check_ports_free(properties, proxy_config)
+    tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
+    for folder in (tmp_dir, log_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    pid_file = tmp_dir / ".model_server.pid"
+    pid_file.unlink(missing_ok=True)
     if not settings.resume:
         write_properties(properties, config_path)
     torchserve = Path(sys.executable).with_name("torchserve")
@@ -308,27 +318,33 @@ def start(settings: ServerSettings) -> ServerState:
     state.save()
     try:
         wait_until_healthy(state, settings.start_timeout_s)
-        if settings.proxy_port is not None:
-            start_proxy(settings, state, properties)
+        if proxy_config is not None:
+            start_proxy(state, proxy_config, nginx)
     except BaseException:  # whatever went wrong, including Ctrl-C, leave no java behind
         stop(workdir)
         raise
     return state
 
 
-def start_proxy(settings: ServerSettings, state: ServerState, properties: dict[str, str]) -> None:
-    """Starts nginx in front of TorchServe's inference API; on --resume with the same port and splits as before."""
-    binary = proxy.find_nginx(settings.nginx)
-    directory = state.proxy_dir
-    upstream = state.inference_url.removeprefix("http://").rstrip("/")
+def planned_proxy(settings: ServerSettings, workdir: Path, properties: dict[str, str]) -> proxy.ProxyConfig | None:
+    """The proxy to start in front of TorchServe's inference API (None without one); on --resume with the same
+    port and splits as before."""
+    if settings.proxy_port is None:
+        return None
+    directory = workdir / PROXY_DIR
+    upstream = re.sub(r"^\w+://", "", properties["inference_address"]).rstrip("/")
     max_body = int(properties.get("max_request_size", proxy.ProxyConfig.max_body_bytes))
     if settings.resume and (directory / proxy.STATE_FILE).is_file():
         config = proxy.ProxyConfig.load(directory)
         config.upstream, config.max_body_bytes = upstream, max_body
-    else:
-        if not 0 < settings.proxy_port < 65536:
-            raise UsageError(f"proxy port {settings.proxy_port} is not in 1..65535")
-        config = proxy.ProxyConfig(directory, settings.proxy_port, upstream, max_body, host=settings.host)
+        return config
+    if not 0 < settings.proxy_port < 65536:
+        raise UsageError(f"proxy port {settings.proxy_port} is not in 1..65535")
+    return proxy.ProxyConfig(directory, settings.proxy_port, upstream, max_body, host=settings.host)
+
+
+def start_proxy(state: ServerState, config: proxy.ProxyConfig, binary: Path) -> None:
+    """Starts nginx (`binary`) with `config` beside the healthy TorchServe of `state`, and records it."""
     state.proxy_pid = proxy.start(binary, config)
     state.proxy_url, state.nginx = config.url, str(binary)
     config.save()
@@ -355,11 +371,14 @@ def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
 
 
 def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
-    """Stops the TorchServe recorded in `workdir` and every worker it spawned; False if none was running.
+    """Stops the TorchServe recorded in `workdir`, every worker it spawned and its proxy; False if no TorchServe
+    was running.
 
-    With server.json unreadable, the frontends running from `workdir` are stopped instead.
+    The proxy is found by its config's path, so one left by a TorchServe that died is stopped too; with
+    server.json unreadable, the frontends running from `workdir` are stopped.
     """
     workdir = workdir.resolve()
+    proxy.stop_masters_in(workdir / PROXY_DIR)
     if not (workdir / SERVER_STATE_FILE).exists():
         return False
     try:
@@ -367,11 +386,6 @@ def stop(workdir: Path, timeout_s: float = 30.0) -> bool:
     except ServerError:
         frontends = frontends_in(workdir)
     else:
-        if state.proxy_pid is not None:
-            try:
-                proxy.stop(proxy.ProxyConfig.load(state.proxy_dir), state.proxy_pid)
-            except ServerError:  # proxy.json is gone or unreadable: still stop TorchServe
-                pass
         frontends = [p for p in [torchserve_process(state.pid, workdir)] if p is not None]
     for process in frontends:
         stop_process_tree(process, timeout_s)

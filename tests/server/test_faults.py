@@ -9,12 +9,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 from click.testing import CliRunner
 from helpers import REPO, digits_server, start_server, stop_everything_from
 
-from servekit import server
+from servekit import proxy, server
+from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ServerError
@@ -42,6 +44,12 @@ def test_a_taken_port_is_a_clear_error_with_no_java_left_and_no_server_json(tmp_
             )
             assert result.exit_code == 1 and "already in use" in result.output and "Traceback" not in result.output
             assert server.frontends_in(workdir.resolve()) == [] and not (workdir / "server.json").exists()
+            # the proxy's port too is checked before TorchServe starts (nginx binds it only once TorchServe is up)
+            ports = {api: server.free_port() for api in server.DEFAULT_PORTS}
+            settings = server.ServerSettings(REPO / "config.properties", store, workdir, ports=ports, proxy_port=taken)
+            with pytest.raises(ServerError, match=f"proxy port {taken} on 127.0.0.1 is already in use"):
+                server.start(settings)
+            assert not workdir.exists(), "a refused start leaves no folder behind"
         finally:
             stop_everything_from(workdir)
 
@@ -60,6 +68,41 @@ def test_a_stale_server_json_whose_pid_is_now_another_torchserve_stops_nothing(t
         assert server.stop(stale) is False
         assert server.torchserve_process(state.pid, workdir) is not None
         assert ServeClient(state.endpoints()).ping()["status"] == "Healthy"
+    finally:
+        stop_everything_from(workdir)
+
+
+@pytest.mark.server
+def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_proxy_is_stopped(
+    tmp_path, trained_digits, held_out
+):
+    """kill -9 leaves the proxy running on its port and server.json naming a dead PID: `serve start --resume`
+    stops that nginx (it once failed on the taken port and orphaned it for good), comes back with the snapshot's
+    models behind a new proxy on the same port, and `serve stop` then leaves nothing running."""
+    store, workdir = tmp_path / "store", tmp_path / "ts"
+    build_archive("digits", "1.0.0", trained_digits, store)
+    state = start_server(store, workdir, proxy=True)
+    try:
+        ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
+        frontend = psutil.Process(state.pid)
+        spawned = [frontend, *frontend.children(recursive=True)]
+        for process in spawned:
+            process.kill()
+        psutil.wait_procs(spawned, timeout=10)
+        orphan = proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir))
+        assert orphan is not None
+        arguments = ["serve", "start", "--resume", "--config", str(REPO / "config.properties")]
+        resumed = CliRunner().invoke(cli, [*arguments, "--store", str(store), "--workdir", str(workdir)])
+        assert resumed.exit_code == 0, resumed.output
+        assert not orphan.is_running()
+        again = server.ServerState.load(workdir.resolve())
+        assert again.proxy_url == state.proxy_url and again.proxy_pid != state.proxy_pid
+        answer = ServeClient(again.endpoints()).predict("digits", held_out[0].path.read_bytes(), "1.0.0")
+        assert answer["label"] == str(held_out[0].label)
+        master = proxy.nginx_process(again.proxy_pid, proxy.ProxyConfig.load(again.proxy_dir))
+        stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
+        assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output
+        assert not master.is_running() and server.frontends_in(workdir.resolve()) == []
     finally:
         stop_everything_from(workdir)
 

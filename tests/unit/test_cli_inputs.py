@@ -8,6 +8,7 @@ import shutil
 from click.testing import CliRunner
 
 from servekit.cli import cli
+from servekit.server import free_port
 
 
 def run(*args: str):
@@ -60,3 +61,44 @@ def test_a_truncated_server_json_gives_one_line_naming_the_file_and_the_fix(tmp_
         assert result.exit_code == 1, result.output
         line = one_line_error(result)
         assert str(tmp_path / "server.json") in line and "servekit serve stop --workdir" in line
+
+
+def test_a_file_where_a_folder_belongs_is_one_line_not_a_traceback(tmp_path, trained_digits):
+    in_the_way = tmp_path / "store"
+    in_the_way.write_text("not a folder")
+    result = run("build", "digits", "--version", "1.0.0", "--from", str(trained_digits), "--store", str(in_the_way))
+    assert result.exit_code == 1, result.output
+    assert f"{in_the_way}: File exists (a file stands where a folder is needed" in one_line_error(result)
+    assert in_the_way.read_text() == "not a folder"
+
+
+def test_markup_in_a_path_or_version_is_printed_as_typed(tmp_path):
+    """Errors go through rich: "[/]" in a value once raised rich's MarkupError, "[red]" vanished from paths."""
+    missing = tmp_path / "[red]store"
+    result = run("serve", "start", "--store", str(missing), "--workdir", str(tmp_path / "ts"), "--no-proxy")
+    assert result.exit_code == 2, result.output
+    assert f"model store {missing} is not a folder" in one_line_error(result)
+    bad = run("config", "--gpus", "0", "--models", "a[/]", "--out", str(tmp_path / "out"))
+    assert bad.exit_code == 2 and "model name 'a[/]'" in one_line_error(bad)
+
+
+def test_config_refuses_a_model_name_that_would_leave_the_out_folder(tmp_path):
+    result = run("config", "--gpus", "0", "--models", "digits,../../escaped", "--out", str(tmp_path / "out" / "sub"))
+    assert result.exit_code == 2, result.output
+    assert "model name '../../escaped'" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_a_malformed_url_and_a_key_file_without_keys(tmp_path, good_png):
+    body = tmp_path / "seven.png"
+    body.write_bytes(good_png)
+    keys = tmp_path / "key_file.json"
+    keys.write_text("{}")
+    for url in ("127.0.0.1:8080", "notaurl", "http://127.0.0.1:99999", "ftp://127.0.0.1/", "http://[::1"):
+        result = run("predict", "digits", str(body), "--url", url, "--key-file", str(keys))
+        assert result.exit_code == 2, result.output
+        assert f"--url {url!r} is not an inference address" in one_line_error(result)
+    port = str(free_port())
+    result = run("predict", "digits", str(body), "--url", f"http://127.0.0.1:{port}", "--key-file", str(keys))
+    assert result.exit_code == 1, result.output
+    assert "is not a TorchServe key file (no inference, management, API key)" in one_line_error(result)
