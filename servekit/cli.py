@@ -96,13 +96,28 @@ workdir_option = path_option("--workdir", default=DEFAULT_WORKDIR, show_default=
                              help="The server's working folder (logs, key_file.json, server.json).")  # fmt: skip
 
 
+class ServerOf:
+    """The server of a workdir, connected at its first use, so a command checks its own arguments first and a
+    usage error is reported as one even where no server runs. Reads like the `Server` it stands for."""
+
+    def __init__(self, workdir: Path):
+        self.workdir_given = workdir
+
+    @functools.cached_property
+    def connected(self) -> Server:
+        return Server.connect(self.workdir_given)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.connected, attribute)
+
+
 def with_server(function):
-    """--workdir, turned into a `server` handle (state, client, store) before the command runs."""
+    """--workdir, turned into a `server` handle (state, client, store), connected when the command first uses it."""
 
     @workdir_option
     @functools.wraps(function)
     def wrapper(*args, workdir: Path, **kwargs):
-        return function(*args, server=Server.connect(workdir), **kwargs)
+        return function(*args, server=ServerOf(workdir), **kwargs)
 
     return wrapper
 
@@ -116,7 +131,7 @@ def version_option(required: bool = True, help_text: str = "Semantic version, e.
 
 
 def source_option(what: str = "Trained model folder"):
-    return path_option("--from", "source_dir", help=f"{what} [default: {DEFAULTS.work}/NAME].")
+    return path_option("--from", "source_dir", help=f"{what} [default: STORE/work/NAME].")
 
 
 def print_json(value: Any) -> None:
@@ -500,7 +515,7 @@ def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -
 
 @cli.command()
 @click.argument("name")
-@path_option("--data", "data_dir", help=f"[default: the trained {HELD_OUT_DIR}/]")
+@path_option("--data", "data_dir", help=f"[default: the server's STORE/work/NAME/{HELD_OUT_DIR}/]")
 @version_option(required=False, help_text="[default: the server's default]")
 @click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True)
 @with_server
@@ -512,7 +527,7 @@ def evaluate(name: str, data_dir: Path | None, version: str | None, concurrency:
     """
     from servekit.evaluate import evaluate_served
 
-    folder = data_dir or DEFAULTS.held_out(name)
+    folder = data_dir or Workspace(server.store).held_out(name)
     with progress_line(f"predicting with {name}") as show:
         answered = itertools.count(1)
         result = evaluate_served(server.client, name, folder, version, concurrency,
@@ -794,6 +809,9 @@ def export_kserve_command(
     from servekit.export import KServeSpec, export_kserve
 
     if from_split:
+        if version is not None or canary_traffic_percent is not None:
+            raise UsageError("--from-split takes the version and canary share from the split: leave out --version "
+                             "and --canary-traffic-percent")  # fmt: skip
         version, canary_traffic_percent = split_as_canary(Server.connect(workdir), name)
     elif version is None:
         raise UsageError("give --version (or --from-split)")
@@ -955,6 +973,8 @@ def split_command(name, shares, sticky_header, mirror, clear, server, as_json) -
 
     if (sticky_header or mirror) and not shares:
         raise UsageError("--sticky-header and --mirror go with VERSION=PERCENT shares")
+    if clear and shares:
+        raise UsageError("--clear removes the split: give either --clear or VERSION=PERCENT shares")
     if clear:
         removed = splits.remove_split(server.state, name)
         console.print(f"{name}: split removed" if removed else f"{name} had no split")

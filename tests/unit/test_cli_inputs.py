@@ -102,3 +102,16 @@ def test_predict_refuses_a_malformed_url_and_a_key_file_without_keys(tmp_path, g
     result = run("predict", "digits", str(body), "--url", f"http://127.0.0.1:{port}", "--key-file", str(keys))
     assert result.exit_code == 1, result.output
     assert "is not a TorchServe key file (no inference, management, API key)" in one_line_error(result)
+
+
+def test_flags_that_would_be_ignored_are_refused_before_any_server_call(tmp_path):
+    """No server runs in tmp_path: each refusal comes before the command looks for one."""
+    workdir = str(tmp_path / "ts")
+    export = ("export", "kserve", "digits", "--from-split", "--storage-uri", "gs://b/d", "--workdir", workdir)
+    for extra in (("--version", "1.0.0"), ("--canary-traffic-percent", "10")):
+        result = run(*export, *extra)
+        assert result.exit_code == 2, result.output
+        assert "--from-split takes the version and canary share from the split" in one_line_error(result)
+    result = run("split", "digits", "1.0.0=100", "--clear", "--workdir", workdir)
+    assert result.exit_code == 2, result.output
+    assert "give either --clear or VERSION=PERCENT shares" in one_line_error(result)
