@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -38,21 +39,44 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """A handler file of `handlers/` and the files of a trained folder its archives carry besides the weights."""
+    """A handler file of `handlers/`, the files of a trained folder its archives carry besides the weights, and
+    the model inputs it decodes requests into (`feeds(shape, dtype)` of one sample; None: any)."""
 
     handler_file: str
     extra_files: tuple[str, ...] = (LABELS_FILE,)
+    inputs: str = "any tensor"
+    feeds: Callable[[list[int], str], bool] | None = None
 
 
 HANDLERS = {
-    "digits": HandlerSpec("digits.py"),
-    "image": HandlerSpec("image_classifier.py"),
+    "digits": HandlerSpec("digits.py", inputs="1x28x28 float32 (grayscale 28x28 images)",
+                          feeds=lambda shape, dtype: shape == [1, 28, 28] and dtype == "float32"),
+    "image": HandlerSpec("image_classifier.py", inputs="3xHxW float32 (RGB images)",
+                         feeds=lambda shape, dtype: len(shape) == 3 and shape[0] == 3 and dtype == "float32"),
     "tensor": HandlerSpec("tensor_handler.py", extra_files=()),
-    "text": HandlerSpec("text_classifier.py", extra_files=(LABELS_FILE, VOCAB_FILE)),
-}
+    "text": HandlerSpec("text_classifier.py", extra_files=(LABELS_FILE, VOCAB_FILE), inputs="int64 token ids",
+                        feeds=lambda shape, dtype: len(shape) == 1 and dtype == "int64"),
+}  # fmt: skip
 SHARED_HANDLER_FILES = ("servekit_base.py",)
 GOLDEN_SAMPLES = 32
 MODEL_DEFINITIONS = PACKAGE_DIR / "models.py"
+
+
+def check_handler_fits(handler: str, trained: dict, source_dir: Path) -> None:
+    """Refuses a handler that decodes requests into inputs the trained model does not take (it would answer every
+    request with an error): compared with handler.json's `example_input`, when the folder has one."""
+    spec, example = HANDLERS[handler], trained.get("example_input")
+    if spec.feeds is None or not example:
+        return
+    shape, dtype = [int(size) for size in example["shape"]], example.get("dtype", "float32")
+    if spec.feeds(shape, dtype):
+        return
+    fitting = [name for name, other in HANDLERS.items() if other.feeds is not None and other.feeds(shape, dtype)]
+    instead = f"--handler {' or '.join([*fitting, 'tensor'])}"
+    raise UsageError(
+        f"the {handler} handler feeds its model {spec.inputs}, but the model in {source_dir} takes "
+        f"{'x'.join(map(str, shape))} {dtype}: build it with {instead}"
+    )
 
 
 # Serving defaults that are right untuned (README, "Why the defaults"): one worker per core, each with the cores
@@ -305,6 +329,8 @@ def build_archive(
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
+    if (source_dir / HANDLER_FILE).is_file():
+        check_handler_fits(handler, json.loads((source_dir / HANDLER_FILE).read_text()), source_dir)
     needed = (HANDLER_FILE, *spec.extra_files)
     missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:

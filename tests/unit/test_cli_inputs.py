@@ -115,3 +115,18 @@ def test_flags_that_would_be_ignored_are_refused_before_any_server_call(tmp_path
     result = run("split", "digits", "1.0.0=100", "--clear", "--workdir", workdir)
     assert result.exit_code == 2, result.output
     assert "give either --clear or VERSION=PERCENT shares" in one_line_error(result)
+
+
+def test_build_refuses_a_handler_whose_inputs_the_model_does_not_take(tmp_path, trained_digits):
+    """The image handler feeds 3-channel images: on the digits model every request answered 500 (a reviewer's
+    find). The tensor handler feeds any model its own example shape."""
+    store = tmp_path / "store"
+    args = ("build", "digits", "--version", "1.2.0", "--from", str(trained_digits), "--store", str(store))
+    for handler in ("image", "text"):
+        result = run(*args, "--handler", handler)
+        assert result.exit_code == 2, result.output
+        line = one_line_error(result)
+        assert f"the {handler} handler feeds its model" in line and "takes 1x28x28 float32" in line, line
+        assert "build it with --handler digits or tensor" in line
+    assert not store.exists()
+    assert run(*args, "--handler", "tensor").exit_code == 0
