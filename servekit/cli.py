@@ -468,6 +468,8 @@ def models(from_store: bool, store_dir: Path, workdir: Path, as_json: bool) -> N
     if from_store:
         from servekit.catalog import Catalog
 
+        if not store_dir.is_dir():
+            raise UsageError(f"{store_dir} is not a model store folder: pass --store-dir, or build a model first")
         rows = [entry.__dict__ for entry in Catalog.load(store_dir).entries()]
         columns = ["name", "version", "parent_version", "model_format", "archive", "size_bytes", "sha256", "created"]
     else:

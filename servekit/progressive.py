@@ -260,9 +260,10 @@ def run_steps(
             "probes": probed.asked,
             "agreement": probed.agreement,
         }
+        compared = "" if ratio is not None else f" (not compared: under {policy.min_requests} answers a version)"
         detail = (
             f"{version} at {share} % for {policy.step_s:g} s: {new.requests} requests, "
-            f"5xx {new.error_rate:.3f}, p99 {splits_ms(new.p99_ms)} vs {splits_ms(previous_p99)} ms, "
+            f"5xx {new.error_rate:.3f}, p99 {splits_ms(new.p99_ms)} vs {splits_ms(previous_p99)} ms{compared}, "
             f"probes {probed.agreeing}/{probed.asked} agree"
         )
         if failed:

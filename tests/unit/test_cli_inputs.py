@@ -130,3 +130,9 @@ def test_build_refuses_a_handler_whose_inputs_the_model_does_not_take(tmp_path, 
         assert "build it with --handler digits or tensor" in line
     assert not store.exists()
     assert run(*args, "--handler", "tensor").exit_code == 0
+
+
+def test_listing_a_store_that_is_not_there_says_so(tmp_path):
+    result = run("models", "--store", "--store-dir", str(tmp_path / "nowhere"))
+    assert result.exit_code == 2, result.output
+    assert "is not a model store folder" in one_line_error(result)
