@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -179,7 +180,14 @@ def error_message(response: Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip() or response.reason
+        text = " ".join(response.text.split())
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE)
+        if title and response.status_code in (502, 504):  # nginx's own page: TorchServe behind it did not answer
+            return (
+                f"{title.group(1)} from the proxy: TorchServe behind it did not answer (`servekit status`; "
+                "`servekit serve stop` then `servekit serve start --resume` if it died)"
+            )
+        return title.group(1) if title else text or response.reason
     if isinstance(body, dict):
         kind = body.get("type") or body.get("error") or ""
         message = body.get("message") or body.get("detail")

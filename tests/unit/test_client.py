@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import email.message
 import json
 
 import pytest
 
-from servekit.client import FailoverClient, read_keys
+from servekit.client import FailoverClient, error_message, read_keys
 from servekit.errors import ApiError, ServerError
 from servekit.registry import DefaultHistory
 from servekit.rollout import answer_key
+from servekit.transport import Response
 
 
 class FakeClient:
@@ -62,3 +64,15 @@ def test_answers_are_compared_by_top1_class_or_output_argmax():
     assert answer_key({"label": "7", "index": 7, "probabilities": {}}) == 7
     assert answer_key({"output": [0.1, 3.0, -1.0]}) == 1
     assert answer_key([{"index": 1}, {"index": 2}]) == (1, 2)
+
+
+def test_an_html_error_page_is_one_line_and_the_proxys_502_says_torchserve_did_not_answer():
+    page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    headers = email.message.Message()
+    headers["Content-Type"] = "text/html"
+    gateway = error_message(Response(502, "Bad Gateway", headers, page + b"</center>\r\n</body>\r\n</html>", "u"))
+    assert gateway.startswith("502 Bad Gateway from the proxy: TorchServe behind it did not answer")
+    assert "\n" not in gateway and "<" not in gateway
+    other = error_message(Response(413, "Too Large", headers, b"<html><title>413 Too Large</title></html>", "u"))
+    assert other == "413 Too Large"
+    assert error_message(Response(500, "Internal", headers, b"  plain\n text ", "u")) == "plain text"
