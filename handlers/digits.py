@@ -76,7 +76,9 @@ class DigitsHandler(ClassifierHandler):
         raw = as_bytes(payload)
         if not raw.strip():
             raise RequestError("empty_body", f"the body is empty: send image bytes or {JSON_FORMAT}")
-        if content_type == "application/json" or raw.lstrip()[:1] in (b"{", b"["):
+        # JSON by its type, or by its first byte when the type says nothing (octet-stream); never an image type's body
+        sniffed = not content_type.startswith("image/") and raw.lstrip()[:1] in (b"{", b"[")
+        if content_type == "application/json" or sniffed:
             return json_to_decoded(parse_json(raw), max_inputs)
         return Decoded([image_to_tensor(raw, int(self.config["max_image_pixels"]))])
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from digits import DigitsHandler, image_to_tensor, json_to_decoded
-from helpers import FakeContext, bad_inputs, extracted_archive, png_bytes, requests_for
+from helpers import FakeContext, answer_batch, bad_inputs, extracted_archive, png_bytes, requests_for
 from PIL import Image
 from servekit_base import RequestError, classification, request_payload, select_device
 
@@ -116,3 +118,13 @@ def test_form_encoded_request_without_a_body_is_a_clear_400():
 def test_device_comes_from_gpu_id_when_cuda_is_available(monkeypatch, gpu_id, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert select_device({"gpu_id": gpu_id}) == torch.device(expected)
+
+
+def test_a_body_sent_as_an_image_is_read_as_one_even_when_it_starts_like_json(handler):
+    """`{` as the first byte made an image/png body JSON (invalid_text); JSON is still sniffed from octet-stream."""
+    answers, statuses = answer_batch(handler, [(b"{garbage\x89PNG", "image/png"), (b'{"input": 7}', "image/png")])
+    assert {index: status[0] for index, status in statuses.items()} == {0: 400, 1: 400}
+    assert [answer["error"] for answer in answers] == ["invalid_image", "invalid_image"]
+    image = [[0.0] * 28 for _ in range(28)]
+    answers, statuses = answer_batch(handler, [(json.dumps({"input": image}).encode(), "application/octet-stream")])
+    assert statuses == {} and "label" in answers[0]
