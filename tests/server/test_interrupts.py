@@ -4,13 +4,11 @@ TorchServe (loopback, bounded)."""
 from __future__ import annotations
 
 import shutil
-import signal
-import threading
 import time
 
 import pytest
 from click.testing import CliRunner
-from helpers import start_server
+from helpers import ctrl_c_after, start_server
 
 from servekit import metrics, server
 from servekit.archive import build_archive
@@ -36,13 +34,6 @@ def digits_server(tmp_path_factory, trained_digits):
         yield workdir, store, client
     finally:
         server.stop(workdir)
-
-
-def ctrl_c_after(seconds: float) -> threading.Timer:
-    """SIGINT to this process's main thread (where the CLI runs) after `seconds`, as a terminal's Ctrl-C sends it."""
-    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
-    return timer
 
 
 def tune_versions(client: ServeClient) -> list[str]:
