@@ -204,6 +204,8 @@ class Rollout:
     def interrupted(self) -> None:
         """Ctrl-C: the step in progress fails, as a failed check would: the previous default is put back and a
         candidate this rollout registered goes; the message says what the server is left with."""
+        if len(self.report.steps) == len(self.steps()):  # every step was done: the rollout is over
+            raise KeyboardInterrupt
         step = self.steps()[len(self.report.steps)]
         if self.previous is not None and default_version(self.client, self.name) == self.version:
             set_default(self.client, self.history, self.name, self.previous)
