@@ -28,10 +28,10 @@ from pathlib import Path
 from servekit import metrics
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
-from servekit.errors import ServerError, UsageError
+from servekit.errors import ServekitError, ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
 from servekit.loadgen import LoadResult, LoadRun, measure_load, run_load
-from servekit.registry import default_version, version_info
+from servekit.registry import default_version, registered_versions, version_info
 from servekit.timing import CpuUse, Figure, machine_summary, percentile, time_calls
 from servekit.transport import Session, TransportError
 
@@ -99,10 +99,18 @@ def request_bodies(source: Path | None, input_file: Path | None) -> list[tuple[b
 def bench_target(
     client: ServeClient, store: Path, name: str, version: str | None, held_out: Path | None, input_file: Path | None
 ) -> tuple[str, list[tuple[bytes, str]]]:
-    """The version to bench (the default unless given) and its bodies (the archive's golden samples unless given)."""
+    """The version to bench (the default unless given) and its bodies (the archive's golden samples unless given).
+
+    A version the server does not have is refused here, before any warm-up or load."""
+    registered = registered_versions(client, name)
+    if not registered:
+        raise ServekitError(f"{name} is not registered on this server: servekit register {name} --version V")
+    if version is not None and version not in registered:
+        raise ServekitError(
+            f"{name} {version} is not registered on this server (registered: {', '.join(registered)}): "
+            f"servekit register {name} --version {version}"
+        )
     version = version or default_version(client, name)
-    if version is None:
-        raise UsageError(f"{name} is not registered on this server: servekit register {name} --version V")
     if held_out is None and input_file is None:
         entry = Catalog.load(store).get(name, version)
         if entry is None or not entry.golden_dir:

@@ -888,7 +888,7 @@ def progressive_options(function):
 def rollout(name, version, samples_dir, server, as_json, progressive, **policy) -> None:
     """Register VERSION beside the default, smoke-test, shadow-compare, check latency, promote, watch.
 
-    Any failed check stops the rollout with the previous default in place (restored if the watch fails).
+    Any failed check, or Ctrl-C, stops the rollout with the previous default in place (restored after promotion).
     With --steps the candidate's share of live traffic grows step by step through the proxy instead.
     Example: servekit rollout digits --version 1.1.0 [--steps 5,25,50,100 --step-seconds 60]
     """

@@ -186,13 +186,36 @@ class Rollout:
         self.registered_here = False
 
     def run(self) -> RolloutReport:
-        self.register()
-        self.smoke()
-        if self.previous is not None:
-            self.latency(self.shadow())
-        self.promote()
-        self.watch()
+        try:
+            self.register()
+            self.smoke()
+            if self.previous is not None:
+                self.latency(self.shadow())
+            self.promote()
+            self.watch()
+        except KeyboardInterrupt:
+            self.interrupted()
         return self.report
+
+    def steps(self) -> list[str]:
+        checks = ["shadow", "latency"] if self.previous is not None else []
+        return ["register", "smoke", *checks, "promote", "watch"]
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the step in progress fails, as a failed check would: the previous default is put back and a
+        candidate this rollout registered goes; the message says what the server is left with."""
+        if len(self.report.steps) == len(self.steps()):  # every step was done: the rollout is over
+            raise KeyboardInterrupt
+        step = self.steps()[len(self.report.steps)]
+        if self.previous is not None and default_version(self.client, self.name) == self.version:
+            set_default(self.client, self.history, self.name, self.previous)
+        self.report.promoted = default_version(self.client, self.name) == self.version
+        if self.report.promoted:
+            state = f"{self.version} stays the default (there was no previous default)"
+        else:
+            kept = "unregistered" if self.registered_here else "still registered"
+            state = f"the default is {self.previous or '(none)'}, {self.version} {kept}"
+        self.record(step, False, f"interrupted during the {step} step; {state}")
 
     def record(self, step_name: str, ok: bool, detail: str, **numbers) -> None:
         self.report.steps.append(Step(step_name, ok, detail, numbers))
@@ -216,10 +239,10 @@ class Rollout:
         if self.version in registered_versions(self.client, self.name):
             self.record("register", True, f"{self.name} {self.version} was already registered")
             return
+        self.registered_here = True  # from the request on: an interrupted registration is undone too
         registration = register_verified(
             self.client, self.store, self.name, self.version, self.policy.workers, verified=self.entry
         )
-        self.registered_here = True
         ready = registration.info.ready_workers
         self.record(
             "register",

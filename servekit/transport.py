@@ -170,6 +170,9 @@ class Session:
         except (OSError, http.client.HTTPException) as exc:
             self._drop(parts)
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:  # Ctrl-C mid-call: the connection still awaits its answer and cannot carry another
+            self._drop(parts)
+            raise
         if answer.will_close:
             self._drop(parts)
         return Response(answer.status, answer.reason, answer.headers, content, "")

@@ -2,7 +2,8 @@
 
 Objectives read `p99=25ms@16`: the 99th percentile latency with 16 concurrent clients must be at most 25 ms.
 Each setting (workers x torch threads per worker, batchSize, maxBatchDelay) is packed as a throw-away archive
-(`NAME-0.0.0-tune.K`), registered, driven at every concurrency the objectives name, then unregistered and deleted.
+(`NAME-0.0.0-tune.RUN.K`: RUN is unique to each tune, so a run never collides with what another one left),
+registered, driven at every concurrency the objectives name, then unregistered and deleted, also on Ctrl-C.
 The winner is the setting with the highest throughput at the highest concurrency named among those that meet
 every objective without errors; it is written to the trained folder's `serving.json`, which `servekit build` uses
 as its defaults. When none meets them all, the closest one (the smallest worst ratio of measured to allowed) is
@@ -11,11 +12,16 @@ reported with how far it misses, and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+import secrets
 import shutil
-from collections.abc import Callable
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,30 +169,75 @@ def tune(
     if not objectives:
         raise UsageError(f"give at least one objective, e.g. {SLO_EXAMPLE}")
     levels = sorted({objective.concurrency for objective in objectives})
+    run = f"r{secrets.token_hex(4)}"  # a letter first: an all-digit identifier may not start with 0 in semver
     trials = []
     for index, setting in enumerate(settings):
-        version = f"0.0.0-tune.{index}"
+        version = f"0.0.0-tune.{run}.{index}"
         options = BuildOptions(setting.batch_size, setting.max_batch_delay_ms, setting.workers, setting.torch_threads,
                                model_config=dict(placement or {}))  # fmt: skip
-        entry = build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
-                              parent_version="")  # fmt: skip
         try:
             try:
-                register_verified(client, store, name, version, setting.workers)
-                url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-                if warmup_s:
-                    run_load(url, {}, bodies, levels[-1], warmup_s, generator=generator, keys=client.keys)
-                results = {
-                    c: run_load(url, {}, bodies, c, duration_s, generator=generator, keys=client.keys) for c in levels
-                }
-            finally:  # a trial that fails must not leave its throw-away version on the server
-                discard(client, name, version)
-        finally:
-            forget(store, entry.name, version)
+                build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
+                              parent_version="")  # fmt: skip
+                try:
+                    with held_interrupt(f"the registration of {name} {version}"):
+                        register_verified(client, store, name, version, setting.workers)
+                    url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+                    if warmup_s:
+                        run_load(url, {}, bodies, levels[-1], warmup_s, generator=generator, keys=client.keys)
+                    results = {
+                        c: run_load(url, {}, bodies, c, duration_s, generator=generator, keys=client.keys)
+                        for c in levels
+                    }
+                finally:  # a trial that fails or is interrupted must not leave its throw-away version on the server
+                    discard(client, name, version)
+            finally:
+                forget(store, name, version)
+        except KeyboardInterrupt as interrupt:
+            left = (
+                f"if `servekit models` still lists {name} {version} once its registration is done, "
+                f"`servekit retire {name} --version {version}` removes it"
+                if isinstance(interrupt, StoppedNow)
+                else f"its throw-away version {name} {version} is unregistered and deleted"
+            )
+            raise ServekitError(
+                f"interrupted at setting {index + 1} of {len(settings)} ({setting}): {left}; nothing was written"
+            ) from None
         trials.append(Trial(setting, results, list(objectives)))
         if on_trial:
             on_trial(trials[-1])
     return trials
+
+
+class StoppedNow(KeyboardInterrupt):
+    """A second Ctrl-C while a first one was held: what the held block was doing may not have finished."""
+
+
+@contextlib.contextmanager
+def held_interrupt(what: str) -> Iterator[None]:
+    """Holds a first Ctrl-C until the block ends, then raises it; a second one interrupts at once.
+
+    TorchServe goes on registering a version after its client stopped waiting for the answer: an unregister sent
+    meanwhile finds nothing (404), and the version then comes up with its workers, out of the clean-up's reach.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        if held:
+            raise StoppedNow
+        held.append(signum)
+        print(f"interrupted: waiting for {what} to finish, to undo it (Ctrl-C again: stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def discard(client: ServeClient, name: str, version: str) -> None:

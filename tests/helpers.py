@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -458,3 +459,10 @@ def assert_same_answers(answers: list, expected: list, tolerance: float) -> None
             top = sorted(other["probabilities"].values(), reverse=True) + [0.0]
             if top[0] - top[1] > 2 * tolerance:
                 assert one["index"] == other["index"], (one, other)
+
+
+def ctrl_c_after(seconds: float) -> threading.Timer:
+    """SIGINT to this process's main thread (where the CLI runs) after `seconds`, as a terminal's Ctrl-C sends it."""
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -21,6 +22,7 @@ from servekit.archive import build_archive, serving_defaults
 from servekit.catalog import Catalog
 from servekit.cli import cli
 from servekit.loadgen import run_load, summarize
+from servekit.names import check_version
 from servekit.registry import register_verified
 from servekit.status import observe
 from servekit.workspace import Server
@@ -151,8 +153,11 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
     trials = tuning.tune(
         served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.5, warmup_s=0.5
     )
-    # each setting: a warm-up at the highest concurrency, then every level measured, lowest first
-    assert loads == [(f"0.0.0-tune.{i}", c, s) for i in range(2) for c, s in ((4, 0.5), (1, 1.5), (4, 1.5))]
+    # each setting: a warm-up at the highest concurrency, then every level measured, lowest first; the versions
+    # are unique to this run, so a leftover of another run can never collide with them
+    run = loads[0][0].rsplit(".", 1)[0]
+    assert re.fullmatch(r"0\.0\.0-tune\.r[0-9a-f]{8}", run) and check_version(f"{run}.0")
+    assert loads == [(f"{run}.{i}", c, s) for i in range(2) for c, s in ((4, 0.5), (1, 1.5), (4, 1.5))]
     assert [t.setting for t in trials] == settings and all(r.ok > 0 for t in trials for r in t.results.values())
     assert all(sorted(t.results) == [1, 4] for t in trials)
     best, path, report = tuning.finish(source, trials, tmp_path / "tune")
@@ -163,7 +168,7 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
     assert "highest throughput" in report.read_text()
     assert not [v for v in Catalog.load(model_store).models["digits"] if "tune" in v]
     assert not list(model_store.glob("digits-0.0.0-tune*"))
-    assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
+    assert tune_versions(served_digits) == []
     with pytest.raises(Exception, match="between 1 and"):
         tuning.grid([(1, 2), (2, 1), (3, 1)], [1, 2, 4, 8, 16], [1, 2, 5])
 
@@ -182,10 +187,15 @@ def test_a_trial_that_fails_leaves_no_version_registered(
             tuning.tune(served_digits, model_store, "digits", "digits", trained_digits,
                         tuning.grid([(1, 1)], [1], [5]), bodies, [tuning.parse_objective("p99=100000ms@1")],
                         0.5)  # fmt: skip
-        assert "0.0.0-tune.0" not in [d["modelVersion"] for d in served_digits.describe("digits")]
+        assert tune_versions(served_digits) == []
         assert not list(model_store.glob("digits-0.0.0-tune*"))
     finally:
-        tuning.discard(served_digits, "digits", "0.0.0-tune.0")
+        for leftover in tune_versions(served_digits):
+            tuning.discard(served_digits, "digits", leftover)
+
+
+def tune_versions(client) -> list[str]:
+    return [d["modelVersion"] for d in client.describe("digits") if "tune" in d["modelVersion"]]
 
 
 @pytest.mark.server

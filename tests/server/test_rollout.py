@@ -13,7 +13,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 from digits import DigitsHandler
-from helpers import REPO, ClientThreads, FakeContext, extracted_archive, requests_for, same_prediction, start_server
+from helpers import (
+    REPO,
+    ClientThreads,
+    FakeContext,
+    ctrl_c_after,
+    extracted_archive,
+    requests_for,
+    same_prediction,
+    start_server,
+)
 
 from servekit import server
 from servekit.archive import build_archive
@@ -31,7 +40,7 @@ from servekit.registry import (
     scale,
     set_default,
 )
-from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
+from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, rollout
 from servekit.train import train_digits
 
 pytestmark = pytest.mark.server
@@ -213,6 +222,31 @@ def test_cli_rollout_rollback_retire_and_scale(live, rollout_store):
     assert scaled.exit_code == 0 and "1 worker(s) ready" in scaled.output
     retired = runner.invoke(cli, ["retire", "digits", "--version", "1.1.0", "--workdir", workdir])
     assert retired.exit_code == 0 and registered_versions(live[1], "digits") == ["1.0.0"]
+
+
+def test_ctrl_c_during_the_watch_restores_the_previous_default_and_says_so(live, rollout_store, monkeypatch):
+    given(live, rollout_store, default="1.0.0")
+    state, client, history = live
+    real_probe = Rollout.probe
+    interrupts = []
+
+    def probe_then_ctrl_c(self, seconds):
+        interrupts.append(ctrl_c_after(1.0))  # one second into the watch, the new default serving
+        return real_probe(self, seconds)
+
+    monkeypatch.setattr(Rollout, "probe", probe_then_ctrl_c)
+    started = time.monotonic()
+    args = ["rollout", "digits", "--version", "1.1.0", "--watch", "60", "--workdir", state.workdir]
+    interrupted = CliRunner().invoke(cli, args)
+    interrupts[0].join()
+    assert interrupted.exit_code == 1 and time.monotonic() - started < 60, interrupted.output
+    assert "promote ok" in " ".join(interrupted.output.split()) and "Aborted" not in interrupted.output
+    assert interrupted.output.strip().splitlines()[-1] == (
+        "error: rollout of digits 1.1.0 stopped: interrupted during the watch step; the default is 1.0.0, 1.1.0 "
+        "unregistered"
+    )
+    assert default_version(client, "digits") == "1.0.0" and history.read()["digits"][-1] == "1.0.0"
+    assert "1.1.0" not in registered_versions(client, "digits")
 
 
 def test_tampered_archive_is_refused_and_nothing_is_registered(tmp_path, rollout_store, live):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections import Counter
@@ -150,3 +151,16 @@ def test_backoff_grows_and_honours_retry_after():
     assert retries.wait_s(1, "3") == 3.0 and retries.wait_s(1, "soon") == 0.5
     jittered = {Retries(backoff_s=0.25, jitter_s=0.5).wait_s(1) for _ in range(20)}
     assert len(jittered) > 1 and all(0.5 <= w <= 1.0 for w in jittered)
+
+
+def test_a_call_interrupted_by_ctrl_c_leaves_the_next_call_a_fresh_connection(http_server):
+    """Ctrl-C while waiting for an answer: the clean-up calls that follow must not reuse the half-used connection."""
+    server, url = http_server
+    session = Session(Retries())
+    ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        session.request("POST", f"{url}/slow", timeout=5)
+    ctrl_c.join()
+    assert session.request("POST", f"{url}/ok", timeout=5).ok  # before /slow answers on the old connection
+    assert len(server.connections) == 2
