@@ -499,20 +499,21 @@ def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -
     Inference is retried on 503 with backoff; with several --url, a server that is down is failed over.
     Example: servekit predict digits model_store/work/digits/heldout/0000_7.png --protocol v2
     """
+    from servekit.protocols import instance_answers, top1_probability
+
     client = failover_client(urls, key_files) if urls else Server.connect(workdir).client
-    if protocol != "plain":
-        answers = predict_files(client, name, list(files), protocol, version)
-    else:
-        answers = {str(path): client.predict_file(name, path, version=version) for path in files}
+    answers = predict_files(client, name, list(files), protocol, version)
     if as_json:
         print_json(answers)
         return
     for path, answer in answers.items():
-        for item in answer if isinstance(answer, list) else [answer]:
+        for item in instance_answers(answer, protocol):
             if isinstance(item, dict) and "label" in item:
-                console.print(f"{path}: [bold]{item['label']}[/] ({item['probabilities'].get(item['label'], 0):.1%})")
+                probability = top1_probability(item)
+                shown = f" ({probability:.1%})" if probability is not None else ""
+                console.print(f"{path}: [bold]{item['label']}[/]{shown}", soft_wrap=True)
             else:
-                console.print(f"{path}: {json.dumps(item)}")
+                console.print(f"{path}: {json.dumps(item)}", soft_wrap=True)  # one line per answer, however long
 
 
 @cli.command()

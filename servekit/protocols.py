@@ -3,7 +3,8 @@
 What `servekit predict --protocol v1|v2` sends to TorchServe's `/v1/models/NAME:predict` and
 `/v2/models/NAME/infer` routes (the ones KServe's runtime exposes): images go as base64 (v1 `{"b64": ...}`, v2
 BYTES), `.txt` files as UTF-8 text (v1 strings, v2 BYTES), `.json` files holding nested lists as tensors (v1 lists,
-v2 FP32 or INT64 with their shape). Answers come back one per file, in the shape of servekit's own API.
+v2 FP32 or INT64 with their shape). Answers come back one per file, as the server sent them (a v2 file's answer
+is its row of every output tensor).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from servekit.errors import UsageError
+from servekit.errors import ServerError, UsageError
 
 PROTOCOLS = ("v1", "v2")
 TEXT_SUFFIXES = {".txt"}
@@ -85,24 +86,23 @@ def v2_request(instances: list[tuple[str, Any]]) -> tuple[dict, list[int]]:
 
 
 def v2_answers(document: dict) -> list[dict]:
-    """A v2 answer as one dict per instance: a classifier's `{"label", "index", "probabilities": {label: p}}`
-    (the winner's probability; the full vector is the `probabilities` output), else `{"output": nested lists}`."""
-    outputs = {output["name"]: output for output in document.get("outputs", [])}
-    if "label" in outputs and "index" in outputs:
-        labels, indices = outputs["label"]["data"], outputs["index"]["data"]
-        answers = [{"label": label, "index": index} for label, index in zip(labels, indices, strict=True)]
-        if "probabilities" in outputs:
-            classes = outputs["probabilities"]["shape"][-1]
-            data = outputs["probabilities"]["data"]
-            for row, answer in enumerate(answers):
-                answer["probabilities"] = {answer["label"]: data[row * classes + answer["index"]]}
-        return answers
-    if "output" not in outputs:
-        raise UsageError(f"the v2 answer has no label or output tensor: {sorted(outputs)}")
-    output = outputs["output"]
-    rows, row_shape = output["shape"][0], output["shape"][1:]
-    size = math.prod(row_shape)
-    return [{"output": nest(output["data"][i * size : (i + 1) * size], row_shape)} for i in range(rows)]
+    """A v2 answer as one dict per instance, as the server sent it: each output tensor's row for that instance by
+    the output's name (a classifier's `{"label", "index", "probabilities": [one per class]}`, a tensor model's
+    `{"output": nested lists}`)."""
+    outputs = document.get("outputs") or []
+    if not outputs:
+        raise ServerError("the v2 answer has no outputs")
+    rows = {output["shape"][0] for output in outputs}
+    if len(rows) != 1:
+        raise ServerError(f"the v2 answer's outputs cover different numbers of instances: {sorted(rows)}")
+    answers: list[dict] = [{} for _ in range(rows.pop())]
+    for output in outputs:
+        row_shape = output["shape"][1:]
+        size = math.prod(row_shape)
+        for i, answer in enumerate(answers):
+            row = output["data"][i * size : (i + 1) * size]
+            answer[output["name"]] = nest(row, row_shape) if row_shape else row[0]
+    return answers
 
 
 def nest(values: list, shape: list[int]) -> Any:
@@ -113,7 +113,10 @@ def nest(values: list, shape: list[int]) -> Any:
 
 
 def predict_files(client, name: str, paths: list[Path], protocol: str, version: str | None = None) -> dict[str, Any]:
-    """Sends every file in one `protocol` request to NAME; the answer of each file by its path."""
+    """Each file's answer as the server sent it, by path. `plain`: one /predictions request per file; v1/v2: one
+    request for all files, split per file (v1: the file's prediction; v2: its row of every output tensor)."""
+    if protocol == "plain":
+        return {str(p): client.predict_file(name, p, version=version) for p in paths}
     if version:
         raise UsageError("TorchServe's KServe routes serve the default version only: leave --version out")
     path = protocol_path(name, protocol)
@@ -125,3 +128,24 @@ def predict_files(client, name: str, paths: list[Path], protocol: str, version: 
         by_position = v2_answers(client.post_inference(path, request))
         answers = [by_position[i] for i in order]
     return {str(p): answer for p, answer in zip(paths, answers, strict=True)}
+
+
+def instance_answers(answer: Any, protocol: str) -> list:
+    """The answers in one file's answer, one per instance. A v1/v2 file is one instance, whatever its answer's shape
+    (a tensor model's v1 answer is its output row, a list); servekit's API answers a document of several inputs
+    with a list, one answer per input."""
+    return answer if protocol == "plain" and isinstance(answer, list) else [answer]
+
+
+def top1_probability(answer: dict) -> float | None:
+    """A classifier answer's probability of its label: from the top k (plain, v1) or the full vector (v2)."""
+    probabilities = answer.get("probabilities")
+    if isinstance(probabilities, dict):
+        return probabilities.get(answer["label"])
+    if (
+        isinstance(probabilities, list)
+        and isinstance(answer.get("index"), int)
+        and answer["index"] < len(probabilities)
+    ):
+        return probabilities[answer["index"]]
+    return None
