@@ -1019,7 +1019,8 @@ def probe_command(name: str, version: str | None, every_s: float | None, server:
     """Ask each version of NAME its golden samples; write the top-1 agreement as Prometheus gauges.
 
     The gauges go to WORKDIR/golden_probes.prom, which the proxy serves at /servekit/metrics (deploy/alerts.yml
-    alerts on them). Example: servekit probe digits --every 300
+    alerts on them). A model with no registered version (after `serve start` without --resume) has its gauges
+    removed instead. Example: servekit probe digits --every 300
     """
     from servekit import probes
 
@@ -1031,7 +1032,17 @@ def probe_command(name: str, version: str | None, every_s: float | None, server:
         print_table(["version", "samples", "agreeing", "agreement"], rows, title=f"{name}: golden probes")
         console.print(f"written to {probes.probes_file(server.workdir)}")
 
-    probes.probe_every(server.client, server.store, server.workdir, name, version, every_s, show)
+    def show_forgotten(removed: list[str]) -> None:
+        path = probes.probes_file(server.workdir)
+        if as_json:
+            print_json({"file": str(path), "versions": [], "removed": removed})
+        elif removed:
+            gone = ", ".join(removed)
+            console.print(f"{name} has no registered version: removed its gauges ({gone}) from {path}", soft_wrap=True)
+        else:
+            console.print(f"{name} has no registered version and no gauges in {path}", soft_wrap=True)
+
+    probes.probe_every(server.client, server.store, server.workdir, name, version, every_s, show, show_forgotten)
 
 
 def main() -> None:

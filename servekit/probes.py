@@ -4,7 +4,8 @@ a Prometheus text file in the server's workdir, which the proxy serves at /serve
 TorchServe exposes no metric for answers that are wrong but well-formed, so servekit writes one:
 `servekit probe NAME` (once, or `--every` seconds) and each step of a progressive rollout record per version
 `servekit_golden_probe_agreement`, `..._samples` and `..._timestamp_seconds`, and deploy/alerts.yml alerts on them.
-The file is replaced atomically; probing one model keeps every other model's lines.
+The file is replaced atomically; probing one model keeps every other model's lines, and probing a model with no
+registered version removes its lines (the alerts would otherwise fire for versions that no longer exist).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +98,16 @@ def probe_version(client: ServeClient, name: str, version: str, samples: list[He
 
 
 def probe_model(client: ServeClient, store: Path, name: str, version: str | None = None) -> list[ProbeResult]:
-    """Probes VERSION (or every registered version) of NAME; checks every version has golden samples first."""
+    """Probes VERSION (or every registered version) of NAME; checks every version has golden samples first.
+    [] when no VERSION is asked and NAME has no registered version (a whole-model probe then forgets NAME's gauges)."""
     registered = registered_versions(client, name)
-    if not registered:
-        raise UsageError(f"{name} is not registered on this server: `servekit register {name}` first")
+    if version is None and not registered:
+        return []
     if version is not None and version not in registered:
-        raise UsageError(f"{name} {version} is not registered (registered: {', '.join(registered)})")
+        raise UsageError(
+            f"{name} {version} is not registered (registered: {', '.join(registered) or 'none'}): "
+            f"`servekit register {name} --version {version}` first"
+        )
     wanted = [version] if version is not None else registered
     golden = {v: golden_samples(store, name, v) for v in wanted}
     return [probe_version(client, name, v, golden[v]) for v in wanted]
@@ -159,15 +165,31 @@ def merge(text: str, results: list[ProbeResult], replace_model: str | None = Non
     return render({**series, **as_series(results)})
 
 
+def locked(path: Path) -> AbstractContextManager[None]:
+    """The probe file's lock: `probe --every` and a rollout's steps may record at once, so read-merge-write under it."""
+    busy = ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry")
+    return file_lock(path.with_name(f".{PROBES_FILE}.lock"), LOCK_TIMEOUT_S, busy)
+
+
 def record(workdir: Path, results: list[ProbeResult], replace_model: str | None = None) -> Path:
     """Merges the results into WORKDIR's probe file, atomically (Prometheus or nginx never read half a file)."""
     path = probes_file(workdir)
-    busy = ServerError(f"another servekit held {path}'s lock for {LOCK_TIMEOUT_S} s: retry")
-    # `probe --every` and a rollout's steps may record at once: read-merge-write under one lock
-    with file_lock(path.with_name(f".{PROBES_FILE}.lock"), LOCK_TIMEOUT_S, busy):
+    with locked(path):
         existing = path.read_text() if path.is_file() else ""
         write_atomically(path, merge(existing, results, replace_model))
     return path
+
+
+def forget(workdir: Path, name: str) -> list[str]:
+    """Removes NAME's lines from WORKDIR's probe file (a model with no registered version, after a restart without
+    --resume, say: its gauges would keep the alerts on versions that no longer exist); the versions removed."""
+    path = probes_file(workdir)
+    with locked(path):
+        existing = path.read_text() if path.is_file() else ""
+        removed = sorted(version for model, version in parse(existing) if model == name)
+        if removed:
+            write_atomically(path, merge(existing, [], replace_model=name))
+    return removed
 
 
 def probe_every(
@@ -178,18 +200,34 @@ def probe_every(
     version: str | None,
     every_s: float | None,
     on_round: Callable[[list[ProbeResult]], None] | None = None,
+    on_forget: Callable[[list[str]], None] | None = None,
 ) -> list[ProbeResult]:
-    """Probes and records once, or every `every_s` seconds until Ctrl-C, which ends it with the last round."""
+    """Probes and records once, or every `every_s` seconds until Ctrl-C, which ends it with the last round.
+
+    A round that finds NAME with no registered version (and no `version` asked) removes NAME's gauges instead and
+    tells `on_forget` which versions it removed; a first round with none to remove is a UsageError (a typo, say)."""
     if every_s is not None and not every_s > 0:
         raise UsageError(f"--every must be > 0 seconds, got {every_s:g}")
     results: list[ProbeResult] = []
+    first = True
     try:
         while True:
             started = time.monotonic()
             results = probe_model(client, store, name, version)
-            record(workdir, results, replace_model=name if version is None else None)
-            if on_round:
-                on_round(results)
+            if results:
+                record(workdir, results, replace_model=name if version is None else None)
+                if on_round:
+                    on_round(results)
+            else:
+                removed = forget(workdir, name)
+                if first and not removed:
+                    raise UsageError(
+                        f"{name} is not registered on this server and has no golden-probe gauges to remove: "
+                        f"`servekit register {name} --version V` first"
+                    )
+                if on_forget:
+                    on_forget(removed)
+            first = False
             if every_s is None:
                 return results
             time.sleep(max(0.0, every_s - (time.monotonic() - started)))

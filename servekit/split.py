@@ -51,9 +51,12 @@ def running_proxy(state: ServerState) -> tuple[Path, ProxyConfig, int]:
 def validate_against(client: ServeClient, split: Split) -> None:
     """Every version of the split (and its mirror) must be registered on the server."""
     registered = registered_versions(client, split.name)
-    if not registered:
-        raise UsageError(f"{split.name} is not registered on this server: `servekit register {split.name}` first")
     wanted = [*split.branches, *([split.mirror_version] if split.mirror_version else [])]
+    if not registered:
+        raise UsageError(
+            f"{split.name} is not registered on this server: `servekit register {split.name} --version {wanted[0]}` "
+            "first"
+        )
     for version in wanted:
         if version not in registered:
             raise UsageError(

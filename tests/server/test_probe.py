@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
+from helpers import start_server, stop_everything_from
 from test_split import VERSIONS, live, proxied, split_store  # noqa: F401  (module fixtures: one server per module)
 
-from servekit import probes
+from servekit import probes, server
 from servekit.archive import build_archive
 from servekit.cli import cli
+from servekit.client import ServeClient
 from servekit.probes import AGREEMENT, METRICS_PATH, SAMPLES, TIMESTAMP
 from servekit.progressive import ProgressivePolicy
 from servekit.registry import register_verified, registered_versions
@@ -111,3 +113,28 @@ def test_samples_and_timestamps_are_exposed_for_every_probed_version(proxied):  
     exposed = probes.parse(served_metrics(state).text)
     assert set(exposed) == {("digits", v) for v in VERSIONS}
     assert all(set(values) == {AGREEMENT, SAMPLES, TIMESTAMP} for values in exposed.values())
+
+
+def test_a_whole_model_probe_after_a_restart_without_resume_removes_the_gauges_of_versions_gone(
+    trained_digits, tmp_path
+):
+    store, workdir = tmp_path / "store", tmp_path / "ts"
+    build_archive("digits", "1.0.0", trained_digits, store)
+    try:
+        state = start_server(store, workdir, proxy=True)
+        register_verified(ServeClient(state.endpoints()), store, "digits", "1.0.0", workers=1)
+        assert invoke(str(workdir)).exit_code == 0
+        other = probes.ProbeResult("text", "2.0.0", 10, 10, 1700000000.0)  # another model's lines stay
+        probes.record(workdir, [other])
+        server.stop(workdir)
+        state = start_server(store, workdir, proxy=True)  # `serve start` without --resume: nothing registered
+        assert set(probes.parse(served_metrics(state).text)) == {("digits", "1.0.0"), ("text", "2.0.0")}
+
+        cleared = invoke(str(workdir))
+        assert cleared.exit_code == 0 and cleared.output.count("\n") == 1, cleared.output
+        assert "no registered version: removed its gauges (1.0.0)" in cleared.output, cleared.output
+        assert probes.parse(served_metrics(state).text) == probes.as_series([other])
+        again = invoke(str(workdir), "--json")  # nothing left to remove: a typo gets the same answer
+        assert again.exit_code == 2 and "not registered" in again.output and "--version V" in again.output
+    finally:
+        stop_everything_from(workdir)

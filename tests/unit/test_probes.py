@@ -96,3 +96,17 @@ def test_every_probes_and_records_each_round_until_ctrl_c(tmp_path, monkeypatch)
     assert [r[0].agreement for r in shown] == [1.0, 0.5] and last == shown[-1]
     assert all(0 < nap <= 60.0 for nap in naps)
     assert probes.parse(probes.probes_file(tmp_path).read_text())[("digits", "1.0.0")][AGREEMENT] == 0.5
+
+
+def test_probing_a_model_with_no_registered_version_removes_its_lines_and_only_those(tmp_path, monkeypatch):
+    path = probes.record(tmp_path, [result("digits", "1.0.0"), result("digits", "1.1.0"), result("text", "1.0.0")])
+    monkeypatch.setattr(probes, "registered_versions", lambda client, name: [])  # a restart without --resume
+    removed = []
+    assert probes.probe_every(None, tmp_path, tmp_path, "digits", None, None, on_forget=removed.append) == []
+    assert removed == [["1.0.0", "1.1.0"]]
+    assert set(probes.parse(path.read_text())) == {("text", "1.0.0")}
+    with pytest.raises(UsageError, match=r"digits is not registered .* `servekit register digits --version V` first"):
+        probes.probe_every(None, tmp_path, tmp_path, "digits", None, None)  # nothing left: a typo, say
+    with pytest.raises(UsageError, match=r"`servekit register digits --version 1\.0\.0` first"):
+        probes.probe_every(None, tmp_path, tmp_path, "digits", "1.0.0", None)
+    assert set(probes.parse(path.read_text())) == {("text", "1.0.0")}
