@@ -166,6 +166,11 @@ def test_servekit_predict_sends_v1_and_v2_requests(served_digits, torchserve, he
         assert list(answers) == files
         assert answers[files[0]]["label"] == held_out[0].label and answers[files[2]]["label"] == held_out[1].label
         assert answers[files[1]]["label"].isdigit()
+        # as the server sent them: v1 the handler's top 3, v2 the whole probabilities output (one per class)
+        probabilities = answers[files[0]]["probabilities"]
+        assert len(probabilities) == (3 if protocol == "v1" else 10), (protocol, probabilities)
+        top = probabilities[answers[files[0]]["label"]] if protocol == "v1" else max(probabilities)
+        assert top == max(probabilities.values() if protocol == "v1" else probabilities) > 0.5
     refused = CliRunner().invoke(
         cli, ["predict", "digits", files[0], "--protocol", "v2", "--version", "1.0.0", "--workdir", torchserve.workdir]
     )

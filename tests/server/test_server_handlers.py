@@ -175,3 +175,30 @@ def test_handler_metrics_reach_the_prometheus_endpoint(served_all, good_png):
     text = served_all.metrics()
     for name in ("ServekitInferenceMs", "ServekitBatchSize", "ServekitRejectedRequests"):
         assert any(line.startswith(name) and 'ModelName="digits"' in line for line in text.splitlines()), name
+
+
+def test_servekit_predict_prints_one_line_per_tensor_answer_in_every_protocol(served_all, torchserve, tmp_path):
+    from click.testing import CliRunner
+
+    from servekit.cli import cli
+
+    def predict(*arguments: str) -> str:
+        result = CliRunner().invoke(cli, ["predict", "tensor", *arguments, "--workdir", torchserve.workdir])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    samples = [[[[value] * 28] * 28] for value in (0.0, 1.0)]  # input_shape [1, 28, 28]
+    bare = [tmp_path / "zeros.json", tmp_path / "ones.json"]  # --protocol v1/v2: one instance as nested lists
+    plain = [tmp_path / "zeros-plain.json", tmp_path / "ones-plain.json"]  # servekit's API: {"input": ...}
+    for sample, path, document in zip(samples, bare, plain, strict=True):
+        path.write_text(json.dumps(sample))
+        document.write_text(json.dumps({"input": sample}))
+    raw = json.loads(predict(*map(str, bare), "--protocol", "v1", "--json"))
+    rows = [raw[str(path)] for path in bare]
+    assert [len(row) for row in rows] == [10, 10] and rows[0] != rows[1]  # a v1 answer is the output row
+    for protocol, files in (("plain", plain), ("v1", bare), ("v2", bare)):
+        lines = predict(*map(str, files), "--protocol", protocol).splitlines()
+        assert [line.split(": ", 1)[0] for line in lines] == list(map(str, files)), (protocol, lines)
+        for row, line in zip(rows, lines, strict=True):
+            answer = json.loads(line.split(": ", 1)[1])
+            assert (answer if protocol == "v1" else answer["output"]) == pytest.approx(row, abs=1e-4), (protocol, line)
