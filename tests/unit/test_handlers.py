@@ -292,10 +292,14 @@ def test_aoti_package_refuses_a_worker_on_another_device(model_store, tmp_path, 
 
 
 def test_workers_are_placed_on_their_gpu_when_cuda_is_available(model_store, tmp_path, monkeypatch):
-    """TorchServe hands each worker a gpu_id: the model must land there (checked without a GPU by stubbing .to)."""
+    """TorchServe hands each worker a gpu_id: the model must land there (checked without a GPU by stubbing .to, and
+    the example batch a worker tries its model's layout on stays on the CPU)."""
+    import servekit_base
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     placed = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, device, *a, **k: placed.append(device) or self)
+    monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
     for gpu_id in (0, 1, 3):
         context = extracted_archive(model_store / "tensor-1.0.0.mar", tmp_path / str(gpu_id))
         context.system_properties["gpu_id"] = gpu_id
