@@ -329,8 +329,9 @@ def build_archive(
     if handler not in HANDLERS:
         raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
     spec = HANDLERS[handler]
-    if (source_dir / HANDLER_FILE).is_file():
-        check_handler_fits(handler, json.loads((source_dir / HANDLER_FILE).read_text()), source_dir)
+    # read once; the handler's fit is checked first, a better hint than the extra files it would need
+    trained = json.loads((source_dir / HANDLER_FILE).read_text()) if (source_dir / HANDLER_FILE).is_file() else {}
+    check_handler_fits(handler, trained, source_dir)
     needed = (HANDLER_FILE, *spec.extra_files)
     missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:
@@ -351,7 +352,6 @@ def build_archive(
     metrics_path = source_dir / METRICS_FILE
     with tempfile.TemporaryDirectory(prefix=f".servekit-build-{name}-", dir=store) as tmp:
         staging = Path(tmp)
-        trained = json.loads((source_dir / HANDLER_FILE).read_text())
         prebuilt = trained.get("format")
         if prebuilt and options.model_format not in (None, prebuilt):
             raise UsageError(

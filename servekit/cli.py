@@ -56,11 +56,12 @@ def os_error_line(exc: OSError) -> str:
     """One line for a file-system error a command did not expect (a file where a folder belongs, or the
     reverse; a missing permission; a full disk)."""
     where = f"{exc.filename}: " if exc.filename else ""
-    hint = {
-        NotADirectoryError: " (a file stands where a folder is needed: move it or choose another path)",
-        FileExistsError: " (a file stands where a folder is needed: move it or choose another path)",
-        IsADirectoryError: " (a folder stands where a file is needed: move it or choose another path)",
-    }.get(type(exc), "")
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        hint = " (a file stands where a folder is needed: move it or choose another path)"
+    elif isinstance(exc, IsADirectoryError):
+        hint = " (a folder stands where a file is needed: move it or choose another path)"
+    else:
+        hint = ""
     return f"{where}{exc.strerror or exc}{hint}"
 
 
