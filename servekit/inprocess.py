@@ -70,7 +70,7 @@ def worker_value(body: bytes, content_type: str) -> Any:
     if content_type == "application/json":
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # as TorchServe's worker: an undecodable body is passed on as bytes
             return body
     if content_type.startswith("text"):
         try:

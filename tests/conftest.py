@@ -1,4 +1,6 @@
-"""Fixtures that build real things: a trained digits model, a model store with its archive, a TorchServe."""
+"""Fixtures that build real things: trained models (cached across runs), a model store with their archives.
+
+The servers live in tests/server/conftest.py; helpers, by purpose, in tests/support/."""
 
 from __future__ import annotations
 
@@ -11,16 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Handlers import each other as top-level modules, as they do inside a TorchServe worker.
 sys.path.insert(0, str(REPO / "handlers"))
 
-from helpers import start_server  # noqa: E402
+from support.processes import stop_leftovers  # noqa: E402
+from support.training import trained  # noqa: E402
 
-from servekit import server  # noqa: E402
 from servekit.archive import BuildOptions, build_archive  # noqa: E402
-from servekit.client import ServeClient  # noqa: E402
 from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
 from servekit.train import train_digits, train_image, train_text  # noqa: E402
 from servekit.workspace import HELD_OUT_DIR  # noqa: E402
 
 GPU_DESELECTED = pytest.StashKey[int]()
+LEFTOVERS = pytest.StashKey[list[str]]()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,14 +45,29 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{count} gpu-marked test(s) deselected: torch sees no GPU here (run scripts/gpu_check.sh on a GPU host)",
             yellow=True,
         )
+    for line in config.stash.get(LEFTOVERS, []):
+        terminalreporter.write_line(f"left running by a test, stopped at the end of the run: {line}", red=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory, pytestconfig):
+    """After the run (a failed or Ctrl-C'd one too), nothing runs from its temp folder: every server's own
+    teardown should have stopped it; what one missed is stopped here, named in the summary, and fails the run."""
+    yield
+    leftovers = stop_leftovers(tmp_path_factory.getbasetemp())
+    if leftovers:
+        pytestconfig.stash[LEFTOVERS] = leftovers
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.stash.get(LEFTOVERS, []) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
-def trained_digits(tmp_path_factory) -> Path:
+def trained_digits(tmp_path_factory, pytestconfig) -> Path:
     """A SimpleCNN trained on digits, as `servekit train digits` leaves it."""
-    out = tmp_path_factory.mktemp("work") / "digits"
-    train_digits(out)
-    return out
+    return trained(pytestconfig.cache, tmp_path_factory.mktemp("work") / "digits", train_digits)
 
 
 @pytest.fixture(scope="session")
@@ -64,51 +81,36 @@ def good_png(held_out) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def trained_image(tmp_path_factory) -> Path:
+def trained_image(tmp_path_factory, pytestconfig) -> Path:
     """mobilenet_v3_small trained one epoch on 32x32 RGB digits: small and quick, not accurate."""
     out = tmp_path_factory.mktemp("work") / "image"
-    train_image(out, "mobilenet_v3_small", image_size=32, epochs=1)
-    return out
+    return trained(pytestconfig.cache, out, train_image, architecture="mobilenet_v3_small", image_size=32, epochs=1)
 
 
 @pytest.fixture(scope="session")
-def trained_text(tmp_path_factory) -> Path:
+def trained_text(tmp_path_factory, pytestconfig) -> Path:
     out = tmp_path_factory.mktemp("work") / "text"
-    train_text(out, epochs=5, count=4000)
-    return out
+    return trained(pytestconfig.cache, out, train_text, epochs=5, count=4000)
 
 
 @pytest.fixture(scope="session")
-def model_store(tmp_path_factory, trained_digits, trained_image, trained_text) -> Path:
-    """A model store with digits, image, text and tensor (SimpleCNN on tensors) archives, version 1.0.0."""
+def model_store(tmp_path_factory, trained_digits) -> Path:
+    """A model store holding digits 1.0.0 (the session server's store; a digits-only test trains nothing else)."""
     store = tmp_path_factory.mktemp("model_store")
     build_archive("digits", "1.0.0", trained_digits, store, options=fixture_options())
-    build_archive("image", "1.0.0", trained_image, store, handler="image", options=fixture_options())
-    build_archive("text", "1.0.0", trained_text, store, handler="text", options=fixture_options())
-    build_archive("tensor", "1.0.0", trained_digits, store, handler="tensor", options=fixture_options())
     return store
+
+
+@pytest.fixture(scope="session")
+def all_models_store(model_store, trained_digits, trained_image, trained_text) -> Path:
+    """The same store with image, text and tensor (SimpleCNN on tensors) 1.0.0 beside digits: one per handler."""
+    build_archive("image", "1.0.0", trained_image, model_store, handler="image", options=fixture_options())
+    build_archive("text", "1.0.0", trained_text, model_store, handler="text", options=fixture_options())
+    build_archive("tensor", "1.0.0", trained_digits, model_store, handler="tensor", options=fixture_options())
+    return model_store
 
 
 def fixture_options() -> BuildOptions:
     """The session archives' settings, pinned (tests count one worker, batches of 4, and batching within 50 ms)
     rather than following the serving defaults, which tests/server/test_serving_defaults.py pins."""
     return BuildOptions(batch_size=4, max_batch_delay_ms=50, workers=1)
-
-
-@pytest.fixture(scope="session")
-def torchserve(tmp_path_factory, model_store):
-    """A real TorchServe (token auth on) on free loopback ports, stopped at the end even if tests fail."""
-    workdir = tmp_path_factory.mktemp("torchserve")
-    state = start_server(model_store, workdir)
-    try:
-        yield state
-    finally:
-        server.stop(workdir)
-
-
-@pytest.fixture(scope="session")
-def served_digits(torchserve) -> ServeClient:
-    """A client of the session server with digits 1.0.0 registered (batch size 4, one worker)."""
-    client = ServeClient(torchserve.endpoints())
-    client.register("digits-1.0.0.mar", initial_workers=1)
-    return client

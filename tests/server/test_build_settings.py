@@ -10,10 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from servekit import tune as tuning
-from servekit.archive import BuildOptions
 from servekit.cli import cli
-from servekit.errors import UsageError
 from servekit.registry import register_verified, version_info
 
 
@@ -54,16 +51,3 @@ def test_explicit_flags_beat_the_model_config_which_beats_serving_json(trained_d
     assert (tuned["config"]["batchSize"], tuned["config"]["maxBatchDelay"]) == (2, 7)
     assert tuned["settings_from"] == {"batch_size": "serving.json", "max_batch_delay_ms": "serving.json",
                                       "workers": "serving.json"}  # fmt: skip
-
-
-def test_max_batch_delay_zero_is_refused_by_build_config_and_tune(trained_digits, tmp_path):
-    refused = servekit("build", "digits", "--version", "1.0.0", "--from", trained_digits, "--store", tmp_path,
-                       "--max-batch-delay", "0")  # fmt: skip
-    assert refused.exit_code == 2 and "100 ms" in refused.output and "use 1 ms" in refused.output
-    assert not list(tmp_path.glob("*.mar")) and not (tmp_path / "catalog.json").exists()
-    config = servekit("config", "--gpus", "0", "--models", "digits", "--max-batch-delay", "0", "--out", tmp_path / "c")
-    assert config.exit_code == 2 and "100 ms" in config.output and not (tmp_path / "c").exists()
-    with pytest.raises(UsageError, match="100 ms"):
-        tuning.grid([(1, 1)], [1, 4], [0, 5])
-    with pytest.raises(UsageError, match="100 ms"):
-        BuildOptions(max_batch_delay_ms=0).validate()

@@ -6,18 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 from click.testing import CliRunner
-from helpers import REPO, start_server
+from support import REPO
+from support.servers import server_at, start_server
 
 from servekit import server
 from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
-from servekit.errors import ServekitError
 from servekit.heldout import read_held_out
 from servekit.registry import DefaultHistory, default_version, register_verified
 from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
@@ -31,6 +32,18 @@ def two_versions(tmp_path_factory, trained_digits) -> Path:
     for version in ("1.0.0", "1.0.1"):
         build_archive("digits", version, trained_digits, store)
     return store
+
+
+def ready_versions(client: ServeClient, name: str, timeout_s: float = 60.0) -> list[str]:
+    """The versions of `name` once each has a READY worker (a resumed server loads its snapshot's models after it
+    answers /ping), waiting up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = client.describe(name)
+        ready = all(any(w["status"] == "READY" for w in d["workers"]) for d in described)
+        if ready or time.monotonic() > deadline:
+            return sorted(d["modelVersion"] for d in described)
+        time.sleep(0.5)
 
 
 def servekit(*args: str) -> str:
@@ -50,20 +63,19 @@ def test_the_first_rollback_after_the_first_rollout_returns_to_the_first_version
         assert refused.exit_code == 2 and "nothing to roll back to from 1.0.0" in refused.output
 
         servekit("rollout", "digits", "--version", "1.0.1", "--watch", "0.5", "--workdir", workdir)
+        before, client = server_at(Path(workdir))
         servekit("serve", "stop", "--workdir", workdir)
         servekit("serve", "start", "--resume", "--workdir", workdir, "--config", str(REPO / "config.properties"))
+        after, client = server_at(Path(workdir))
+        # the snapshot brings back every version, with its workers, the default and the addresses
+        assert after.inference_url == before.inference_url and after.pid != before.pid
+        assert ready_versions(client, "digits") == ["1.0.0", "1.0.1"] and default_version(client, "digits") == "1.0.1"
         assert "from 1.0.1 to 1.0.0" in servekit("rollback", "digits", "--workdir", workdir)
         servekit("retire", "digits", "--version", "1.0.1", "--workdir", workdir)
         gone = CliRunner().invoke(cli, ["rollback", "digits", "--workdir", workdir])
         assert gone.exit_code == 2 and "no earlier default" in gone.output
     finally:
         server.stop(Path(workdir))
-
-
-def test_a_corrupt_defaults_history_is_one_line_naming_the_file(tmp_path):
-    (tmp_path / "defaults.json").write_text('{"digits": ["1.0')
-    with pytest.raises(ServekitError, match="defaults.json is not a servekit defaults history.*delete it"):
-        DefaultHistory(tmp_path).read()
 
 
 def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_consistent(two_versions, tmp_path):

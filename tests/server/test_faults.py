@@ -8,18 +8,21 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
 from click.testing import CliRunner
-from helpers import REPO, digits_server, start_server, stop_everything_from
+from support import REPO
+from support.servers import digits_server, start_server, stop_everything_from
 
 from servekit import proxy, server
 from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ServerError
+from servekit.registry import register_verified
 
 
 @pytest.mark.server
@@ -55,21 +58,16 @@ def test_a_taken_port_is_a_clear_error_with_no_java_left_and_no_server_json(tmp_
 
 
 @pytest.mark.server
-def test_a_stale_server_json_whose_pid_is_now_another_torchserve_stops_nothing(tmp_path):
-    """PIDs wrap: a server.json left behind may name a PID that another servekit's TorchServe holds by then."""
-    store = tmp_path / "store"
-    store.mkdir()
-    workdir, stale = tmp_path / "ts", tmp_path / "stale"
-    state = start_server(store, workdir)
-    try:
-        stale.mkdir()
-        (stale / "server.json").write_text((workdir / "server.json").read_text().replace(str(workdir), str(stale)))
-        assert server.torchserve_process(state.pid, stale) is None and server.running_state(stale) is None
-        assert server.stop(stale) is False
-        assert server.torchserve_process(state.pid, workdir) is not None
-        assert ServeClient(state.endpoints()).ping()["status"] == "Healthy"
-    finally:
-        stop_everything_from(workdir)
+def test_a_stale_server_json_whose_pid_is_now_another_torchserve_stops_nothing(torchserve, tmp_path):
+    """PIDs wrap: a server.json left behind may name a PID that another servekit's TorchServe (here the session's)
+    holds by then."""
+    workdir, stale = Path(torchserve.workdir), tmp_path / "stale"
+    stale.mkdir()
+    (stale / "server.json").write_text((workdir / "server.json").read_text().replace(str(workdir), str(stale)))
+    assert server.torchserve_process(torchserve.pid, stale) is None and server.running_state(stale) is None
+    assert server.stop(stale) is False
+    assert server.torchserve_process(torchserve.pid, workdir) is not None
+    assert ServeClient(torchserve.endpoints()).ping()["status"] == "Healthy"
 
 
 @pytest.mark.server
@@ -107,19 +105,25 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
         stop_everything_from(workdir)
 
 
-def test_serve_stop_finds_the_server_of_a_truncated_server_json(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
+@pytest.mark.server
+def test_serve_stop_of_a_truncated_server_json_ends_the_frontend_and_every_worker(tmp_path, model_store):
     workdir = tmp_path / "ts"
-    state = start_server(store, workdir)
+    state = start_server(model_store, workdir)
     try:
+        registration = register_verified(ServeClient(state.endpoints()), model_store, "digits", "1.0.0", workers=2)
+        assert registration.info.ready_workers == 2 and registration.info.min_workers == 2
+        frontend = psutil.Process(state.pid)
+        spawned = [frontend, *frontend.children(recursive=True)]
+        assert {w["pid"] for w in registration.info.workers} <= {p.pid for p in spawned}
         state_file = workdir / "server.json"
         state_file.write_bytes(state_file.read_bytes()[:30])
         status = CliRunner().invoke(cli, ["status", "--workdir", str(workdir)])
         assert status.exit_code == 1 and "serve stop --workdir" in status.output
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output, stopped.output
-        assert server.torchserve_process(state.pid, workdir) is None and not state_file.exists()
+        gone, alive = psutil.wait_procs(spawned, timeout=10)
+        assert not alive and not state_file.exists()
+        assert server.stop(workdir) is False
     finally:
         stop_everything_from(workdir)
 

@@ -6,18 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import (
-    assert_same_answers,
-    batched_test_images,
-    corrupt_jpeg,
-    image_handler_with,
-    jpeg_bytes,
-    plain_answer,
-    png_bytes,
-    post_body,
-    start_server,
-    stop_everything_from,
-)
+from support.answers import assert_same_answers
+from support.bodies import batched_test_images, corrupt_jpeg, jpeg_bytes, png_bytes
+from support.handlers import image_handler_with, plain_answer
+from support.http import post_body
+from support.servers import start_server, stop_everything_from
 
 from servekit.archive import BuildOptions, build_archive
 from servekit.client import ServeClient
@@ -34,7 +27,9 @@ DEVICES = {
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_served_batched_decode_answers_like_pillow_in_process(device, trained_image, model_store, held_out, tmp_path):
+def test_served_batched_decode_answers_like_pillow_in_process(
+    device, trained_image, all_models_store, held_out, tmp_path
+):
     settings = DEVICES[device]
     store = tmp_path / "store"
     options = BuildOptions(
@@ -49,7 +44,7 @@ def test_served_batched_decode_answers_like_pillow_in_process(device, trained_im
     bodies = [(jpegs[i % len(jpegs)], "image/jpeg") for i in range(40)]
     bodies[7] = (corrupt_jpeg(jpegs[1]), "image/jpeg")
     bodies[21] = (png_bytes(images[2]), "image/png")
-    pil = image_handler_with(model_store, tmp_path / "pil", image_decode="pil")
+    pil = image_handler_with(all_models_store, tmp_path / "pil", image_decode="pil")
     expected_by_body = {body: plain_answer(pil, body, content_type) for body, content_type in bodies}
     workdir = tmp_path / "ts"
     state = start_server(store, workdir)

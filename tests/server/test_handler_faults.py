@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import POISON, b64, poison_trained_folder, post_body, rotated_jpeg
+from support.bodies import b64, rotated_jpeg
+from support.handlers import POISON, poison_trained_folder
+from support.http import post_body
 
 from servekit import server
 from servekit.archive import BuildOptions, build_archive

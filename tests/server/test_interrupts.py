@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import ctrl_c_after, start_server
+from support.processes import ctrl_c_after
 
-from servekit import metrics, server
+from servekit import metrics
 from servekit.archive import build_archive
 from servekit.catalog import Catalog
 from servekit.cli import cli
@@ -20,24 +21,26 @@ from servekit.registry import register_verified, registered_versions
 pytestmark = pytest.mark.server
 
 
+# The session server is shared: this module's digits goes by its own name, removed at its end.
+NAME = "interrupted"
+
+
 @pytest.fixture(scope="module")
-def digits_server(tmp_path_factory, trained_digits):
-    """A TorchServe with digits 1.0.0 registered; 6.6.6 is in the catalog but not registered."""
-    store = tmp_path_factory.mktemp("interrupts_store")
-    build_archive("digits", "1.0.0", trained_digits, store)
-    build_archive("digits", "6.6.6", trained_digits, store)
-    workdir = tmp_path_factory.mktemp("interrupts_ts")
-    state = start_server(store, workdir)
+def digits_server(torchserve, model_store, trained_digits):
+    """The session TorchServe with digits as NAME 1.0.0 registered; 6.6.6 is in the catalog but not registered."""
+    build_archive(NAME, "1.0.0", trained_digits, model_store)
+    build_archive(NAME, "6.6.6", trained_digits, model_store)
+    client = ServeClient(torchserve.endpoints())
+    register_verified(client, model_store, NAME, "1.0.0")
     try:
-        client = ServeClient(state.endpoints())
-        register_verified(client, store, "digits", "1.0.0")
-        yield workdir, store, client
+        yield Path(torchserve.workdir), model_store, client
     finally:
-        server.stop(workdir)
+        for version in registered_versions(client, NAME):
+            client.unregister(NAME, version)
 
 
 def tune_versions(client: ServeClient) -> list[str]:
-    return [v for v in registered_versions(client, "digits") if "tune" in v]
+    return [v for v in registered_versions(client, NAME) if "tune" in v]
 
 
 def test_ctrl_c_while_tune_registers_leaves_no_tune_version_and_the_next_tune_works(
@@ -46,9 +49,9 @@ def test_ctrl_c_while_tune_registers_leaves_no_tune_version_and_the_next_tune_wo
     workdir, store, client = digits_server
     source = tmp_path / "digits"
     shutil.copytree(trained_digits, source)
-    args = ["tune", "digits", "--from", str(source), "--workers", "1x1", "--batch-sizes", "1", "--delays", "1",
-            "--duration", "1s", "--warmup", "0", "--slo", "p95=100000ms@1", "--out", str(tmp_path / "tune"),
-            "--workdir", str(workdir)]  # fmt: skip
+    args = ["tune", NAME, "--handler", "digits", "--from", str(source), "--workers", "1x1", "--batch-sizes", "1",
+            "--delays", "1", "--duration", "1s", "--warmup", "0", "--slo", "p95=100000ms@1",
+            "--out", str(tmp_path / "tune"), "--workdir", str(workdir)]  # fmt: skip
     real_register = ServeClient.register
     interrupts = []
 
@@ -60,15 +63,16 @@ def test_ctrl_c_while_tune_registers_leaves_no_tune_version_and_the_next_tune_wo
 
     monkeypatch.setattr(ServeClient, "register", register_then_ctrl_c)
     interrupted = CliRunner().invoke(cli, args)
+    assert interrupts, interrupted.output
     interrupts[0].join()
     assert interrupted.exit_code == 1, interrupted.output
     note, error = interrupted.output.strip().splitlines()  # a note at once, one line when it is undone
-    assert note.startswith("interrupted: waiting for the registration of digits 0.0.0-tune."), note
+    assert note.startswith(f"interrupted: waiting for the registration of {NAME} 0.0.0-tune."), note
     assert error.startswith("error: interrupted at setting 1 of 1") and "is unregistered" in error, error
     time.sleep(3)  # a registration the server was still finishing when the clean-up came would show by now
     assert tune_versions(client) == []
-    assert not [v for v in Catalog.load(store).models["digits"] if "tune" in v]
-    assert not list(store.glob("digits-0.0.0-tune*"))
+    assert not [v for v in Catalog.load(store).models[NAME] if "tune" in v]
+    assert not list(store.glob(f"{NAME}-0.0.0-tune*"))
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "already registered" not in again.output and (source / "serving.json").is_file()
@@ -79,12 +83,12 @@ def test_ctrl_c_while_tune_registers_leaves_no_tune_version_and_the_next_tune_wo
 def test_bench_of_an_unregistered_version_says_so_before_any_load(digits_server, version):
     workdir, _, client = digits_server
     before = metrics.scrape(client).responses["Requests4XX"]  # a prediction of an unregistered version: 404
-    args = ["bench", "digits", "--version", version, "--duration", "1s", "--repeats", "1", "--concurrency", "1",
+    args = ["bench", NAME, "--version", version, "--duration", "1s", "--repeats", "1", "--concurrency", "1",
             "--warmup", "0", "--workdir", str(workdir)]  # fmt: skip
     refused = CliRunner().invoke(cli, args)
     assert refused.exit_code == 1, refused.output
     assert refused.output.strip().splitlines() == [
-        f"error: digits {version} is not registered on this server (registered: 1.0.0): "
-        f"servekit register digits --version {version}"
+        f"error: {NAME} {version} is not registered on this server (registered: 1.0.0): "
+        f"servekit register {NAME} --version {version}"
     ]
     assert metrics.scrape(client).responses["Requests4XX"] == before  # not one prediction was sent

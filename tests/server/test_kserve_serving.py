@@ -14,8 +14,11 @@ import httpx
 import pytest
 import requests
 import torch
-from helpers import assert_same_prediction, b64, in_process_handlers, malformed, plain_answer, protocol_answers
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from support.answers import assert_same_prediction
+from support.bodies import b64, malformed, one_per_class
+from support.handlers import in_process_handlers, plain_answer, protocol_answers
+from support.servers import worker_pids
 
 from servekit import server
 from servekit.client import ServeClient
@@ -62,11 +65,11 @@ def wait_for_workers(client: ServeClient, timeout_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="module", params=["kserve", "kservev2"])
-def kserve_server(request, model_store, tmp_path_factory):
+def kserve_server(request, all_models_store, tmp_path_factory):
     """(envelope, client) of a TorchServe started with the exported layout and TS_SERVICE_ENVELOPE=envelope."""
     envelope = request.param
     out = tmp_path_factory.mktemp(f"kserve-{envelope}")
-    config, store = kserve_layout(model_store, PROTOCOL_OF[envelope], out)
+    config, store = kserve_layout(all_models_store, PROTOCOL_OF[envelope], out)
     settings = server.ServerSettings(
         base_config=config,
         model_store=store,
@@ -85,12 +88,8 @@ def kserve_server(request, model_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def handlers(model_store, tmp_path_factory) -> dict:
-    return in_process_handlers(model_store, tmp_path_factory)
-
-
-def worker_pids(client: ServeClient) -> dict[str, list[int]]:
-    return {name: sorted(w["pid"] for w in client.describe(name)[0]["workers"]) for name in NAMES}
+def handlers(all_models_store, tmp_path_factory) -> dict:
+    return in_process_handlers(all_models_store, tmp_path_factory)
 
 
 def v2_infer_request(name: str, document: dict) -> InferRequest:
@@ -227,9 +226,13 @@ def test_kserve_clients_served_accuracy_equals_in_process(kserve_server, handler
 def test_malformed_bodies_get_the_protocols_4xx_and_the_workers_survive(kserve_server, good_png):
     envelope, client = kserve_server
     protocol = PROTOCOL_OF[envelope]
-    pids = worker_pids(client)
-    cases = [(name, body, status) for p, name, body, status in malformed(good_png) if p == protocol]
-    assert len(cases) >= 10
+    pids = worker_pids(client, *NAMES)
+    # All of them run in process (tests/unit/test_kserve_protocol.py); here one per handler and status.
+    cases = one_per_class(
+        [(name, body, status) for p, name, body, status in malformed(good_png) if p == protocol],
+        lambda case: (case[0], case[2]),
+    )
+    assert len(cases) >= 4 and {status for _, _, status in cases} == {400, 413}
     for name, body, status in cases:
         served_status, answer = asyncio.run(kserve_infer(client, protocol, name, body, well_formed=False))
         assert served_status == status and list(answer) == ["error"], (name, body, served_status, answer)
@@ -240,7 +243,7 @@ def test_malformed_bodies_get_the_protocols_4xx_and_the_workers_survive(kserve_s
         timeout=60,
     )
     assert bad_json.status_code == 400 and "error" in bad_json.json()
-    assert worker_pids(client) == pids
+    assert worker_pids(client, *NAMES) == pids
 
 
 def test_eight_concurrent_kserve_clients_get_the_in_process_answers(kserve_server, handlers, trained, good_png):
@@ -254,7 +257,7 @@ def test_eight_concurrent_kserve_clients_get_the_in_process_answers(kserve_serve
             jobs.append((name, document_for(protocol, name, samples[start : start + 1 + start % 3]), True))
     jobs += [(name, body, False) for p, name, body, _ in malformed(good_png) if p == protocol]
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7919) % len(jobs))]  # interleave
-    pids = worker_pids(client)
+    pids = worker_pids(client, *NAMES)
 
     async def run_all():
         limit = asyncio.Semaphore(8)
@@ -273,7 +276,7 @@ def test_eight_concurrent_kserve_clients_get_the_in_process_answers(kserve_serve
             assert_same_answers(answers_of(protocol, name, answer), answers_of(protocol, name, expected))
         else:
             assert 400 <= status < 500 and list(answer) == ["error"]
-    assert worker_pids(client) == pids
+    assert worker_pids(client, *NAMES) == pids
 
 
 def test_the_plain_predictions_api_answers_as_before_under_the_envelope(kserve_server, handlers, held_out, good_png):

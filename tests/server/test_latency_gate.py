@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
-from helpers import REPO, start_server
+from support import REPO
 
-from servekit import archive, server
+from servekit import archive
 from servekit.archive import HandlerSpec, build_archive
 from servekit.client import ServeClient
 from servekit.registry import DefaultHistory, default_version, registered_versions
@@ -16,34 +17,38 @@ from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
 pytestmark = pytest.mark.server
 
 
+# The session server is shared: this test's digits goes by its own name, removed at its end.
+NAME = "gated"
+
+
 @pytest.fixture
-def slow_candidate_store(tmp_path, trained_digits, monkeypatch):
-    """digits 1.0.0 and 1.2.0-slow: the same weights, the second behind tests/slow_digits.py (sleeps 0.3 s per
-    batch)."""
-    store = tmp_path / "store"
-    build_archive("digits", "1.0.0", trained_digits, store)
+def slow_candidate_store(tmp_path, model_store, trained_digits, monkeypatch):
+    """The session store with digits as NAME 1.0.0 and 1.2.0-slow: the same weights, the second behind
+    tests/slow_digits.py (sleeps 0.3 s per batch)."""
+    store = model_store
+    build_archive(NAME, "1.0.0", trained_digits, store)
     source = tmp_path / "slow"
     shutil.copytree(trained_digits, source)
     shutil.copy2(REPO / "handlers" / "digits.py", source / "digits.py")  # the slow handler subclasses it
     slow = HandlerSpec(str(REPO / "tests" / "slow_digits.py"), extra_files=("labels.json", "digits.py"))
     monkeypatch.setitem(archive.HANDLERS, "slow_digits", slow)
-    build_archive("digits", "1.2.0-slow", source, store, handler="slow_digits")
+    build_archive(NAME, "1.2.0-slow", source, store, handler="slow_digits")
     return store
 
 
-def test_the_latency_gate_stops_a_slower_candidate(slow_candidate_store, tmp_path):
-    store, workdir = slow_candidate_store, tmp_path / "ts"
-    state = start_server(store, workdir)
+def test_the_latency_gate_stops_a_slower_candidate(torchserve, slow_candidate_store):
+    store = slow_candidate_store
+    client, history = ServeClient(torchserve.endpoints()), DefaultHistory(Path(torchserve.workdir))
     try:
-        client, history = ServeClient(state.endpoints()), DefaultHistory(workdir)
-        assert rollout(client, store, "digits", "1.0.0", history, policy=RolloutPolicy(watch_s=0.5)).promoted
+        assert rollout(client, store, NAME, "1.0.0", history, policy=RolloutPolicy(watch_s=0.5)).promoted
         with pytest.raises(RolloutFailed, match="ratio") as info:
-            rollout(client, store, "digits", "1.2.0-slow", history, policy=RolloutPolicy(shadow_samples=8, watch_s=0.5))
+            rollout(client, store, NAME, "1.2.0-slow", history, policy=RolloutPolicy(shadow_samples=8, watch_s=0.5))
         report = info.value.report
         assert [step.name for step in report.steps][-2:] == ["shadow", "latency"] and not report.promoted
         assert report.steps[-2].numbers["agreement"] == 1.0  # the same weights: only the speed differs
         assert report.steps[-1].numbers["ratio"] > RolloutPolicy().max_latency_ratio
-        assert default_version(client, "digits") == "1.0.0"
-        assert "1.2.0-slow" not in registered_versions(client, "digits")
+        assert default_version(client, NAME) == "1.0.0"
+        assert "1.2.0-slow" not in registered_versions(client, NAME)
     finally:
-        server.stop(workdir)
+        for version in registered_versions(client, NAME):
+            client.unregister(NAME, version)

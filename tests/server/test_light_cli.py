@@ -4,7 +4,7 @@ ones without any library that is slow to import (requests, rich, yaml, ...)."""
 from __future__ import annotations
 
 import pytest
-from helpers import heavy_modules_after, slow_modules_after
+from support.processes import heavy_modules_after, slow_modules_after
 
 pytestmark = pytest.mark.server
 

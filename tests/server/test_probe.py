@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from helpers import start_server, stop_everything_from
-from test_split import VERSIONS, live, proxied, split_store  # noqa: F401  (module fixtures: one server per module)
+from support.servers import PROXIED_VERSIONS, server_at, start_server, stop_everything_from
 
 from servekit import probes, server
 from servekit.archive import build_archive
@@ -27,7 +26,7 @@ UNPROBED = "8.0.0"  # built from a folder without heldout/: the catalog keeps no
 
 
 @pytest.fixture(scope="module")
-def odd_versions(split_store, trained_digits, tmp_path_factory) -> Path:  # noqa: F811
+def odd_versions(split_store, trained_digits, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("odd")
     shifted = work / "digits-shifted"
     shutil.copytree(trained_digits, shifted)
@@ -47,16 +46,16 @@ def served_metrics(state) -> requests.Response:
     return requests.get(f"{state.proxy_url}{METRICS_PATH}", timeout=10)
 
 
-def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_serves_it(proxied, odd_versions):  # noqa: F811
-    state, client = live(proxied)
+def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_serves_it(proxied, odd_versions):
+    state, client = server_at(proxied)
     register_verified(client, odd_versions, "digits", MISLABELLED, workers=1)
     try:
         result = invoke(state.workdir, "--json")
         assert result.exit_code == 0, result.output
         shown = {row["version"]: row for row in json.loads(result.output)["versions"]}
         threshold = ProgressivePolicy().min_agreement  # deploy/alerts.yml's ServekitGoldenProbesFailing
-        assert set(shown) == {*VERSIONS, MISLABELLED}
-        assert all(shown[v]["agreement"] >= threshold and shown[v]["samples"] == 32 for v in VERSIONS), shown
+        assert set(shown) == {*PROXIED_VERSIONS, MISLABELLED}
+        assert all(shown[v]["agreement"] >= threshold and shown[v]["samples"] == 32 for v in PROXIED_VERSIONS), shown
         assert shown[MISLABELLED]["agreement"] <= 0.2 and shown[MISLABELLED]["samples"] == 32, shown
         path = probes.probes_file(Path(state.workdir))
         written = probes.parse(path.read_text())
@@ -68,12 +67,12 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
         assert served.text == path.read_text()
         # One version again: only its lines change.
         before = written
-        again = invoke(state.workdir, "--version", VERSIONS[0])
+        again = invoke(state.workdir, "--version", PROXIED_VERSIONS[0])
         assert again.exit_code == 0 and "written to" in again.output, again.output
         after = probes.parse(served_metrics(state).text)
-        assert after[("digits", VERSIONS[0])][TIMESTAMP] > before[("digits", VERSIONS[0])][TIMESTAMP]
-        assert {key: after[key] for key in before if key[1] != VERSIONS[0]} == {
-            key: values for key, values in before.items() if key[1] != VERSIONS[0]
+        assert after[("digits", PROXIED_VERSIONS[0])][TIMESTAMP] > before[("digits", PROXIED_VERSIONS[0])][TIMESTAMP]
+        assert {key: after[key] for key in before if key[1] != PROXIED_VERSIONS[0]} == {
+            key: values for key, values in before.items() if key[1] != PROXIED_VERSIONS[0]
         }
     finally:
         client.unregister("digits", MISLABELLED)
@@ -82,8 +81,8 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
     assert ("digits", MISLABELLED) not in probes.parse(served_metrics(state).text)
 
 
-def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):  # noqa: F811
-    state, client = live(proxied)
+def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):
+    state, client = server_at(proxied)
     path = probes.probes_file(Path(state.workdir))
     path.unlink(missing_ok=True)
     register_verified(client, odd_versions, "digits", UNPROBED, workers=1)
@@ -107,11 +106,11 @@ def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):  # noqa: F
     assert UNPROBED not in registered_versions(client, "digits")
 
 
-def test_samples_and_timestamps_are_exposed_for_every_probed_version(proxied):  # noqa: F811
-    state, _ = live(proxied)
+def test_samples_and_timestamps_are_exposed_for_every_probed_version(proxied):
+    state, _ = server_at(proxied)
     assert invoke(state.workdir).exit_code == 0
     exposed = probes.parse(served_metrics(state).text)
-    assert set(exposed) == {("digits", v) for v in VERSIONS}
+    assert set(exposed) == {("digits", v) for v in PROXIED_VERSIONS}
     assert all(set(values) == {AGREEMENT, SAMPLES, TIMESTAMP} for values in exposed.values())
 
 

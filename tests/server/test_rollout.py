@@ -13,31 +13,24 @@ import pytest
 import torch
 from click.testing import CliRunner
 from digits import DigitsHandler
-from helpers import (
-    REPO,
-    ClientThreads,
-    FakeContext,
-    ctrl_c_after,
-    extracted_archive,
-    requests_for,
-    same_prediction,
-    start_server,
-)
+from support.answers import same_prediction
+from support.handlers import FakeContext, extracted_archive, requests_for
+from support.http import ClientThreads
+from support.processes import ctrl_c_after
+from support.servers import start_server, stop_everything_from
+from support.training import trained
 
 from servekit import server
 from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import FailoverClient, ServeClient
-from servekit.errors import ArchiveError, UsageError
+from servekit.errors import ArchiveError
 from servekit.models import SimpleCNN
 from servekit.registry import (
     DefaultHistory,
     default_version,
     register_verified,
     registered_versions,
-    retire,
-    rollback,
-    scale,
     set_default,
 )
 from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, rollout
@@ -47,37 +40,38 @@ pytestmark = pytest.mark.server
 # The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in
 # tests/server/test_latency_gate.py with a candidate whose handler really is slower.
 QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
+# The session server is shared: this module's versions of digits go by their own name, removed at its end.
+NAME = "rollout"
 
 
 @pytest.fixture(scope="module")
-def rollout_store(tmp_path_factory, trained_digits):
-    """digits 1.0.0, 1.1.0 (retrained with another seed) and 6.6.6 (untrained weights: must never go live)."""
-    store = tmp_path_factory.mktemp("rollout_store")
-    build_archive("digits", "1.0.0", trained_digits, store)
-    retrained = tmp_path_factory.mktemp("work") / "digits-seed1"
-    train_digits(retrained, seed=1)
-    build_archive("digits", "1.1.0", retrained, store)
+def rollout_store(tmp_path_factory, pytestconfig, model_store, trained_digits):
+    """The session store with digits as NAME 1.0.0, 1.1.0 (retrained with another seed) and 6.6.6 (untrained
+    weights: must never go live)."""
+    store = model_store
+    build_archive(NAME, "1.0.0", trained_digits, store)
+    retrained = trained(pytestconfig.cache, tmp_path_factory.mktemp("work") / "digits-seed1", train_digits, seed=1)
+    build_archive(NAME, "1.1.0", retrained, store)
     broken = tmp_path_factory.mktemp("work") / "digits-broken"
     shutil.copytree(trained_digits, broken)
     torch.manual_seed(3)
     torch.save(SimpleCNN().state_dict(), broken / "model.pt")
-    build_archive("digits", "6.6.6", broken, store)
+    build_archive(NAME, "6.6.6", broken, store)
     return store
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, rollout_store):
-    """A TorchServe with digits 1.0.0 deployed as default through a first rollout."""
-    workdir = tmp_path_factory.mktemp("rollout_ts")
-    state = start_server(rollout_store, workdir)
+def live(torchserve, rollout_store):
+    """The session TorchServe with NAME 1.0.0 deployed as default through a first rollout; NAME goes at the end."""
+    client = ServeClient(torchserve.endpoints())
+    history = DefaultHistory(Path(torchserve.workdir))
+    report = rollout(client, rollout_store, NAME, "1.0.0", history, policy=RolloutPolicy(watch_s=0.5))
+    assert report.promoted and report.previous is None
     try:
-        client = ServeClient(state.endpoints())
-        history = DefaultHistory(workdir)
-        report = rollout(client, rollout_store, "digits", "1.0.0", history, policy=RolloutPolicy(watch_s=0.5))
-        assert report.promoted and report.previous is None
-        yield state, client, history
+        yield torchserve, client, history
     finally:
-        server.stop(workdir)
+        for version in registered_versions(client, NAME):
+            client.unregister(NAME, version)
 
 
 def given(live, store, default: str, others: tuple[str, ...] = ()) -> None:
@@ -85,18 +79,18 @@ def given(live, store, default: str, others: tuple[str, ...] = ()) -> None:
     default, and `others[0]` (if any) the default just before it in the history."""
     state, client, history = live
     for version in (*others, default):
-        if version not in registered_versions(client, "digits"):
-            register_verified(client, store, "digits", version)
+        if version not in registered_versions(client, NAME):
+            register_verified(client, store, NAME, version)
     for version in (*others[:1], default):
-        set_default(client, history, "digits", version)
-    for version in registered_versions(client, "digits"):
+        set_default(client, history, NAME, version)
+    for version in registered_versions(client, NAME):
         if version not in (default, *others):
-            client.unregister("digits", version)
+            client.unregister(NAME, version)
 
 
 def expected_answers(store, version, pngs, folder) -> list[dict]:
     handler = DigitsHandler()
-    handler.initialize(extracted_archive(store / f"digits-{version}.mar", folder))
+    handler.initialize(extracted_archive(store / f"{NAME}-{version}.mar", folder))
     context = FakeContext(handler.model_dir, handler.manifest)
     return handler.handle(requests_for([(png, "image/png") for png in pngs], context), context)
 
@@ -112,7 +106,7 @@ class Traffic(ClientThreads):
     def send(self, i: int) -> None:
         index = i % len(self.pngs)
         try:
-            answer = self.client.predict("digits", self.pngs[index], content_type="image/png")
+            answer = self.client.predict(NAME, self.pngs[index], content_type="image/png")
         except Exception as exc:  # recorded, and the test fails on it
             answer = exc
         self.results.append((index, time.monotonic(), answer))
@@ -130,7 +124,7 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
     assert any(a != b for a, b in zip(v1, v2, strict=True)), "the two versions must be told apart by their answers"
     with Traffic(client, pngs) as traffic:
         time.sleep(1)
-        report = rollout(client, rollout_store, "digits", "1.1.0", history, policy=QUICK)
+        report = rollout(client, rollout_store, NAME, "1.1.0", history, policy=QUICK)
         promoted_at = time.monotonic()
         time.sleep(1)
     assert report.promoted and [s.name for s in report.steps] == [
@@ -151,77 +145,47 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
         assert same_prediction(answer, v1[index]) or same_prediction(answer, v2[index]), answer
     late = [(index, answer) for index, at, answer in traffic.results if at > promoted_at + 0.5]
     assert late and all(same_prediction(answer, v2[index]) for index, answer in late)
-    assert default_version(client, "digits") == "1.1.0"
+    assert default_version(client, NAME) == "1.1.0"
 
 
 def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store):
     given(live, rollout_store, default="1.0.0")
     state, client, history = live
-    before = default_version(client, "digits")
+    before = default_version(client, NAME)
     with pytest.raises(RolloutFailed) as info:
-        rollout(client, rollout_store, "digits", "6.6.6", history, policy=QUICK)
+        rollout(client, rollout_store, NAME, "6.6.6", history, policy=QUICK)
     report = info.value.report
     assert [s.name for s in report.steps][-1] == "shadow" and not report.promoted
     assert "agreement" in str(info.value) and report.steps[-1].numbers["agreement"] < 0.95
-    assert default_version(client, "digits") == before
-    assert "6.6.6" not in registered_versions(client, "digits")
-
-
-def test_rollback_retire_and_scale(live, rollout_store):
-    given(live, rollout_store, default="1.1.0", others=("1.0.0",))
-    state, client, history = live
-    assert rollback(client, history, "digits") == ("1.1.0", "1.0.0")
-    assert default_version(client, "digits") == "1.0.0"
-    with pytest.raises(UsageError, match="is the default"):
-        retire(client, "digits", "1.0.0")
-    with pytest.raises(UsageError, match="not registered"):
-        retire(client, "digits", "9.9.9")
-    workers = scale(client, "digits", "1.0.0", min_workers=2, max_workers=2).workers
-    assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
-    with pytest.raises(UsageError, match="above max workers"):
-        scale(client, "digits", "1.0.0", min_workers=3, max_workers=2)
-
-
-def test_snapshot_restores_models_versions_and_default_after_a_restart(live, rollout_store):
-    given(live, rollout_store, default="1.1.0", others=("1.0.0",))
-    state, client, history = live
-    before = {d["modelVersion"] for d in client.describe("digits")}, default_version(client, "digits")
-    workdir = Path(state.workdir)
-    server.stop(workdir)
-    restarted = server.start(
-        server.ServerSettings(
-            base_config=REPO / "config.properties", model_store=rollout_store, workdir=workdir, resume=True
-        )
-    )
-    client = ServeClient(restarted.endpoints())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(
-        d["workers"] and d["workers"][0]["status"] == "READY" for d in client.describe("digits")
-    ):
-        time.sleep(0.5)
-    after = {d["modelVersion"] for d in client.describe("digits")}, default_version(client, "digits")
-    assert after == before
-    assert restarted.inference_url == state.inference_url
+    assert default_version(client, NAME) == before
+    assert "6.6.6" not in registered_versions(client, NAME)
 
 
 def test_cli_rollout_rollback_retire_and_scale(live, rollout_store):
-    """What a user types."""
+    """What a user types (the library calls behind each command have no test of their own)."""
     given(live, rollout_store, default="1.0.0")
     workdir = live[0].workdir
     runner = CliRunner()
-    promoted = runner.invoke(cli, ["rollout", "digits", "--version", "1.1.0", "--watch", "1", "--workdir", workdir])
+    promoted = runner.invoke(cli, ["rollout", NAME, "--version", "1.1.0", "--watch", "1", "--workdir", workdir])
     assert promoted.exit_code == 0, promoted.output
     for step in ("register", "smoke", "shadow", "latency", "promote", "watch"):
         assert step in promoted.output
     assert "default is now 1.1.0" in promoted.output
-    back = runner.invoke(cli, ["rollback", "digits", "--workdir", workdir])
+    back = runner.invoke(cli, ["rollback", NAME, "--workdir", workdir])
     assert back.exit_code == 0 and "from 1.1.0 to 1.0.0" in back.output
-    refused = runner.invoke(cli, ["retire", "digits", "--version", "1.0.0", "--workdir", workdir])
+    assert default_version(live[1], NAME) == "1.0.0"
+    refused = runner.invoke(cli, ["retire", NAME, "--version", "1.0.0", "--workdir", workdir])
     assert refused.exit_code == 2 and "is the default" in refused.output
-    scaled = runner.invoke(cli, ["scale", "digits", "--min-workers", "1", "--max-workers", "1", "--workdir", workdir])
-    assert scaled.exit_code == 0 and "1 worker(s) ready" in scaled.output
-    retired = runner.invoke(cli, ["retire", "digits", "--version", "1.1.0", "--workdir", workdir])
-    assert retired.exit_code == 0 and registered_versions(live[1], "digits") == ["1.0.0"]
+    unknown = runner.invoke(cli, ["retire", NAME, "--version", "9.9.9", "--workdir", workdir])
+    assert unknown.exit_code == 2 and "not registered" in unknown.output
+    scaled = runner.invoke(cli, ["scale", NAME, "--min-workers", "2", "--max-workers", "2", "--workdir", workdir])
+    assert scaled.exit_code == 0 and "2 worker(s) ready" in scaled.output, scaled.output
+    workers = live[1].describe(NAME, "1.0.0")[0]["workers"]
+    assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
+    inverted = runner.invoke(cli, ["scale", NAME, "--min-workers", "3", "--max-workers", "2", "--workdir", workdir])
+    assert inverted.exit_code == 2 and "above max workers" in inverted.output, inverted.output
+    retired = runner.invoke(cli, ["retire", NAME, "--version", "1.1.0", "--workdir", workdir])
+    assert retired.exit_code == 0 and registered_versions(live[1], NAME) == ["1.0.0"]
 
 
 def test_ctrl_c_during_the_watch_restores_the_previous_default_and_says_so(live, rollout_store, monkeypatch):
@@ -236,62 +200,60 @@ def test_ctrl_c_during_the_watch_restores_the_previous_default_and_says_so(live,
 
     monkeypatch.setattr(Rollout, "probe", probe_then_ctrl_c)
     started = time.monotonic()
-    args = ["rollout", "digits", "--version", "1.1.0", "--watch", "60", "--workdir", state.workdir]
+    args = ["rollout", NAME, "--version", "1.1.0", "--watch", "60", "--workdir", state.workdir]
     interrupted = CliRunner().invoke(cli, args)
     interrupts[0].join()
     assert interrupted.exit_code == 1 and time.monotonic() - started < 60, interrupted.output
     assert "promote ok" in " ".join(interrupted.output.split()) and "Aborted" not in interrupted.output
     assert interrupted.output.strip().splitlines()[-1] == (
-        "error: rollout of digits 1.1.0 stopped: interrupted during the watch step; the default is 1.0.0, 1.1.0 "
+        f"error: rollout of {NAME} 1.1.0 stopped: interrupted during the watch step; the default is 1.0.0, 1.1.0 "
         "unregistered"
     )
-    assert default_version(client, "digits") == "1.0.0" and history.read()["digits"][-1] == "1.0.0"
-    assert "1.1.0" not in registered_versions(client, "digits")
+    assert default_version(client, NAME) == "1.0.0" and history.read()[NAME][-1] == "1.0.0"
+    assert "1.1.0" not in registered_versions(client, NAME)
 
 
 def test_tampered_archive_is_refused_and_nothing_is_registered(tmp_path, rollout_store, live):
     state, client, history = live
     store = tmp_path / "store"
     shutil.copytree(rollout_store, store)
-    with (store / "digits-6.6.6.mar").open("ab") as archive:
+    with (store / f"{NAME}-6.6.6.mar").open("ab") as archive:
         archive.write(b"tampered")
     with pytest.raises(ArchiveError, match="modified or truncated"):
-        register_verified(client, store, "digits", "6.6.6")
-    assert "6.6.6" not in registered_versions(ServeClient(state.endpoints()), "digits")
+        register_verified(client, store, NAME, "6.6.6")
+    assert "6.6.6" not in registered_versions(ServeClient(state.endpoints()), NAME)
 
 
-def test_killed_worker_loses_no_request_with_client_retries(tmp_path, rollout_store, held_out):
-    state = start_server(rollout_store, tmp_path / "ts")
+def test_killed_worker_loses_no_request_with_client_retries(live, rollout_store, held_out):
+    given(live, rollout_store, default="1.0.0")
+    _, client, _ = live
+    victim = client.describe(NAME, "1.0.0")[0]["workers"][0]["pid"]
+    pngs = [sample.path.read_bytes() for sample in held_out[:8]]
+    with Traffic(client, pngs, threads=4) as traffic:
+        time.sleep(1)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = client.describe(NAME, "1.0.0")[0]["workers"]
+            if workers and workers[0]["pid"] != victim and workers[0]["status"] == "READY":
+                break
+            time.sleep(0.25)
+        time.sleep(1)
+    assert traffic.failures() == []
+    assert workers[0]["pid"] != victim and workers[0]["status"] == "READY"
+    assert len(traffic.results) > 20
+
+
+def test_failover_client_loses_nothing_when_one_instance_stops(live, tmp_path, rollout_store, held_out):
+    """A second TorchServe of its own in front of the session one: the failover client moves on when it stops."""
+    given(live, rollout_store, default="1.0.0")
+    shared, shared_client, _ = live
+    first = tmp_path / "a"
     try:
+        state = start_server(rollout_store, first)
         client = ServeClient(state.endpoints())
-        register_verified(client, rollout_store, "digits", "1.0.0")
-        victim = client.describe("digits", "1.0.0")[0]["workers"][0]["pid"]
-        pngs = [sample.path.read_bytes() for sample in held_out[:8]]
-        with Traffic(client, pngs, threads=4) as traffic:
-            time.sleep(1)
-            os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                workers = client.describe("digits", "1.0.0")[0]["workers"]
-                if workers and workers[0]["pid"] != victim and workers[0]["status"] == "READY":
-                    break
-                time.sleep(0.25)
-            time.sleep(1)
-        assert traffic.failures() == []
-        assert workers[0]["pid"] != victim and workers[0]["status"] == "READY"
-        assert len(traffic.results) > 20
-    finally:
-        server.stop(tmp_path / "ts")
-
-
-def test_failover_client_loses_nothing_when_one_instance_stops(tmp_path, rollout_store, held_out):
-    first, second = tmp_path / "a", tmp_path / "b"
-    states = [start_server(rollout_store, first), start_server(rollout_store, second)]
-    try:
-        clients = [ServeClient(s.endpoints()) for s in states]
-        for client in clients:
-            register_verified(client, rollout_store, "digits", "1.0.0")
-        failover = FailoverClient(clients)
+        register_verified(client, rollout_store, NAME, "1.0.0")
+        failover = FailoverClient([client, shared_client])
         pngs = [sample.path.read_bytes() for sample in held_out[:8]]
         with Traffic(failover, pngs, threads=4) as traffic:
             time.sleep(1.5)
@@ -302,12 +264,11 @@ def test_failover_client_loses_nothing_when_one_instance_stops(tmp_path, rollout
         assert sum(1 for _, at, _ in traffic.results if at > stopped_at) > 5
         assert failover.preferred == 1
         png = held_out[0].path
-        args = ["predict", "digits", str(png), "--json"]
-        for state in states:
-            args += ["--url", state.inference_url, "--key-file", state.key_file]
+        args = ["predict", NAME, str(png), "--json"]
+        for each in (state, shared):
+            args += ["--url", each.inference_url, "--key-file", each.key_file]
         answered = CliRunner().invoke(cli, args)
         assert answered.exit_code == 0, answered.output
         assert json.loads(answered.output)[str(png)]["label"] == held_out[0].label
     finally:
-        server.stop(first)
-        server.stop(second)
+        stop_everything_from(first)

@@ -5,28 +5,23 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from digits import image_to_tensor
-from helpers import assert_same_prediction, bad_inputs, start_server
+from digits import DigitsHandler, image_to_tensor
+from support.answers import assert_same_prediction
+from support.bodies import bad_inputs, one_per_class
+from support.handlers import extracted_archive, plain_answer
+from support.servers import worker_pids
 
-from servekit import server
 from servekit.cli import cli
-from servekit.client import ServeClient
 from servekit.errors import ApiError
 from servekit.evaluate import evaluate_served
 from servekit.models import SimpleCNN
-from servekit.registry import register_verified
 from servekit.workspace import HELD_OUT_DIR
 
 pytestmark = pytest.mark.server
-
-
-def worker_pids(client: ServeClient) -> list[int]:
-    return sorted(worker["pid"] for worker in client.describe("digits", "1.0.0")[0]["workers"])
 
 
 def in_process_labels(trained_digits, held_out) -> dict[str, str]:
@@ -52,9 +47,21 @@ def test_model_is_registered_with_its_archive_settings(served_digits):
     assert [w["status"] for w in description["workers"]] == ["READY"]
 
 
-def test_each_bad_input_gets_400_json_and_the_worker_survives(served_digits, good_png):
-    pids_before = worker_pids(served_digits)
-    for case, (body, content_type) in bad_inputs(good_png).items():
+@pytest.fixture(scope="module")
+def bad_input_classes(model_store, tmp_path_factory, good_png) -> dict[str, tuple[bytes, str]]:
+    """One bad input per error the digits handler answers in process (tests/unit/test_digits_handler.py runs them
+    all there)."""
+    handler = DigitsHandler()
+    handler.initialize(extracted_archive(model_store / "digits-1.0.0.mar", tmp_path_factory.mktemp("digits")))
+    cases = list(bad_inputs(good_png).items())
+    kept = one_per_class(cases, lambda case: plain_answer(handler, *case[1])["error"])
+    assert len(kept) >= 4, kept
+    return dict(kept)
+
+
+def test_each_bad_input_gets_400_json_and_the_worker_survives(served_digits, good_png, bad_input_classes):
+    pids_before = worker_pids(served_digits, "digits", version="1.0.0")
+    for case, (body, content_type) in bad_input_classes.items():
         with pytest.raises(ApiError) as info:
             served_digits.predict("digits", body, content_type=content_type)
         assert info.value.status == 400, f"{case}: {info.value}"
@@ -66,14 +73,14 @@ def test_each_bad_input_gets_400_json_and_the_worker_survives(served_digits, goo
             "invalid_input",
             "invalid_json",
         }, case
-    assert worker_pids(served_digits) == pids_before
+    assert worker_pids(served_digits, "digits", version="1.0.0") == pids_before
     assert served_digits.predict("digits", good_png, content_type="image/png")["label"] == "7"
 
 
-def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, held_out, good_png):
+def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, held_out, bad_input_classes):
     """8 concurrent clients: TorchServe batches good and bad requests together (batch size 4)."""
-    pids_before = worker_pids(served_digits)
-    bad = list(bad_inputs(good_png).values())
+    pids_before = worker_pids(served_digits, "digits", version="1.0.0")
+    bad = list(bad_input_classes.values())
     jobs = [("good", sample.path.read_bytes(), "image/png", sample.label) for sample in held_out[:48]]
     jobs += [("bad", body, content_type, None) for body, content_type in bad * 2]
     jobs.sort(key=lambda job: hash(job[1]))  # interleave good and bad
@@ -97,7 +104,7 @@ def test_bad_requests_batched_with_good_ones_do_not_spoil_them(served_digits, he
     correct = sum(body["label"] == label for label, _, body in good)
     assert correct >= 0.95 * len(good)
     assert all(status == 400 and body["code"] == 400 and body["detail"] for status, body in bad_results)
-    assert worker_pids(served_digits) == pids_before
+    assert worker_pids(served_digits, "digits", version="1.0.0") == pids_before
 
 
 def test_json_inputs_are_answered_like_images(served_digits, held_out):
@@ -153,19 +160,3 @@ def test_cli_register_predict_and_models_against_a_running_server(torchserve, tr
     assert again.exit_code == 1 and "409" in again.output and "already registered" in again.output
     unknown = runner.invoke(cli, ["register", "digits", "--version", "3.0.0", "--workdir", workdir])
     assert unknown.exit_code == 1 and "not in" in unknown.output
-
-
-def test_stop_ends_the_frontend_and_every_worker(tmp_path, model_store):
-    state = start_server(model_store, tmp_path / "ts")
-    try:
-        registration = register_verified(ServeClient(state.endpoints()), model_store, "digits", "1.0.0", workers=2)
-        assert registration.info.ready_workers == 2 and registration.info.min_workers == 2
-        frontend = psutil.Process(state.pid)
-        spawned = [frontend, *frontend.children(recursive=True)]
-        assert {w["pid"] for w in registration.info.workers} <= {p.pid for p in spawned}
-    finally:
-        assert server.stop(tmp_path / "ts")
-    gone, alive = psutil.wait_procs(spawned, timeout=10)
-    assert not alive
-    assert not (tmp_path / "ts" / "server.json").exists()
-    assert server.stop(tmp_path / "ts") is False

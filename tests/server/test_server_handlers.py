@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import torch
-from digits import DigitsHandler
-from helpers import FakeContext, bad_inputs, extracted_archive, png_header_bomb, post_body, requests_for
-from image_classifier import ImageClassifierHandler
-from tensor_handler import TensorHandler
-from text_classifier import TextClassifierHandler
+from support.bodies import malformed_corpus, one_per_class
+from support.handlers import HANDLER_CLASSES, in_process_handlers, plain_answer
+from support.http import post_body
+from support.servers import worker_pids
 
 from servekit.heldout import read_held_out
 from servekit.registry import register_verified
@@ -23,44 +21,23 @@ from servekit.registry import register_verified
 pytestmark = pytest.mark.server
 MAX_REQUEST_SIZE = 16 * 1024 * 1024  # config.properties: max_request_size
 
-HANDLER_CLASSES = {
-    "digits": DigitsHandler,
-    "image": ImageClassifierHandler,
-    "tensor": TensorHandler,
-    "text": TextClassifierHandler,
-}
-
 
 @pytest.fixture(scope="session")
-def served_all(served_digits, torchserve, model_store):
+def served_all(served_digits, torchserve, all_models_store):
     for name in ("image", "tensor", "text"):
-        register_verified(served_digits, model_store, name, "1.0.0")
+        register_verified(served_digits, all_models_store, name, "1.0.0")
     return served_digits
 
 
 @pytest.fixture(scope="session")
-def in_process(model_store, tmp_path_factory):
+def in_process(all_models_store, tmp_path_factory):
     """Each archive's handler run in this process, to compute the answers TorchServe must give."""
-    handlers = {}
-    for name, handler_class in HANDLER_CLASSES.items():
-        handler = handler_class()
-        handler.initialize(extracted_archive(model_store / f"{name}-1.0.0.mar", tmp_path_factory.mktemp(name)))
-        handlers[name] = handler
-
-    def answer(name: str, body: bytes, content_type: str):
-        handler = handlers[name]
-        context = FakeContext(handler.model_dir, handler.manifest)
-        return handler.handle(requests_for([(body, content_type)], context), context)[0]
-
-    return answer
+    handlers = in_process_handlers(all_models_store, tmp_path_factory)
+    return lambda name, body, content_type: plain_answer(handlers[name], body, content_type)
 
 
 def post(client, name: str, body: bytes, content_type: str) -> requests.Response:
     return post_body(client, f"/predictions/{name}", body, content_type)
-
-
-def worker_pids(client) -> dict[str, list[int]]:
-    return {name: sorted(w["pid"] for w in client.describe(name, "1.0.0")[0]["workers"]) for name in HANDLER_CLASSES}
 
 
 def good_requests(trained_digits, trained_text) -> list[tuple[str, bytes, str]]:
@@ -78,34 +55,6 @@ def good_requests(trained_digits, trained_text) -> list[tuple[str, bytes, str]]:
         + [("tensor", sample.numpy().astype("<f4").tobytes(), "application/octet-stream") for sample in samples]
         + [("tensor", json.dumps({"input": sample.tolist()}).encode(), "application/json") for sample in samples[:3]]
     )
-
-
-def malformed_corpus(good_png: bytes) -> list[tuple[str, bytes, str]]:
-    """More than 20 ways to get it wrong, each of which must get a 4xx JSON error and never a 5xx."""
-    deep = b"[" * 50_000 + b"]" * 50_000
-    corpus = [("digits", body, content_type) for body, content_type in bad_inputs(good_png).values()]
-    corpus += [
-        ("digits", b"hello", "text/plain"),
-        ("image", b'{"image": "%%%not-base64%%%"}', "application/json"),
-        ("image", b"GIF89a garbage", "image/gif"),
-        ("image", png_header_bomb(), "image/png"),
-        ("image", b"plain words", "text/plain"),
-        ("image", deep, "application/json"),
-        ("tensor", struct.pack("<f", float("nan")) * 784, "application/octet-stream"),
-        ("tensor", struct.pack("<f", float("inf")) * 784, "application/octet-stream"),
-        ("tensor", b"\0" * 1001, "application/octet-stream"),
-        ("tensor", json.dumps({"input": [[[True] * 28] * 28]}).encode(), "application/json"),
-        ("tensor", json.dumps({"inputs": [[[[0.0] * 28] * 28]] * 65}).encode(), "application/json"),
-        ("tensor", b"<xml/>", "application/xml"),
-        ("text", b"\xff\xfe\xfd not utf-8", "text/plain"),
-        ("text", b"", "text/plain"),
-        ("text", ("word " * 400).encode(), "text/plain"),
-        ("text", good_png, "image/png"),
-        ("text", deep, "application/json"),
-        ("text", json.dumps({"texts": []}).encode(), "application/json"),
-        ("text", b"\0" * (17 * 1024 * 1024), "text/plain"),  # over TorchServe's max_request_size
-    ]
-    return corpus
 
 
 def test_each_handler_answers_like_the_in_process_model(served_all, in_process, trained_digits, trained_text):
@@ -129,9 +78,15 @@ def test_text_classifier_served_accuracy(served_all, trained_text):
 
 def test_malformed_corpus_under_concurrent_traffic(served_all, in_process, trained_digits, trained_text, good_png):
     """8 clients send good and bad requests interleaved: bad ones get 4xx JSON, good ones their right answers."""
-    pids_before = worker_pids(served_all)
-    corpus = malformed_corpus(good_png)
-    assert len(corpus) >= 20
+    pids_before = worker_pids(served_all, *HANDLER_CLASSES, version="1.0.0")
+    # The whole corpus runs in process (tests/unit/test_handlers.py); here one case of each error each handler
+    # answers, and the one TorchServe's frontend refuses before any handler sees it.
+    corpus = [case for case in malformed_corpus(good_png) if len(case[1]) > MAX_REQUEST_SIZE]
+    corpus += one_per_class(
+        [case for case in malformed_corpus(good_png) if len(case[1]) <= MAX_REQUEST_SIZE],
+        lambda case: (case[0], in_process(case[0], case[1], case[2].split(";")[0])["error"]),
+    )
+    assert len({name for name, _, _ in corpus}) == 4 and len(corpus) >= 8
     good = good_requests(trained_digits, trained_text)
     jobs = [("bad", *case) for case in corpus] + [("good", *case) for case in good]
     jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7919) % len(jobs))]  # interleave
@@ -155,7 +110,7 @@ def test_malformed_corpus_under_concurrent_traffic(served_all, in_process, train
             expected = in_process(name, body, content_type.split(";")[0])
             if name != "tensor":
                 assert response.json()["index"] == expected["index"]
-    assert worker_pids(served_all) == pids_before
+    assert worker_pids(served_all, *HANDLER_CLASSES, version="1.0.0") == pids_before
 
 
 def test_multipart_upload_to_the_image_classifier(served_all, good_png, in_process):

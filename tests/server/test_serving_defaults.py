@@ -71,7 +71,7 @@ def test_bench_states_client_and_server_cpu_and_the_generator_of_each_row(torchs
 @pytest.mark.server
 def test_wrk_and_the_python_generator_both_drive_the_server_and_say_which_they_were(served_digits, held_out):
     if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed: `make tools` installs it (apt-get install -y wrk); servekit bench --generator wrk needs it")
+        pytest.fail("wrk is not installed: `make tools` installs it (servekit bench --generator wrk needs it)")
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:8]]
     url = f"{served_digits.endpoints.inference_url}/predictions/digits/1.0.0"
     headers = served_digits.auth_headers("inference")

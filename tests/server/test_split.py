@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections import Counter, defaultdict
@@ -14,71 +13,26 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from helpers import REPO, ClientThreads, alerted_metrics, start_server
+from support import REPO
+from support.alerts import alerted_metrics
+from support.http import ClientThreads
+from support.servers import BROKEN_VERSION, PROXIED_VERSIONS, server_at
 
 from servekit import probes, progressive, proxy, registry, server
 from servekit import split as splits
-from servekit.archive import BuildOptions, build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient, read_keys
 from servekit.errors import ApiError, UsageError
-from servekit.heldout import read_held_out, write_bodies
 from servekit.metrics import scrape
 from servekit.probes import AGREEMENT, METRICS_PATH, TIMESTAMP
 from servekit.progressive import Progress, ProgressivePolicy
 from servekit.proxy import STATE_FILE, VERSION_HEADER, Split
 from servekit.registry import DefaultHistory, default_version, register_verified, registered_versions
 from servekit.rollout import RolloutFailed, RolloutPolicy
-from servekit.workspace import Server
 
 pytestmark = pytest.mark.server
-VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
-
-
-BROKEN = "6.0.0"
 # The latency gate and p99 comparison have their own tests; on a shared 2-core machine they only add noise here.
 QUICK_CHECKS = RolloutPolicy(shadow_samples=8, watch_s=0.5, max_latency_ratio=3.0)
-
-
-def without_eights_and_nines(trained: Path, folder: Path) -> Path:
-    """The same model with only 8 labels: it fails (503) on the ~20 % of inputs it classifies as 8 or 9, while its
-    golden samples (0-7 only) pass the rollout's smoke, shadow and latency checks."""
-    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("heldout"))
-    (folder / "labels.json").write_text(json.dumps([str(i) for i in range(8)]))
-    kept = [s for s in read_held_out(trained / "heldout") if s.label not in ("8", "9")]
-    write_bodies({s.path.name: s.path.read_bytes() for s in kept}, [s.label for s in kept], folder / "heldout")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def split_store(tmp_path_factory, trained_digits):
-    """Three versions of digits (the same weights: these tests count routing, not answers) and a broken one."""
-    store = tmp_path_factory.mktemp("split_store")
-    for version in VERSIONS:
-        build_archive("digits", version, trained_digits, store)
-    broken = without_eights_and_nines(trained_digits, tmp_path_factory.mktemp("work") / "digits-no89")
-    build_archive("digits", BROKEN, broken, store, options=BuildOptions(batch_size=1, handler={"top_k": 1}))
-    return store
-
-
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory, split_store) -> Path:
-    """The workdir of a TorchServe with the proxy in front, digits 1.0.0 (default), 1.1.0 and 1.2.0 registered."""
-    workdir = tmp_path_factory.mktemp("split_ts")
-    state = start_server(split_store, workdir, proxy=True)
-    try:
-        client = ServeClient(state.endpoints())
-        for version in VERSIONS:
-            register_verified(client, split_store, "digits", version, workers=1)
-        yield workdir
-    finally:
-        server.stop(workdir)
-
-
-def live(workdir: Path) -> tuple[server.ServerState, ServeClient]:
-    """The server as server.json records it now (a test may have restarted it)."""
-    handle = Server.connect(workdir)
-    return handle.state, handle.client
 
 
 class Caller:
@@ -102,11 +56,11 @@ class Caller:
 def served_since(client: ServeClient, before) -> dict[str, int]:
     """Requests each version answered since `before` (TorchServe's per-version counters)."""
     after = scrape(client)
-    return {v: int((after.version("digits", v) - before.version("digits", v)).requests) for v in VERSIONS}
+    return {v: int((after.version("digits", v) - before.version("digits", v)).requests) for v in PROXIED_VERSIONS}
 
 
 def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     before = scrape(client)
@@ -124,7 +78,7 @@ def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(
 
 
 def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 50, "1.1.0": 50}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     keys = [f"sticky-{i}" for i in range(100)] * 4
@@ -139,7 +93,7 @@ def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
 
 
 def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     split = Split("digits", {"1.0.0": 70, "1.1.0": 30}, mirror_version="1.2.0", mirror_percent=20)
     splits.set_split(client, state, split)
     caller = Caller(state)
@@ -154,7 +108,7 @@ def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied
 
 
 def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}))
     assert client.ping()["status"] == "Healthy"  # through the proxy
     token = read_keys(Path(state.key_file))["inference"]
@@ -183,7 +137,7 @@ def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_p
     ],
 )
 def test_bad_splits_are_refused_and_leave_the_proxy_untouched(proxied, split, message):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     splits.set_split(client, state, Split("digits", {"1.0.0": 80, "1.1.0": 20}))
     conf, saved = (state.proxy_dir / "nginx.conf").read_bytes(), (state.proxy_dir / STATE_FILE).read_bytes()
     with pytest.raises(UsageError, match=message):
@@ -222,7 +176,7 @@ def other_version(client: ServeClient) -> tuple[str, str]:
 def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abort_and_a_drained_retire(
     proxied, held_out
 ):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
     pngs = [sample.path.read_bytes() for sample in held_out[:40]]
@@ -239,7 +193,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
                 client,
                 state,
                 "digits",
-                BROKEN,
+                BROKEN_VERSION,
                 history,
                 ProgressivePolicy((25, 50, 100), 3.0, max_p99_ratio=10.0),
                 QUICK_CHECKS,
@@ -256,13 +210,15 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
         failed = aborted.value.report.steps[-1]
         assert failed.name == "25%" and not failed.ok and "error rate" in failed.detail
         assert failed.numbers["errors"] > 0 and failed.numbers["error_rate"] > 0.01
-        assert f"{BROKEN} back to 0 %" in str(aborted.value) and default_version(client, "digits") == candidate
+        assert f"{BROKEN_VERSION} back to 0 %" in str(aborted.value) and default_version(client, "digits") == candidate
         assert drained.moved_to == candidate and "1.2.0" not in registered_versions(client, "digits")
         assert splits.current_split(state, "digits") == Split("digits", {candidate: 100})
         # The only failures: the broken candidate's own answers, during its one step.
-        assert load.failures(excluding=BROKEN) == [] and len(load.outcomes) > 300, load.errors
-        assert all(version != BROKEN for _, version in load.outcomes[:promoted_at] + load.outcomes[after_abort:])
-        assert {version for _, version in load.outcomes} >= {previous, candidate, BROKEN, "1.2.0"}
+        assert load.failures(excluding=BROKEN_VERSION) == [] and len(load.outcomes) > 300, load.errors
+        assert all(
+            version != BROKEN_VERSION for _, version in load.outcomes[:promoted_at] + load.outcomes[after_abort:]
+        )
+        assert {version for _, version in load.outcomes} >= {previous, candidate, BROKEN_VERSION, "1.2.0"}
     finally:
         splits.remove_split(state, "digits")
         if "1.2.0" not in registered_versions(client, "digits"):
@@ -270,7 +226,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
 
 
 def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
     policy = ProgressivePolicy(steps=(10, 50, 100), step_s=1.0)
@@ -298,7 +254,7 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
 
 
 def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(proxied):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     previous, candidate = other_version(client)
     workdir = ["--workdir", state.workdir]
     Progress("digits", candidate, previous, ProgressivePolicy().__dict__, step_index=1).save(Path(state.workdir))
@@ -322,7 +278,7 @@ def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(prox
 
 
 def test_every_metric_the_alerts_use_is_exposed_by_torchserve_or_the_proxy(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     client.predict("digits", good_png, version="1.0.0", content_type="image/png")
     # TorchServe creates Requests4XX from the first 4xx on: answer one here, whatever ran before this test.
     with pytest.raises(ApiError) as refused:
@@ -344,7 +300,7 @@ def test_every_metric_the_alerts_use_is_exposed_by_torchserve_or_the_proxy(proxi
 
 
 def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     current, other = other_version(client)
     splits.set_split(client, state, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
     export = [
@@ -373,7 +329,7 @@ def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
 
 
 def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
-    state, client = live(proxied)
+    state, client = server_at(proxied)
     current, other = other_version(client)
     splits.set_split(client, state, Split("digits", {current: 50, other: 50}))
     assert server.stop(proxied)
@@ -388,7 +344,7 @@ def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             restored = registry.versions(client, "digits")
-            if len(restored) >= len(VERSIONS) and all(version.ready_workers for version in restored):
+            if len(restored) >= len(PROXIED_VERSIONS) and all(version.ready_workers for version in restored):
                 break
             time.sleep(0.5)
         answered = {client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER]}

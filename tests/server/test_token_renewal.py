@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import digits_server
+from support.servers import digits_server
 
 from servekit import server
 from servekit.cli import cli

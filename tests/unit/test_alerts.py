@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import ALERTS, alert_rules, alerted_metrics
+from support.alerts import ALERTS, alert_rules, alerted_metrics
 
 from servekit.probes import AGREEMENT
 from servekit.progressive import ProgressivePolicy

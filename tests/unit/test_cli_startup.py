@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import heavy_modules_after, slow_modules_after
+from support.processes import heavy_modules_after, slow_modules_after
 
 LIGHT_COMMANDS = ["serve", "register", "models", "predict", "status", "rollout", "rollback", "retire", "scale",
                   "export", "config", "evaluate", "probe"]  # fmt: skip

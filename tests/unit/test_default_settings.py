@@ -8,7 +8,7 @@ import sys
 import time
 
 import psutil
-from helpers import poison_trained_folder
+from support.handlers import poison_trained_folder
 
 from servekit import archive, timing
 from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, BuildOptions, batch_size_for, build_archive

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import REPO
+from support import REPO
 
 from servekit import config as configs
 from servekit.catalog import sha256_file

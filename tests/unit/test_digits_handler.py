@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from digits import DigitsHandler, image_to_tensor, json_to_decoded
-from helpers import FakeContext, answer_batch, bad_inputs, extracted_archive, png_bytes, requests_for
 from PIL import Image
 from servekit_base import RequestError, classification, request_payload, select_device
+from support.bodies import bad_inputs, png_bytes
+from support.handlers import FakeContext, answer_batch, extracted_archive, requests_for
 
 from servekit.datasets import digits_split
 

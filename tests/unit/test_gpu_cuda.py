@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    answer_batch,
-    assert_same_answers,
-    batched_test_images,
-    corrupt_jpeg,
-    image_handler_with,
-    jpeg_bytes,
-    png_bytes,
-    rotated_rgb_jpeg,
-)
+from support.answers import assert_same_answers
+from support.bodies import batched_test_images, corrupt_jpeg, jpeg_bytes, png_bytes, rotated_rgb_jpeg
+from support.handlers import answer_batch, image_handler_with
 
 pytestmark = pytest.mark.gpu
 
@@ -31,12 +24,12 @@ FP32_PROBABILITY_TOLERANCE = 2e-3
 
 
 @pytest.fixture
-def cpu_pil(model_store, tmp_path):
-    return image_handler_with(model_store, tmp_path / "cpu", image_decode="pil")
+def cpu_pil(all_models_store, tmp_path):
+    return image_handler_with(all_models_store, tmp_path / "cpu", image_decode="pil")
 
 
-def test_batched_decode_on_cuda_answers_like_pillow_on_the_cpu(model_store, tmp_path, cpu_pil, held_out):
-    gpu = image_handler_with(model_store, tmp_path / "gpu", gpu_id=0)  # image_decode auto: batched on CUDA
+def test_batched_decode_on_cuda_answers_like_pillow_on_the_cpu(all_models_store, tmp_path, cpu_pil, held_out):
+    gpu = image_handler_with(all_models_store, tmp_path / "gpu", gpu_id=0)  # image_decode auto: batched on CUDA
     assert gpu.device == torch.device("cuda:0") and gpu.batched_decode
     images = batched_test_images(held_out, 6)
     jpegs = [jpeg_bytes(image) for image in images]
@@ -57,8 +50,8 @@ def test_batched_decode_on_cuda_answers_like_pillow_on_the_cpu(model_store, tmp_
     assert_same_answers(answers, expected, DECODE_PROBABILITY_TOLERANCE)
 
 
-def test_a_corrupt_jpeg_in_a_cuda_batch_answers_400_alone(model_store, tmp_path, cpu_pil, held_out):
-    gpu = image_handler_with(model_store, tmp_path / "gpu", gpu_id=0, image_decode="batched")
+def test_a_corrupt_jpeg_in_a_cuda_batch_answers_400_alone(all_models_store, tmp_path, cpu_pil, held_out):
+    gpu = image_handler_with(all_models_store, tmp_path / "gpu", gpu_id=0, image_decode="batched")
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 3)]
     bodies = [(jpegs[0], "image/jpeg"), (corrupt_jpeg(jpegs[1]), "image/jpeg"), (jpegs[2], "image/jpeg")]
     answers, statuses = answer_batch(gpu, bodies)
@@ -67,10 +60,16 @@ def test_a_corrupt_jpeg_in_a_cuda_batch_answers_400_alone(model_store, tmp_path,
     assert_same_answers([answers[0], answers[2]], [expected[0], expected[2]], DECODE_PROBABILITY_TOLERANCE)
 
 
-def test_cuda_graphs_answer_like_the_eager_model_in_float16(model_store, tmp_path, held_out):
-    eager = image_handler_with(model_store, tmp_path / "eager", gpu_id=0, dtype="float16")
+def test_cuda_graphs_answer_like_the_eager_model_in_float16(all_models_store, tmp_path, held_out):
+    eager = image_handler_with(all_models_store, tmp_path / "eager", gpu_id=0, dtype="float16")
     graphed = image_handler_with(
-        model_store, tmp_path / "graphs", gpu_id=0, dtype="float16", device="cuda", cuda_graphs=[1, 2, 4, 8], warmup=1
+        all_models_store,
+        tmp_path / "graphs",
+        gpu_id=0,
+        dtype="float16",
+        device="cuda",
+        cuda_graphs=[1, 2, 4, 8],
+        warmup=1,
     )
     assert graphed.graphs is not None and sorted(graphed.graphs.runners) == [1, 2, 4, 8]
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 6)]
@@ -88,9 +87,9 @@ def test_cuda_graphs_answer_like_the_eager_model_in_float16(model_store, tmp_pat
     assert replays == [4]  # served by the captured graph, not the eager fallback
 
 
-def test_channels_last_answers_like_the_contiguous_model(model_store, tmp_path, held_out):
-    contiguous = image_handler_with(model_store, tmp_path / "nchw", gpu_id=0, channels_last=False)
-    nhwc = image_handler_with(model_store, tmp_path / "nhwc", gpu_id=0)
+def test_channels_last_answers_like_the_contiguous_model(all_models_store, tmp_path, held_out):
+    contiguous = image_handler_with(all_models_store, tmp_path / "nchw", gpu_id=0, channels_last=False)
+    nhwc = image_handler_with(all_models_store, tmp_path / "nhwc", gpu_id=0)
     weight = next(p for p in nhwc.model.parameters() if p.dim() == 4)
     assert nhwc.channels_last and weight.is_contiguous(memory_format=torch.channels_last)
     bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 6)]

@@ -11,18 +11,6 @@ import time
 
 import pytest
 import torch
-from helpers import (
-    answer_batch,
-    assert_same_answers,
-    batched_test_images,
-    corrupt_jpeg,
-    extracted_archive,
-    image_handler_with,
-    jpeg_bytes,
-    png_bytes,
-    png_header_bomb,
-    rotated_rgb_jpeg,
-)
 from image_classifier import ImageClassifierHandler, batchable_jpeg
 from PIL import Image
 from servekit_base import (
@@ -34,6 +22,9 @@ from servekit_base import (
     takes_channels_last,
     to_device,
 )
+from support.answers import assert_same_answers
+from support.bodies import batched_test_images, corrupt_jpeg, jpeg_bytes, png_bytes, png_header_bomb, rotated_rgb_jpeg
+from support.handlers import answer_batch, extracted_archive, image_handler_with
 
 from servekit import archive, timing
 from servekit.archive import BuildOptions
@@ -46,20 +37,20 @@ CPU_PROBABILITY_TOLERANCE = 1e-4
 
 
 @pytest.fixture
-def pil_handler(model_store, tmp_path):
-    return image_handler_with(model_store, tmp_path / "pil", image_decode="pil")
+def pil_handler(all_models_store, tmp_path):
+    return image_handler_with(all_models_store, tmp_path / "pil", image_decode="pil")
 
 
 @pytest.fixture
-def batched_handler(model_store, tmp_path):
-    return image_handler_with(model_store, tmp_path / "batched", image_decode="batched")
+def batched_handler(all_models_store, tmp_path):
+    return image_handler_with(all_models_store, tmp_path / "batched", image_decode="batched")
 
 
 # Batched decode -------------------------------------------------------------------------------------------------
-def test_auto_decodes_with_pil_on_a_cpu_worker_and_unknown_modes_are_refused(model_store, tmp_path):
-    assert image_handler_with(model_store, tmp_path / "auto").batched_decode is False
+def test_auto_decodes_with_pil_on_a_cpu_worker_and_unknown_modes_are_refused(all_models_store, tmp_path):
+    assert image_handler_with(all_models_store, tmp_path / "auto").batched_decode is False
     with pytest.raises(RuntimeError, match="handler.image_decode is 'gpu'; expected one of auto, batched, pil"):
-        image_handler_with(model_store, tmp_path / "bad", image_decode="gpu")
+        image_handler_with(all_models_store, tmp_path / "bad", image_decode="gpu")
 
 
 def test_batched_decode_answers_like_pil_for_raw_json_and_png_bodies(pil_handler, batched_handler, held_out):
@@ -250,18 +241,18 @@ def test_batches_beyond_the_largest_bucket_run_in_chunks_and_other_shapes_eagerl
         assert torch.equal(bucketed(other), model(other)) and replayed == []
 
 
-def test_cuda_graphs_are_ignored_on_a_cpu_worker(model_store, tmp_path, pil_handler, caplog):
+def test_cuda_graphs_are_ignored_on_a_cpu_worker(all_models_store, tmp_path, pil_handler, caplog):
     with caplog.at_level(logging.INFO):
-        handler = image_handler_with(model_store, tmp_path / "graphs", cuda_graphs=[1, 2, 4])
+        handler = image_handler_with(all_models_store, tmp_path / "graphs", cuda_graphs=[1, 2, 4])
     assert handler.graphs is None
     assert "handler.cuda_graphs [1, 2, 4] ignored: this worker runs on cpu" in caplog.text
     body = [(png_bytes(Image.new("RGB", (40, 40), (0, 200, 0))), "image/png")]
     assert answer_batch(handler, body)[0] == answer_batch(pil_handler, body)[0]
 
 
-def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(model_store, tmp_path, held_out):
-    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
-    nhwc = image_handler_with(model_store, tmp_path / "nhwc", image_decode="pil")
+def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(all_models_store, tmp_path, held_out):
+    nchw = image_handler_with(all_models_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
+    nhwc = image_handler_with(all_models_store, tmp_path / "nhwc", image_decode="pil")
     weight = next(p for p in nhwc.model.parameters() if p.dim() == 4)
     assert nhwc.channels_last and weight.is_contiguous(memory_format=torch.channels_last)
     assert not nchw.channels_last and weight.shape == next(p for p in nchw.model.parameters() if p.dim() == 4).shape
@@ -273,9 +264,9 @@ def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(mo
     assert_same_answers(answers, expected, CPU_PROBABILITY_TOLERANCE)
 
 
-def viewing_archive(model_store, folder):
+def viewing_archive(all_models_store, folder):
     """The image archive extracted to `folder`, its model flattened with `.view` first (NCHW-only code)."""
-    context = extracted_archive(model_store / "image-1.0.0.mar", folder)
+    context = extracted_archive(all_models_store / "image-1.0.0.mar", folder)
     with (folder / "models.py").open("a") as models:
         models.write(
             "\n\n_build_model = build_model\n\n\n"
@@ -289,13 +280,13 @@ def viewing_archive(model_store, folder):
     return context
 
 
-def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path, held_out, caplog):
+def test_a_model_written_for_nchw_is_kept_nchw_and_answers(all_models_store, tmp_path, held_out, caplog):
     """`x.view(n, -1)` after a convolution raises on a channels_last batch: the worker keeps such a model NCHW
     (and says why) instead of failing every request, and optimize times it NCHW as the worker runs it."""
-    nchw = image_handler_with(model_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
+    nchw = image_handler_with(all_models_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
     viewing = ImageClassifierHandler()
     with caplog.at_level(logging.WARNING):
-        viewing.initialize(viewing_archive(model_store, tmp_path / "viewing"))
+        viewing.initialize(viewing_archive(all_models_store, tmp_path / "viewing"))
     assert not viewing.channels_last
     assert "ImageClassifierHandler runs NCHW: it raised on a channels_last batch" in caplog.text
     bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 4)]
@@ -309,7 +300,7 @@ def test_a_model_written_for_nchw_is_kept_nchw_and_answers(model_store, tmp_path
         assert Builder(FlatteningConv(flat), images, None, tmp_path, 1).channels_last is expected
 
 
-def test_a_cuda_worker_keeps_an_nchw_model_nchw_too(model_store, tmp_path, caplog, monkeypatch):
+def test_a_cuda_worker_keeps_an_nchw_model_nchw_too(all_models_store, tmp_path, caplog, monkeypatch):
     """CUDA workers lay images out channels_last as CPU workers do, so they try the model on such a batch too
     (checked without a GPU: the device moves are stubbed and the model runs on the CPU)."""
     import servekit_base
@@ -317,7 +308,7 @@ def test_a_cuda_worker_keeps_an_nchw_model_nchw_too(model_store, tmp_path, caplo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
     monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
-    context = viewing_archive(model_store, tmp_path / "viewing")
+    context = viewing_archive(all_models_store, tmp_path / "viewing")
     context.system_properties["gpu_id"] = 0
     viewing = ImageClassifierHandler()
     with caplog.at_level(logging.WARNING):
@@ -382,21 +373,21 @@ def test_to_device_casts_floating_tensors_only():
 
 
 # Variants built for a device --------------------------------------------------------------------------------------
-def test_a_cuda_variant_is_refused_by_a_cpu_worker_with_the_fix(model_store, tmp_path):
+def test_a_cuda_variant_is_refused_by_a_cpu_worker_with_the_fix(all_models_store, tmp_path):
     message = (
         r"^this archive's variant was built for cuda \(float16, CUDA graphs\); this worker runs on cpu: "
         r"serve it with GPU workers \(servekit config --gpus\) or build a CPU variant$"
     )
     with pytest.raises(RuntimeError, match=message):
-        image_handler_with(model_store, tmp_path / "cuda", device="cuda", dtype="float16", cuda_graphs=[1, 8])
+        image_handler_with(all_models_store, tmp_path / "cuda", device="cuda", dtype="float16", cuda_graphs=[1, 8])
     with pytest.raises(RuntimeError, match="handler.device is 'tpu'; expected one of cpu, cuda or none"):
-        image_handler_with(model_store, tmp_path / "tpu", device="tpu")
-    assert image_handler_with(model_store, tmp_path / "cpu", device="cpu").device == torch.device("cpu")
+        image_handler_with(all_models_store, tmp_path / "tpu", device="tpu")
+    assert image_handler_with(all_models_store, tmp_path / "cpu", device="cpu").device == torch.device("cpu")
 
 
-def test_a_cpu_variant_is_refused_by_a_gpu_worker(model_store, tmp_path, monkeypatch):
+def test_a_cpu_variant_is_refused_by_a_gpu_worker(all_models_store, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    context = extracted_archive(model_store / "image-1.0.0.mar", tmp_path)
+    context = extracted_archive(all_models_store / "image-1.0.0.mar", tmp_path)
     context.model_yaml_config["handler"]["device"] = "cpu"
     context.system_properties["gpu_id"] = 0
     with pytest.raises(RuntimeError, match=r"built for cpu \(float32\); this worker runs on cuda: serve it with CPU"):

@@ -9,10 +9,11 @@ import struct
 import pytest
 import torch
 from digits import DigitsHandler
-from helpers import FakeContext, extracted_archive, png_bytes, png_header_bomb, requests_for
 from image_classifier import ImageClassifierHandler, image_tensor
 from PIL import Image
 from servekit_base import RequestError, ServekitHandler, finite_tensor
+from support.bodies import malformed_corpus, png_bytes, png_header_bomb
+from support.handlers import FakeContext, answer_batch, extracted_archive, in_process_handlers, requests_for
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 
@@ -41,18 +42,18 @@ def run(handler: ServekitHandler, bodies: list[tuple[bytes, str]]) -> tuple[list
 
 
 @pytest.fixture
-def image_handler(model_store, tmp_path):
-    return handler_from(model_store / "image-1.0.0.mar", tmp_path, ImageClassifierHandler)
+def image_handler(all_models_store, tmp_path):
+    return handler_from(all_models_store / "image-1.0.0.mar", tmp_path, ImageClassifierHandler)
 
 
 @pytest.fixture
-def text_handler(model_store, tmp_path):
-    return handler_from(model_store / "text-1.0.0.mar", tmp_path, TextClassifierHandler)
+def text_handler(all_models_store, tmp_path):
+    return handler_from(all_models_store / "text-1.0.0.mar", tmp_path, TextClassifierHandler)
 
 
 @pytest.fixture
-def tensor_handler(model_store, tmp_path):
-    return handler_from(model_store / "tensor-1.0.0.mar", tmp_path, TensorHandler)
+def tensor_handler(all_models_store, tmp_path):
+    return handler_from(all_models_store / "tensor-1.0.0.mar", tmp_path, TensorHandler)
 
 
 # Image ------------------------------------------------------------------------------------------------------------
@@ -221,8 +222,8 @@ class RecordingMetrics:
         return Metric()
 
 
-def test_each_batch_records_timings_batch_size_and_rejections(model_store, tmp_path, good_png):
-    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
+def test_each_batch_records_timings_batch_size_and_rejections(all_models_store, tmp_path, good_png):
+    context = extracted_archive(all_models_store / "digits-1.0.0.mar", tmp_path)
     context.metrics = RecordingMetrics()
     handler = DigitsHandler()
     handler.initialize(context)
@@ -234,8 +235,8 @@ def test_each_batch_records_timings_batch_size_and_rejections(model_store, tmp_p
     assert all(recorded[f"Servekit{stage}Ms"][0] >= 0 for stage in ("Preprocess", "Inference", "Postprocess"))
 
 
-def test_warmup_runs_forward_passes_at_initialisation(model_store, tmp_path, monkeypatch):
-    context = extracted_archive(model_store / "tensor-1.0.0.mar", tmp_path)
+def test_warmup_runs_forward_passes_at_initialisation(all_models_store, tmp_path, monkeypatch):
+    context = extracted_archive(all_models_store / "tensor-1.0.0.mar", tmp_path)
     context.model_yaml_config["handler"]["warmup"] = 3
     calls = []
     monkeypatch.setattr(TensorHandler, "forward", lambda self, batch: calls.append(tuple(batch.shape)))
@@ -243,13 +244,13 @@ def test_warmup_runs_forward_passes_at_initialisation(model_store, tmp_path, mon
     assert calls == [(4, 1, 28, 28)] * 3
 
 
-def test_torch_compile_from_config_answers_the_same(model_store, tmp_path, good_png):
-    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path / "compiled")
+def test_torch_compile_from_config_answers_the_same(all_models_store, tmp_path, good_png):
+    context = extracted_archive(all_models_store / "digits-1.0.0.mar", tmp_path / "compiled")
     context.model_yaml_config["handler"]["compile"] = {"dynamic": True}
     compiled = DigitsHandler()
     compiled.initialize(context)
     assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
-    plain = handler_from(model_store / "digits-1.0.0.mar", tmp_path / "plain", DigitsHandler)
+    plain = handler_from(all_models_store / "digits-1.0.0.mar", tmp_path / "plain", DigitsHandler)
     assert run(compiled, [(good_png, "image/png")])[0] == run(plain, [(good_png, "image/png")])[0]
 
 
@@ -282,7 +283,7 @@ def test_text_formats_keep_the_token_dimension_dynamic(tmp_path, trained_text, m
     assert [a["index"] for a in answers] == [e["index"] for e in expected]
 
 
-def test_aoti_package_refuses_a_worker_on_another_device(model_store, tmp_path, monkeypatch):
+def test_aoti_package_refuses_a_worker_on_another_device(all_models_store, tmp_path, monkeypatch):
     from servekit_base import load_model
 
     with pytest.raises(RuntimeError, match="built for cpu"):
@@ -291,7 +292,7 @@ def test_aoti_package_refuses_a_worker_on_another_device(model_store, tmp_path, 
         load_model("pickle", tmp_path / "model.pkl", None, {}, torch.device("cpu"))
 
 
-def test_workers_are_placed_on_their_gpu_when_cuda_is_available(model_store, tmp_path, monkeypatch):
+def test_workers_are_placed_on_their_gpu_when_cuda_is_available(all_models_store, tmp_path, monkeypatch):
     """TorchServe hands each worker a gpu_id: the model must land there (checked without a GPU by stubbing .to, and
     the example batch a worker tries its model's layout on stays on the CPU)."""
     import servekit_base
@@ -301,9 +302,27 @@ def test_workers_are_placed_on_their_gpu_when_cuda_is_available(model_store, tmp
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, device, *a, **k: placed.append(device) or self)
     monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
     for gpu_id in (0, 1, 3):
-        context = extracted_archive(model_store / "tensor-1.0.0.mar", tmp_path / str(gpu_id))
+        context = extracted_archive(all_models_store / "tensor-1.0.0.mar", tmp_path / str(gpu_id))
         context.system_properties["gpu_id"] = gpu_id
         handler = TensorHandler()
         handler.initialize(context)
         assert handler.device == torch.device(f"cuda:{gpu_id}")
     assert placed == [torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cuda:3")]
+
+
+def test_the_whole_malformed_corpus_gets_4xx_json_in_process_and_spoils_no_neighbour(
+    all_models_store, tmp_path_factory, good_png
+):
+    """Every case of the corpus, each batched between two good requests to the same handler: a 4xx JSON error for
+    it alone (the server tests replay one case per error)."""
+    handlers = in_process_handlers(all_models_store, tmp_path_factory)
+    good = {"digits": (good_png, "image/png"), "image": (good_png, "image/png"), "text": (b"a fine film", "text/plain")}
+    good["tensor"] = (json.dumps({"input": [[[0.0] * 28] * 28]}).encode(), "application/json")
+    corpus = malformed_corpus(good_png)
+    assert len(corpus) >= 20
+    for name, body, content_type in corpus:
+        answers, statuses = answer_batch(handlers[name], [good[name], (body, content_type), good[name]])
+        case = (name, body[:40], content_type)
+        assert 400 <= statuses[1][0] < 500 and answers[1]["error"] and answers[1]["detail"], (case, answers[1])
+        assert statuses.get(0, (200,))[0] == statuses.get(2, (200,))[0] == 200, (case, statuses)
+        assert "error" not in answers[0] and "error" not in answers[2], case

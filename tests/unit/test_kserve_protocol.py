@@ -9,26 +9,23 @@ import json
 import pytest
 import torch
 from digits import DigitsHandler, image_to_tensor
-from helpers import (
+from kserve import InferResponse
+from PIL import Image
+from servekit_base import open_image, request_protocol, v2_request
+from support.answers import assert_same_prediction
+from support.bodies import b64, good_document, malformed, rotated_jpeg
+from support.handlers import (
     KSERVE_ROUTE,
     POISON,
     FakeContext,
-    assert_same_prediction,
-    b64,
     extracted_archive,
-    good_document,
     in_process_handlers,
-    malformed,
     plain_answer,
     poison_trained_folder,
     protocol_answers,
     requests_for,
-    rotated_jpeg,
     worker_context,
 )
-from kserve import InferResponse
-from PIL import Image
-from servekit_base import open_image, request_protocol, v2_request
 from tensor_handler import TensorHandler
 from ts.model_loader import TsModelLoader
 from ts.service import Service
@@ -39,8 +36,8 @@ from servekit.heldout import read_held_out
 
 
 @pytest.fixture(scope="module")
-def handlers(model_store, tmp_path_factory) -> dict:
-    return in_process_handlers(model_store, tmp_path_factory)
+def handlers(all_models_store, tmp_path_factory) -> dict:
+    return in_process_handlers(all_models_store, tmp_path_factory)
 
 
 def test_v1_instances_in_every_form_answer_like_the_plain_api(handlers, held_out, trained_text):
@@ -150,11 +147,11 @@ def test_the_protocol_follows_torchserves_route_headers_and_the_envelope(handler
 
 @pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
 def test_torchserves_envelope_is_taken_over_and_a_batch_is_answered_per_request(
-    model_store, tmp_path, good_png, envelope
+    all_models_store, tmp_path, good_png, envelope
 ):
     """TorchServe's envelopes answer one response per batch (503 for all at batch size > 1): the handler unwraps
     them in TorchServe's own model loader and Service, and answers each request in its protocol."""
-    extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
+    extracted_archive(all_models_store / "digits-1.0.0.mar", tmp_path)
     service = TsModelLoader().load("digits", str(tmp_path), handler="digits", batch_size=4, envelope=envelope)
     assert isinstance(service._entry_point.__self__, DigitsHandler)
     if envelope == "kserve":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import sys
 
-from helpers import REPO
+from support import REPO
 
 try:
     import tomllib

@@ -1,0 +1,69 @@
+"""Real TorchServes for the tests: started on free loopback ports, always stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from servekit import server
+from servekit.archive import build_archive
+from servekit.client import ServeClient
+from servekit.processes import stop_process_tree
+from servekit.workspace import Server
+from support import REPO
+
+
+def start_server(
+    store: Path, workdir: Path, proxy: bool = False, base_config: Path = REPO / "config.properties"
+) -> server.ServerState:
+    """A TorchServe on free loopback ports; with `proxy`, the traffic-split nginx in front on another one."""
+    settings = server.ServerSettings(
+        base_config=base_config,
+        model_store=store,
+        workdir=workdir,
+        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
+        proxy_port=server.free_port() if proxy else None,
+    )
+    return server.start(settings)
+
+
+def stop_everything_from(workdir: Path) -> None:
+    """Cleanup that works whatever a test left: the server recorded in `workdir`, then any frontend still running
+    from that folder, by PID."""
+    server.stop(workdir)
+    for process in server.frontends_in(workdir.resolve()):
+        stop_process_tree(process, 10)
+
+
+@contextlib.contextmanager
+def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[server.ServerState]:
+    """A TorchServe whose config.properties adds `extra_config` lines, with digits 1.0.0 registered (one worker)."""
+    store = folder / "store"
+    build_archive("digits", "1.0.0", trained_digits, store)
+    base = folder / "config.properties"
+    base.write_text((REPO / "config.properties").read_text() + extra_config)
+    workdir = folder / "ts"
+    state = start_server(store, workdir, base_config=base)
+    try:
+        ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
+        yield state
+    finally:
+        stop_everything_from(workdir)
+
+
+def worker_pids(client: ServeClient, *names: str, version: str | None = None) -> dict[str, list[int]]:
+    """Each model's worker PIDs, sorted: the same before and after a request means no worker died of it."""
+    return {name: sorted(w["pid"] for w in client.describe(name, version)[0]["workers"]) for name in names}
+
+
+# The versions of digits the session's proxied server has registered (tests/server/conftest.py: proxied).
+PROXIED_VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
+# A version of digits in the proxied store, not registered, that fails (503) on the inputs it reads as 8 or 9.
+BROKEN_VERSION = "6.0.0"
+
+
+def server_at(workdir: Path) -> tuple[server.ServerState, ServeClient]:
+    """The server as `workdir`'s server.json records it now (a test may have restarted it) and a client of it."""
+    handle = Server.connect(workdir)
+    return handle.state, handle.client

@@ -1,0 +1,60 @@
+"""bench and tune without a server: load summaries, argument checks; the handler's batch log line and profiler."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from digits import DigitsHandler
+from support.handlers import extracted_archive, requests_for
+
+from servekit.loadgen import summarize
+
+
+def test_load_summary_counts_add_up_and_only_2xx_count_as_success():
+    outcomes = [(10.0, "200"), (20.0, "200"), (30.0, "200"), (5.0, "503"), (1.0, "ClientConnectorError")]
+    result = summarize(outcomes, 2.0, concurrency=4, mode="closed")
+    assert (result.requests, result.ok, result.errors) == (5, 3, 2)
+    assert result.error_statuses == {"503": 1, "ClientConnectorError": 1}
+    assert result.throughput_per_s == 1.5 and result.p50_ms == 20.0 and result.p99_ms == pytest.approx(29.8)
+
+
+def test_each_batch_logs_one_structured_line(model_store, tmp_path, good_png, caplog):
+    handler = DigitsHandler()
+    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
+    handler.initialize(context)
+    context.request_ids = {0: "req-a", 1: "req-b"}
+    with caplog.at_level(logging.INFO, logger="servekit_base"):
+        handler.handle(requests_for([(good_png, "image/png"), (b"x", "image/png")], context), context)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event"')]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["event"] == "servekit_batch" and line["model"] == "digits" and line["version"] == "1.0.0"
+    assert line["request_ids"] == ["req-a", "req-b"] and (line["samples"], line["rejected"]) == (1, 1)
+    assert line["inference_ms"] >= 0 and line["preprocess_ms"] >= 0
+
+
+def test_servekit_profile_writes_a_chrome_trace_for_n_batches(model_store, tmp_path, good_png, monkeypatch):
+    monkeypatch.setenv("SERVEKIT_PROFILE", "2")
+    monkeypatch.setenv("SERVEKIT_PROFILE_DIR", str(tmp_path / "traces"))
+    handler = DigitsHandler()
+    context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path / "mar")
+    handler.initialize(context)
+    for _ in range(3):
+        handler.handle(requests_for([(good_png, "image/png")], context), context)
+    traces = sorted((tmp_path / "traces").glob("digits-*.json"))
+    assert len(traces) == 2
+    assert json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_durations_and_levels_are_validated():
+    from servekit.cli import levels_option, seconds_option
+    from servekit.errors import UsageError
+
+    assert levels_option("1,4,16") == [1, 4, 16] and seconds_option("20s") == 20.0
+    for bad in ("1,x", "0,4", ""):
+        with pytest.raises(UsageError):
+            levels_option(bad)
+    with pytest.raises(UsageError):
+        seconds_option("-3s")
