@@ -338,6 +338,8 @@ def start(settings: ServerSettings) -> ServerState:
     # names processes that are gone.
     stop(workdir)
     check_ports_free(properties, proxy_config)
+    # Keys, config and logs are its user's only; an existing folder keeps its mode (--workdir may hold other things).
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
     for folder in (tmp_dir, log_dir):
         folder.mkdir(parents=True, exist_ok=True)
