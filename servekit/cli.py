@@ -751,10 +751,14 @@ def status_command(workdir: Path, as_json: bool) -> None:
               help="Milliseconds, at least 1 (TorchServe reads 0 as 100).")  # fmt: skip
 @click.option("--job-queue-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @path_option("--out", "out_dir", default=Path("deploy/generated"), show_default=True)
+@store_option
 def config_command(
-    gpus, workers_per_gpu, models_text, device_ids, parallel_type, batch_size, max_batch_delay, job_queue_size, out_dir
-) -> None:
+    gpus, workers_per_gpu, models_text, device_ids, parallel_type, batch_size, max_batch_delay, job_queue_size, out_dir,
+    store,
+) -> None:  # fmt: skip
     """Write config.properties and per-model model-config.yaml for N GPUs (or the CPU), every setting explained.
+
+    The model store is written as an absolute path, and allowed_urls lets TorchServe register only its archives.
 
     Example: servekit config --gpus 4 --workers-per-gpu 2 --models digits,image
     """
@@ -773,6 +777,7 @@ def config_command(
         batch_size=batch_size,
         max_batch_delay_ms=max_batch_delay,
         job_queue_size=job_queue_size,
+        model_store=store,
     )
     for path in configs.write(plan, out_dir):
         console.print(f"wrote {path}")

@@ -269,7 +269,9 @@ class ServeClient:
 
     # Management API --------------------------------------------------------------------------------------------
     def register(self, archive: str, initial_workers: int = 1, synchronous: bool = True) -> dict:
-        """Registers an archive from the server's model store; with `synchronous`, returns once workers are up."""
+        """Registers an archive from the server's model store by its file name (never a URL or a path: the server
+        refuses those, see docs/security.md); with `synchronous`, returns once workers are up."""
+        check_segment(archive, "archive file name")
         params = {"url": archive, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
         return self._call("management", "POST", "/models", timeout_s=REGISTER_TIMEOUT_S, params=params).json()
 

@@ -16,7 +16,8 @@ import yaml
 from servekit.archive import DEFAULT_MAX_BATCH, default_workers
 from servekit.errors import UsageError
 from servekit.names import check_name
-from servekit.server import check_max_batch_delay
+from servekit.server import check_max_batch_delay, property_line, store_archives_only
+from servekit.workspace import DEFAULT_STORE
 
 PARALLEL_TYPES = ("pp", "tp", "pptp")
 
@@ -31,6 +32,7 @@ class Plan:
     max_batch_delay_ms: int = 50
     job_queue_size: int = 1000
     parallel_type: str | None = None  # only for one model split across GPUs (torchrun)
+    model_store: Path = DEFAULT_STORE  # written absolute: allowed_urls is anchored to it
 
     @property
     def ids(self) -> list[int]:
@@ -107,6 +109,7 @@ def auto_workers(gpus: int) -> int:
 def properties_text(plan: Plan) -> str:
     """config.properties with a comment above each setting."""
     netty = max(4, (os.cpu_count() or 1))
+    store = str(plan.model_store.resolve())
     settings = [
         ("Bind every API to loopback; put a reverse proxy or KServe in front for remote clients.", None),
         ("", "inference_address=http://127.0.0.1:8080"),
@@ -142,7 +145,14 @@ def properties_text(plan: Plan) -> str:
         ("Never pip-install per-model requirements at registration.", "install_py_dep_per_model=false"),
         ("Request and response bodies up to 16 MiB (TorchServe answers 413 above).", "max_request_size=16777216"),
         ("", "max_response_size=16777216"),
-        ("Archives are read from here (servekit serve start passes the absolute path).", "model_store=model_store"),
+        (
+            "Archives are read from here (servekit serve start passes its own --store).",
+            property_line("model_store", store),
+        ),
+        (
+            "Register this store's archives only, by file name: any other URL is refused (docs/security.md).",
+            property_line("allowed_urls", store_archives_only(store)),
+        ),
     ]
     lines = [f"# Written by servekit config for {plan.gpus} GPU(s), {plan.workers_per_gpu} worker(s) per GPU."]
     for comment, setting in settings:

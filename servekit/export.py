@@ -19,9 +19,13 @@ import yaml
 
 from servekit.catalog import verify_archive
 from servekit.errors import UsageError
+from servekit.server import property_line, store_archives_only
 
 # KServe protocol -> the TorchServe envelope KServe's runtime asks for through the serviceEnvelope label.
 SERVICE_ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+# Where each runtime finds the model store: KServe mounts storageUri at /mnt/models; the Dockerfile copies it here.
+KSERVE_MODEL_STORE = "/mnt/models/model-store"
+DOCKER_MODEL_STORE = "/home/model-server/model-store"
 
 
 @dataclass
@@ -51,7 +55,8 @@ class KServeSpec:
 def kserve_properties(name: str, version: str, archive: str, config: dict) -> str:
     """TorchServe settings inside KServe: KServe's proxy owns auth and routing, so tokens and the model API are
     off, every address listens in the pod, model_snapshot loads the one archive as the default version, and
-    environment variables are read (TS_SERVICE_ENVELOPE, set by the runtime)."""
+    environment variables are read (TS_SERVICE_ENVELOPE, set by the runtime). allowed_urls stays limited to the
+    store's own archives, should anyone turn the model API on."""
     snapshot = {
         "name": "startup.cfg",
         "modelCount": 1,
@@ -82,7 +87,8 @@ def kserve_properties(name: str, version: str, archive: str, config: dict) -> st
         "enable_model_api=false",
         "install_py_dep_per_model=false",
         "enable_envvars_config=true",
-        "model_store=/mnt/models/model-store",
+        f"model_store={KSERVE_MODEL_STORE}",
+        property_line("allowed_urls", store_archives_only(KSERVE_MODEL_STORE)),
         f"model_snapshot={json.dumps(snapshot)}",
     ]
     return "\n".join(lines) + "\n"
@@ -154,7 +160,7 @@ DOCKERFILE = """# Written by servekit export docker: {name} {version} on the off
 FROM pytorch/torchserve:0.12.0-{flavour}
 # The worker imports yaml without declaring it; servekit's handlers need Pillow and ONNX Runtime for onnx archives.
 RUN pip install --no-cache-dir pyyaml pillow onnxruntime
-COPY model-store /home/model-server/model-store
+COPY model-store {store}
 COPY config.properties /home/model-server/config.properties
 EXPOSE 8080 8081 8082
 # The image's entrypoint starts TorchServe with /home/model-server/config.properties.
@@ -163,7 +169,8 @@ CMD ["serve"]
 
 
 def export_docker(store: Path, name: str, version: str, out_dir: Path, gpu: bool = False) -> list[Path]:
-    """Writes a Dockerfile, config.properties and model-store/ that serve NAME VERSION (token auth on)."""
+    """Writes a Dockerfile, config.properties and model-store/ that serve NAME VERSION (token auth on, the model API
+    off, allowed_urls limited to the image's own store)."""
     entry = verify_archive(store, name, version)
     (out_dir / "model-store").mkdir(parents=True, exist_ok=True)
     shutil.copy2(store / entry.archive, out_dir / "model-store" / entry.archive)
@@ -176,7 +183,8 @@ def export_docker(store: Path, name: str, version: str, out_dir: Path, gpu: bool
                 "inference_address=http://0.0.0.0:8080",
                 "management_address=http://0.0.0.0:8081",
                 "metrics_address=http://0.0.0.0:8082",
-                "model_store=/home/model-server/model-store",
+                f"model_store={DOCKER_MODEL_STORE}",
+                property_line("allowed_urls", store_archives_only(DOCKER_MODEL_STORE)),
                 f"load_models={entry.archive}",
                 "disable_token_authorization=false",
                 "enable_model_api=false",
@@ -189,5 +197,6 @@ def export_docker(store: Path, name: str, version: str, out_dir: Path, gpu: bool
         + "\n"
     )
     dockerfile = out_dir / "Dockerfile"
-    dockerfile.write_text(DOCKERFILE.format(name=name, version=version, flavour="gpu" if gpu else "cpu"))
+    flavour = "gpu" if gpu else "cpu"
+    dockerfile.write_text(DOCKERFILE.format(name=name, version=version, flavour=flavour, store=DOCKER_MODEL_STORE))
     return [dockerfile, properties, out_dir / "model-store" / entry.archive]

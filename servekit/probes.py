@@ -24,8 +24,10 @@ from servekit.errors import ServekitError, ServerError, UsageError
 from servekit.heldout import HeldOutSample, read_held_out
 from servekit.locks import file_lock
 from servekit.registry import registered_versions
+from servekit.worker_dir import publish as publish_for_workers
 
 PROBES_FILE = "golden_probes.prom"  # in the server's workdir; node_exporter's textfile collector reads *.prom
+# (with a proxy, a copy also goes to the proxy workers' folder, servekit/worker_dir.py, which it serves from)
 METRICS_PATH = "/servekit/metrics"  # where the proxy serves the file
 AGREEMENT = "servekit_golden_probe_agreement"
 SAMPLES = "servekit_golden_probe_samples"
@@ -176,8 +178,23 @@ def record(workdir: Path, results: list[ProbeResult], replace_model: str | None 
     path = probes_file(workdir)
     with locked(path):
         existing = path.read_text() if path.is_file() else ""
-        write_atomically(path, merge(existing, results, replace_model))
+        replace(workdir, merge(existing, results, replace_model))
     return path
+
+
+def replace(workdir: Path, text: str) -> None:
+    """WORKDIR's probe file and the copy the proxy's workers serve (they may not enter the workdir), both atomically.
+    Under the lock."""
+    write_atomically(probes_file(workdir), text)
+    publish_for_workers(workdir, PROBES_FILE, text)
+
+
+def publish(workdir: Path) -> None:
+    """Copies WORKDIR's probe file (if any) to where the proxy's workers serve it: at the proxy's start."""
+    path = probes_file(workdir)
+    with locked(path):
+        if path.is_file():
+            publish_for_workers(workdir, PROBES_FILE, path.read_text())
 
 
 def forget(workdir: Path, name: str) -> list[str]:
@@ -188,7 +205,7 @@ def forget(workdir: Path, name: str) -> list[str]:
         existing = path.read_text() if path.is_file() else ""
         removed = sorted(version for model, version in parse(existing) if model == name)
         if removed:
-            write_atomically(path, merge(existing, [], replace_model=name))
+            replace(workdir, merge(existing, [], replace_model=name))
     return removed
 
 

@@ -5,11 +5,16 @@ header (or, when a request has none, its `$request_id`) into a version, and the 
 versioned URL `/predictions/NAME/VERSION`, so TorchServe's own per-version metrics count each branch. Every other
 route (`/ping`, other models, versioned URLs, explanations) passes straight through, Authorization included.
 
-Everything nginx needs lives in `WORKDIR/proxy/`: nginx.conf (written atomically, checked with `nginx -t`
-before it replaces the last good one), the pid file, the error log and `access.log` (one tab-separated line per
-split request: time, model, version, status, upstream seconds; buffered, written at least every 250 ms), which
-`servekit split NAME` reads for error rates and latency percentiles. The proxy also serves servekit's golden-probe
-metrics (WORKDIR/golden_probes.prom, written by servekit/probes.py) at /servekit/metrics, for Prometheus.
+The master's files live in `WORKDIR/proxy/`: nginx.conf (written atomically, checked with `nginx -t` before it
+replaces the last good one), the pid file, the error log and `access.log` (one tab-separated line per split
+request: time, model, version, status, upstream seconds; buffered, written at least every 250 ms), which
+`servekit split NAME` reads for error rates and latency percentiles. The master opens them; its workers only
+inherit the open logs. The proxy also serves servekit's golden-probe metrics (WORKDIR/golden_probes.prom, written by
+servekit/probes.py) at /servekit/metrics, for Prometheus.
+
+Started as root, nginx runs its workers as `nobody`: what they read and write (their temp folders for large bodies
+and answers, and a copy of the probe metrics) lives in one folder outside the workdir that only they may enter
+(servekit/worker_dir.py), and the workdir with its keys stays closed to them.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from servekit import probes, worker_dir
 from servekit.catalog import write_atomically
 from servekit.errors import ServerError, UsageError
 from servekit.lazy import lazy_module
-from servekit.probes import METRICS_PATH, probes_file
 from servekit.processes import stop_process_tree
 
 psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
@@ -120,6 +125,16 @@ class ProxyConfig:
     @property
     def error_log(self) -> Path:
         return self.directory / "error.log"
+
+    @property
+    def workdir(self) -> Path:
+        """The server's working folder, which holds this proxy's directory."""
+        return self.directory.parent
+
+    @property
+    def worker_dir(self) -> Path:
+        """What nginx's workers read and write (servekit/worker_dir.py)."""
+        return worker_dir.folder(self.workdir)
 
     def save(self) -> None:
         """proxy.json: the port, upstream and splits, so `serve start --resume` brings the same proxy back."""
@@ -269,13 +284,13 @@ def render(config: ProxyConfig) -> str:
         http, server = render_split(index, config.splits[name])
         http_lines += http
         server_lines += server
-    temp_paths = [f"    {directory}_path {directory};" for directory in TEMP_DIRS]
+    temp_paths = [f"    {directory}_path {config.worker_dir / directory};" for directory in TEMP_DIRS]
+    account = worker_dir.worker_account()
     lines = [
         "# Written by servekit (servekit/proxy.py); edits are overwritten by the next `servekit split`.",
         "daemon on;",
-        # Started as root, nginx drops its workers to `nobody`, who cannot read the workdir (the probe file, the
-        # body buffers): keep them as root, like TorchServe's own workers in that case.
-        *(["user root;"] if os.geteuid() == 0 else []),
+        # Started as root, nginx drops its workers to this user; they need only the worker folder.
+        *([f"user {account[0]} {account[1]};"] if account else []),
         "worker_processes 1;",
         "pid nginx.pid;",
         "error_log error.log warn;",
@@ -314,8 +329,8 @@ def render(config: ProxyConfig) -> str:
         "        }",
         # servekit's own metrics (golden probes, servekit/probes.py) for Prometheus: a static file, 404 until the
         # first probe. Written atomically, so nginx never serves half of it.
-        f"        location = {METRICS_PATH} {{",
-        f"            alias {probes_file(config.directory.parent).resolve()};",
+        f"        location = {probes.METRICS_PATH} {{",
+        f"            alias {config.worker_dir / probes.PROBES_FILE};",
         "            types { }",
         '            default_type "text/plain; version=0.0.4";',
         "        }",
@@ -340,10 +355,10 @@ def check_config(binary: Path, config: ProxyConfig, conf_path: Path) -> None:
 
 
 def write_config(binary: Path, config: ProxyConfig) -> None:
-    """Renders, checks a candidate file with `nginx -t`, then renames it over nginx.conf."""
+    """Renders, checks a candidate file with `nginx -t`, then renames it over nginx.conf. nginx makes the temp
+    folders (the workers' own, when it runs as root) in the worker folder, which this prepares."""
     config.directory.mkdir(parents=True, exist_ok=True)
-    for directory in TEMP_DIRS:
-        (config.directory / directory).mkdir(exist_ok=True)
+    worker_dir.prepare(config.workdir)
     candidate = config.directory / "nginx.conf.candidate"
     write_atomically(candidate, render(config))
     try:
@@ -373,12 +388,14 @@ def is_master_of(cmdline: list[str] | None, conf_path: Path) -> bool:
 
 def stop_masters_in(directory: Path, timeout_s: float = 15.0) -> bool:
     """Stops every nginx master running the proxy config in `directory`, found by command line: a server killed
-    with -9 leaves its proxy running, and its recorded PID may be lost or stale. False if none ran."""
+    with -9 leaves its proxy running, and its recorded PID may be lost or stale; removes the workers' folder. False
+    if none ran."""
     conf_path = directory / CONF_FILE
     masters = [p for p in psutil.process_iter(["cmdline"]) if is_master_of(p.info["cmdline"], conf_path)]
     for master in masters:
         stop_process_tree(master, timeout_s)
     (directory / PID_FILE).unlink(missing_ok=True)
+    worker_dir.remove(directory.parent)
     return bool(masters)
 
 
@@ -398,6 +415,7 @@ def active_workers(master: psutil.Process) -> set[int]:
 def start(binary: Path, config: ProxyConfig, timeout_s: float = 15.0) -> int:
     """Writes the config, starts nginx (it daemonizes) and returns the master's PID once a worker runs."""
     write_config(binary, config)
+    probes.publish(config.workdir)
     config.pid_path.unlink(missing_ok=True)
     launched = subprocess.run(
         nginx_command(binary, config, config.conf_path), capture_output=True, text=True, timeout=30
@@ -456,12 +474,14 @@ def wait_old_workers_gone(config: ProxyConfig, pid: int, timeout_s: float = 60.0
 
 
 def stop(config: ProxyConfig, pid: int, timeout_s: float = 15.0) -> bool:
-    """Stops the nginx master with that PID (fast shutdown) and its workers; False if it was not running."""
+    """Stops the nginx master with that PID (fast shutdown) and its workers, and removes the workers' folder; False if
+    it was not running."""
     master = nginx_process(pid, config)
     if master is None:
         return False
     stop_process_tree(master, timeout_s)
     config.pid_path.unlink(missing_ok=True)
+    worker_dir.remove(config.workdir)
     return True
 
 

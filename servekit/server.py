@@ -36,6 +36,9 @@ GRPC_KEYS = {
     "grpc_inference": ("grpc_inference_address", "grpc_inference_port"),
     "grpc_management": ("grpc_management_address", "grpc_management_port"),
 }
+# servekit's archive names, NAME-VERSION.mar (servekit/names.py), as a Java regex free of commas (TorchServe splits
+# allowed_urls at them, so names.py's {0,63} cannot be used) and of `..`.
+ARCHIVE_FILE_PATTERN = r"(?!.*\.\.)[A-Za-z][A-Za-z0-9_-]*-[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?\.mar"
 DEFAULT_PORTS = {
     "inference": 8080,
     "management": 8081,
@@ -104,8 +107,13 @@ class ServerState:
         return Path(self.workdir) / PROXY_DIR
 
 
+# java.util.Properties' one-letter escapes; any other escaped character stands for itself (`\\:` is `:`).
+PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
+
+
 def read_properties(path: Path) -> dict[str, str]:
-    """Java-style `key=value` lines (`#` and `!` start comments; `\\:` and `\\n` escapes, as in snapshots)."""
+    """Java-style `key=value` lines (`#` and `!` start comments; `\\:`, `\\n` and `\\uXXXX` escapes, as in
+    snapshots)."""
     if not path.is_file():
         raise UsageError(f"TorchServe config {path} not found")
     properties = {}
@@ -114,8 +122,34 @@ def read_properties(path: Path) -> dict[str, str]:
         if not line or line[0] in "#!" or "=" not in line:
             continue
         key, value = line.split("=", 1)
-        properties[key.strip()] = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), value.strip())
+        properties[key.strip()] = unescape_property(value.strip())
     return properties
+
+
+def unescape_property(value: str) -> str:
+    def one(match: re.Match) -> str:
+        escaped = match[1]
+        return chr(int(escaped[1:], 16)) if len(escaped) == 5 else PROPERTY_ESCAPES.get(escaped, escaped)
+
+    # \uXXXX are UTF-16 code units: a character beyond U+FFFF comes as two, joined here
+    units = re.sub(r"\\(u[0-9A-Fa-f]{4}|.)", one, value)
+    return units.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+
+
+def property_line(key: str, value: str) -> str:
+    """`key=value` as java.util.Properties reads it back: it drops a lone backslash (`\\.` is written `\\\\.`) and
+    reads bytes as Latin-1 (anything beyond ASCII is written `\\uXXXX`)."""
+    escapes = {"\\": "\\\\", **{char: f"\\{letter}" for letter, char in PROPERTY_ESCAPES.items()}}
+
+    def one(char: str) -> str:
+        if char in escapes:
+            return escapes[char]
+        if char.isascii():
+            return char
+        units = char.encode("utf-16-be")
+        return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+
+    return f"{key}=" + "".join(one(char) for char in value)
 
 
 def latest_snapshot(workdir: Path) -> Path:
@@ -128,8 +162,23 @@ def latest_snapshot(workdir: Path) -> Path:
 
 def write_properties(properties: dict[str, str], path: Path) -> None:
     lines = ["# Written by servekit serve start; edit the base config.properties instead."]
-    lines += [f"{key}={value}" for key, value in properties.items()]
+    lines += [property_line(key, value) for key, value in properties.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def store_archives_only(model_store: str) -> str:
+    """TorchServe's `allowed_urls` for a server that loads nothing but its own store's archives.
+
+    TorchServe 0.12 fetches any `file://` or `http(s)://` URL it is given to register (its default allows them all)
+    and saves the answer in the model store; a URL this pattern does not match is refused before anything is
+    fetched. The pattern matches only file URLs of servekit archive names (NAME-VERSION.mar) directly in
+    `model_store` (case-sensitive, no `%`, `/` or `..` after the store). A bare file name, which is how servekit
+    registers, is no URL: TorchServe reads it from the store and refuses one with `..`.
+    In the store path, every ASCII character but letters, digits, `/`, `_` and `-` is written `\\xHH` (Java's and
+    Python's regexes read that alike; TorchServe splits the setting at commas, so a comma must not appear as one).
+    """
+    store = "".join(c if c.isalnum() or c in "/_-" or not c.isascii() else f"\\x{ord(c):02X}" for c in model_store)
+    return f"(?-i:file://{store.rstrip('/')}/{ARCHIVE_FILE_PATTERN})"
 
 
 def port_of(address: str | None, default: int) -> int:
@@ -153,6 +202,20 @@ def effective_properties(settings: ServerSettings) -> dict[str, str]:
         properties[address_key] = settings.host
         properties[port_key] = str(settings.ports.get(api) or properties.get(port_key) or DEFAULT_PORTS[api])
     properties["model_store"] = str(settings.model_store.resolve())
+    return properties
+
+
+def startup_properties(settings: ServerSettings, workdir: Path) -> dict[str, str]:
+    """What TorchServe starts with: the base config made effective, or on --resume the newest snapshot; either way
+    with `allowed_urls` limited to the store's own archives (a snapshot from an older servekit may lack it, and a
+    base config may widen it: servekit's config is the only thing between the management key and a download)."""
+    if settings.resume:
+        if settings.ports:
+            raise UsageError("--resume restores the snapshot's own ports: leave the port options out")
+        properties = read_properties(latest_snapshot(workdir))
+    else:
+        properties = effective_properties(settings)
+    properties["allowed_urls"] = store_archives_only(properties["model_store"])
     return properties
 
 
@@ -267,27 +330,22 @@ def start(settings: ServerSettings) -> ServerState:
     workdir = settings.workdir.resolve()
     if running_state(workdir) or frontends_in(workdir):
         raise ServerError(f"a TorchServe started from {workdir} is still running: `servekit serve stop` first")
-    if settings.resume:
-        if settings.ports:
-            raise UsageError("--resume restores the snapshot's own ports: leave the port options out")
-        config_path = latest_snapshot(workdir)
-        properties = read_properties(config_path)
-    else:
-        properties = effective_properties(settings)
-        config_path = workdir / "config.properties"
+    properties = startup_properties(settings, workdir)
+    config_path = workdir / "config.properties"
     proxy_config = planned_proxy(settings, workdir, properties)
     nginx = proxy.find_nginx(settings.nginx) if proxy_config is not None else None
     # What a server that died here (kill -9, a crash, a reboot) left: its proxy still holds its port, server.json
     # names processes that are gone.
     stop(workdir)
     check_ports_free(properties, proxy_config)
+    # Keys, config and logs are its user's only; an existing folder keeps its mode (--workdir may hold other things).
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp_dir, log_dir = workdir / "tmp", workdir / "logs"
     for folder in (tmp_dir, log_dir):
         folder.mkdir(parents=True, exist_ok=True)
     pid_file = tmp_dir / ".model_server.pid"
     pid_file.unlink(missing_ok=True)
-    if not settings.resume:
-        write_properties(properties, config_path)
+    write_properties(properties, config_path)
     torchserve = Path(sys.executable).with_name("torchserve")
     command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"]]
     if not settings.snapshots:

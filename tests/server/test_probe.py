@@ -11,7 +11,7 @@ import requests
 from click.testing import CliRunner
 from support.servers import PROXIED_VERSIONS, server_at, start_server, stop_everything_from
 
-from servekit import probes, server
+from servekit import probes, server, worker_dir
 from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
@@ -84,7 +84,8 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
 def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):
     state, client = server_at(proxied)
     path = probes.probes_file(Path(state.workdir))
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # no probe yet: neither the file nor the copy the proxy's workers serve
+    (worker_dir.folder(Path(state.workdir)) / probes.PROBES_FILE).unlink(missing_ok=True)
     register_verified(client, odd_versions, "digits", UNPROBED, workers=1)
     try:
         cases = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,7 +28,9 @@ def two_cores(monkeypatch):
 
 
 def test_four_gpus_two_workers_each_matches_the_golden_files(tmp_path):
-    plan = configs.make_plan("4", 2, ["digits", "image"], batch_size=8, max_batch_delay_ms=10)
+    plan = configs.make_plan(
+        "4", 2, ["digits", "image"], batch_size=8, max_batch_delay_ms=10, model_store=Path("/srv/servekit/model_store")
+    )
     configs.write(plan, tmp_path)
     assert (tmp_path / "config.properties").read_text() == (GOLDEN / "gpu4" / "config.properties").read_text()
     generated = (tmp_path / "models" / "image" / "model-config.yaml").read_text()

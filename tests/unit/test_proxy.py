@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psutil
 import pytest
 import requests
 
-from servekit import probes, proxy
+from servekit import probes, proxy, worker_dir
 from servekit.errors import ServerError, UsageError
 from servekit.proxy import ProxyConfig, Split
 from servekit.server import free_port
@@ -46,6 +49,16 @@ def backend():
 
 
 @pytest.fixture
+def unstarted(tmp_path):
+    """A proxy config of its own workdir (tmp_path) that is only rendered and checked; its worker folder, which
+    `nginx -t` needs, is removed afterwards."""
+    try:
+        yield ProxyConfig(tmp_path / "proxy", free_port(), "127.0.0.1:1")
+    finally:
+        worker_dir.remove(tmp_path)
+
+
+@pytest.fixture
 def running(tmp_path, backend):
     """A started proxy (config, master PID), stopped by PID afterwards."""
     binary = proxy.find_nginx()
@@ -74,28 +87,27 @@ def test_bad_splits_are_refused_before_rendering(split, message):
         split.validate()
 
 
-def test_a_rendered_config_with_every_feature_passes_nginx_t(tmp_path):
-    splits = {
+def test_a_rendered_config_with_every_feature_passes_nginx_t(unstarted):
+    config = unstarted
+    config.splits = {
         "digits": Split("digits", {"1.0.0": 90, "1.1.0": 10}, "X-Request-Key", "1.2.0", 5),
         "image": Split("image", {"1.0.0": 50, "2.0.0": 30, "3.0.0": 20, "4.0.0": 0}),
         "text": Split("text", {"1.0.0": 100}),
     }
-    config = ProxyConfig(tmp_path, free_port(), "127.0.0.1:1", splits=splits)
     proxy.write_config(proxy.find_nginx(), config)
     text = config.conf_path.read_text()
     assert "keepalive_min_timeout" in text and "http_503 non_idempotent" in text and "4.0.0" not in text
     assert text.count("server 127.0.0.1:1 max_fails=0;") == 2 and "client_max_body_size 6553500;" in text
 
 
-def test_a_config_nginx_rejects_leaves_the_last_good_one(tmp_path, monkeypatch):
-    binary = proxy.find_nginx()
-    config = ProxyConfig(tmp_path, free_port(), "127.0.0.1:1")
+def test_a_config_nginx_rejects_leaves_the_last_good_one(unstarted, monkeypatch):
+    binary, config = proxy.find_nginx(), unstarted
     proxy.write_config(binary, config)
     good = config.conf_path.read_text()
     monkeypatch.setattr(proxy, "render", lambda _: "http { this is not nginx }\n")
     with pytest.raises(ServerError, match="nginx rejected"):
         proxy.write_config(binary, config)
-    assert config.conf_path.read_text() == good and not (tmp_path / "nginx.conf.candidate").exists()
+    assert config.conf_path.read_text() == good and not (config.directory / "nginx.conf.candidate").exists()
 
 
 def test_missing_or_old_nginx_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
@@ -173,3 +185,55 @@ def test_the_buffered_access_log_holds_every_answer_by_the_time_it_is_read(runni
     assert len(proxy.read_access_log(config)) == 50
     later = proxy.read_access_log(config, since=middle)
     assert len(later) == 30 and all(a.at >= middle for a in later)
+
+
+def test_workers_started_as_root_run_as_nobody_and_reach_only_their_folder(running):
+    """Started as root (as on these machines), nginx's workers run as `nobody`; otherwise as the invoking user. They
+    still buffer a body larger than the in-memory buffer to a temp file, in the one folder they may enter, and
+    that folder goes when the proxy stops."""
+    _, config, pid = running
+    master, account = psutil.Process(pid), worker_dir.worker_account()
+    workers = [psutil.Process(worker) for worker in proxy.active_workers(master)]
+    assert master.username() == psutil.Process().username()
+    assert workers and {worker.username() for worker in workers} == {account[0] if account else master.username()}
+    folder = config.worker_dir.stat()
+    if account:
+        assert (folder.st_uid, folder.st_gid, stat.S_IMODE(folder.st_mode)) == (0, account[3], 0o710)
+        assert {(config.worker_dir / name).stat().st_uid for name in proxy.TEMP_DIRS} == {account[2]}
+    else:
+        assert (folder.st_uid, stat.S_IMODE(folder.st_mode)) == (os.geteuid(), 0o700)
+    body = b"x" * (3 * 1024 * 1024)  # over client_body_buffer_size (1m): nginx writes it to client_body_temp
+    answered = requests.post(f"{config.url}/predictions/digits", data=body, timeout=30)
+    assert answered.status_code == 200 and answered.text.startswith("/predictions/digits|")
+    log = config.error_log.read_text()
+    assert f"buffered to a temporary file {config.worker_dir}/client_body_temp/" in log and "denied" not in log
+    assert proxy.stop(config, pid) and not config.worker_dir.exists()
+
+
+def test_a_worker_folder_someone_else_made_first_is_never_used(tmp_path):
+    """The folder's name is predictable (every command finds it from the workdir): a link or another user's folder
+    put there first is refused with what to do, not followed."""
+    squatted = worker_dir.folder(tmp_path)
+    squatted.symlink_to(tmp_path)
+    try:
+        with pytest.raises(ServerError, match="not a folder of this user: remove it"):
+            worker_dir.prepare(tmp_path)
+        worker_dir.publish(tmp_path, probes.PROBES_FILE, "x 1\n")
+        worker_dir.remove(tmp_path)
+        assert squatted.is_symlink() and not (tmp_path / probes.PROBES_FILE).exists()
+    finally:
+        squatted.unlink()
+
+
+def test_a_parent_folder_the_workers_cannot_enter_is_refused_when_root(tmp_path, monkeypatch):
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    monkeypatch.setattr(worker_dir, "PARENT", closed)
+    try:
+        if worker_dir.worker_account():
+            with pytest.raises(ServerError, match=r"cannot enter /\S* \(mode 0700\): let every user enter it"):
+                worker_dir.prepare(tmp_path / "workdir")
+        else:  # the workers are the invoking user, who may enter it
+            assert worker_dir.prepare(tmp_path / "workdir").parent == closed
+    finally:
+        worker_dir.remove(tmp_path / "workdir")
