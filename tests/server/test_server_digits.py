@@ -10,7 +10,6 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from digits import image_to_tensor
 from helpers import assert_same_prediction, bad_inputs, start_server
 
 from servekit import server
@@ -18,9 +17,10 @@ from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ApiError
 from servekit.evaluate import evaluate_served
-from servekit.models import SimpleCNN
 from servekit.registry import register_verified
 from servekit.workspace import HELD_OUT_DIR
+from servekit_worker.digits import image_to_tensor
+from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
 
