@@ -19,9 +19,10 @@ import yaml
 
 from servekit.catalog import verify_archive
 from servekit.errors import UsageError
+from servekit_worker.kserve import KSERVE_PROTOCOLS
 
 # KServe protocol -> the TorchServe envelope KServe's runtime asks for through the serviceEnvelope label.
-SERVICE_ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+SERVICE_ENVELOPES = {protocol.name: protocol.envelope for protocol in KSERVE_PROTOCOLS}
 
 
 @dataclass
