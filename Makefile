@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# an editable install leaves servekit uncompiled: compile it as a regular install does (faster CLI start-up)
-	$(BIN)/python -m compileall -q servekit
+	$(BIN)/python -m compileall -q servekit servekit_worker
 	touch $(STAMP)
 
 check-java:
@@ -51,8 +51,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check servekit handlers tests
-	$(BIN)/ruff format --check servekit handlers tests
+	$(BIN)/ruff check servekit servekit_worker handlers tests
+	$(BIN)/ruff format --check servekit servekit_worker handlers tests
 
 clean:
 	rm -rf .servekit model_store/work model_store/*.mar model_store/catalog.json

@@ -1,5 +1,6 @@
-"""servekit's TorchServe handlers.
+"""servekit's TorchServe handlers: one small file per archive kind, the entry point TorchServe loads.
 
-These files are copied flat into `.mar` archives and run inside TorchServe workers, where they import each
-other as top-level modules (`from servekit_base import ...`). They must not import `servekit`.
+Each is a servekit_worker handler on TorchServe's worker API; `servekit build` packs the file with the
+servekit_worker folder beside it, which TorchServe's worker imports from the unpacked archive. They must not import
+`servekit`.
 """

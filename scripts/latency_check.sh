@@ -35,13 +35,13 @@ python=$(dirname "$sk")/python
 import json, sys
 from pathlib import Path
 import torch
-from servekit.formats import ort_session
+from servekit_worker.loading import onnx_session
 from servekit.timing import percentile, time_calls
 folder = Path(sys.argv[1])
 report = json.loads((folder / "report.json").read_text())
 row = next(r for r in report["results"] if r["name"] == "onnx_int8")
 torch.set_num_threads(report["threads"])
-run = ort_session(folder / "variants" / "onnx_int8" / "model.onnx", report["threads"])
+run = onnx_session(folder / "variants" / "onnx_int8" / "model.onnx", report["threads"])
 inputs = [torch.randn(1, 3, 224, 224) for _ in range(16)]
 alone = percentile(time_calls(run, inputs, 3.0, 30), 50)
 print(json.dumps({"report_bs1_p50_ms": row["bs1_p50_ms"], "alone_bs1_p50_ms": alone,

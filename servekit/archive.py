@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import importlib
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 from servekit import __version__
 from servekit.catalog import Catalog, CatalogEntry, sha256_file, utc_now
@@ -33,8 +31,6 @@ from servekit.workspace import (
     Workspace,
     archive_file_name,
 )
-
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -57,9 +53,8 @@ HANDLERS = {
     "text": HandlerSpec("text_classifier.py", extra_files=(LABELS_FILE, VOCAB_FILE), inputs="int64 token ids",
                         feeds=lambda shape, dtype: len(shape) == 1 and dtype == "int64"),
 }  # fmt: skip
-SHARED_HANDLER_FILES = ("servekit_base.py",)
+WORKER_PACKAGE = "servekit_worker"  # shipped beside the handler file in every archive, as one folder
 GOLDEN_SAMPLES = 32
-MODEL_DEFINITIONS = PACKAGE_DIR / "models.py"
 
 
 def check_handler_fits(handler: str, trained: dict, source_dir: Path) -> None:
@@ -152,6 +147,7 @@ def sample_cost_ms(source_dir: Path, threads: int, served: dict | None = None) -
 
     from servekit.formats import example_batch, load_format, load_trained, torch_threads
     from servekit.timing import time_calls
+    from servekit_worker.acceleration import runs_channels_last, takes_channels_last
 
     trained = json.loads((source_dir / HANDLER_FILE).read_text())
     prebuilt = trained.get("format")
@@ -163,14 +159,8 @@ def sample_cost_ms(source_dir: Path, threads: int, served: dict | None = None) -
             model = load_format(source_dir / FORMAT_FILES[prebuilt], prebuilt, threads)
         example = example_batch(trained, batch=2)
         # A CPU worker runs an eager model's images channels_last unless the settings say not, if the model takes them.
-        base = handler_module("servekit_base")
         settings = served if served is not None else {"format": prebuilt or "state_dict", **trained}
-        if (
-            eager
-            and example.dim() == 4
-            and base.runs_channels_last(settings, "cpu")
-            and base.takes_channels_last(model, example)
-        ):
+        if eager and example.dim() == 4 and runs_channels_last(settings, "cpu") and takes_channels_last(model, example):
             model = model.to(memory_format=torch.channels_last)
             example = example.contiguous(memory_format=torch.channels_last)
         times = time_calls(model, [example], budget_s=0.2, min_iterations=5, warmup=2, max_iterations=50)
@@ -266,13 +256,15 @@ def handlers_dir() -> Path:
     return Path(servekit_handlers.__file__).resolve().parent
 
 
-def handler_module(module_name: str) -> ModuleType:
-    """A handler file imported as TorchServe's worker imports it (handlers import each other as top-level modules),
-    so that servekit decodes inputs with the served code itself."""
-    folder = str(handlers_dir())
-    if folder not in sys.path:
-        sys.path.append(folder)
-    return importlib.import_module(module_name)
+def stage_worker_package(staging: Path) -> Path:
+    """A folder holding a clean copy of the worker package (no bytecode), for torch-model-archiver's --extra-files:
+    it copies a folder's contents, so the package lands as one folder beside the handler file."""
+    import servekit_worker
+
+    folder = staging / "worker-code"
+    source = Path(servekit_worker.__file__).resolve().parent
+    shutil.copytree(source, folder / WORKER_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return folder
 
 
 def handler_settings(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
@@ -372,7 +364,7 @@ def build_archive(
         config = model_config(handler, trained, options, format_settings)
         config_path = staging / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        extra_files = [handlers_dir() / f for f in SHARED_HANDLER_FILES] + [source_dir / f for f in spec.extra_files]
+        extra_files = [stage_worker_package(staging)] + [source_dir / f for f in spec.extra_files]
         command = [
             sys.executable,
             "-m",
@@ -381,8 +373,6 @@ def build_archive(
             name,
             "--version",
             version,
-            "--model-file",
-            str(MODEL_DEFINITIONS),
             "--serialized-file",
             str(weights),
             "--handler",

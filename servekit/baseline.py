@@ -19,7 +19,7 @@ from flask import Flask, jsonify, request
 from PIL import Image
 
 from servekit.formats import load_trained
-from servekit.models import image_transform
+from servekit_worker.models import image_transform
 
 
 def digits_input(body: bytes, is_json: bool) -> torch.Tensor:

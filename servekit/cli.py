@@ -500,7 +500,8 @@ def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -
     Inference is retried on 503 with backoff; with several --url, a server that is down is failed over.
     Example: servekit predict digits model_store/work/digits/heldout/0000_7.png --protocol v2
     """
-    from servekit.protocols import instance_answers, top1_probability
+    from servekit.protocols import instance_answers
+    from servekit_worker.answers import answer_label, top1_probability
 
     client = failover_client(urls, key_files) if urls else Server.connect(workdir).client
     answers = predict_files(client, name, list(files), protocol, version)
@@ -509,10 +510,11 @@ def predict(name, files, version, urls, key_files, protocol, workdir, as_json) -
         return
     for path, answer in answers.items():
         for item in instance_answers(answer, protocol):
-            if isinstance(item, dict) and "label" in item:
+            label = answer_label(item) if isinstance(item, dict) else None
+            if label is not None:
                 probability = top1_probability(item)
                 shown = f" ({probability:.1%})" if probability is not None else ""
-                console.print(f"{path}: [bold]{item['label']}[/]{shown}", soft_wrap=True)
+                console.print(f"{path}: [bold]{label}[/]{shown}", soft_wrap=True)
             else:
                 console.print(f"{path}: {json.dumps(item)}", soft_wrap=True)  # one line per answer, however long
 

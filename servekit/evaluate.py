@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.client import ServeClient
+from servekit.errors import ServerError
 from servekit.heldout import HeldOutSample, read_held_out
+from servekit_worker.answers import answer_label
 
 
 @dataclass
@@ -41,7 +43,12 @@ def evaluate_served(
         answer = client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)
         if on_answer:
             on_answer()
-        return sample.path, sample.label, str(answer["label"])
+        label = answer_label(answer)
+        if label is None:
+            raise ServerError(
+                f"{name} answered {sample.path.name} without a label ({str(answer)[:80]}): is it a classifier?"
+            )
+        return sample.path, sample.label, label
 
     evaluation = Evaluation(total=len(samples), correct=0)
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

@@ -20,9 +20,10 @@ import yaml
 from servekit.catalog import verify_archive
 from servekit.errors import UsageError
 from servekit.server import property_line, store_archives_only
+from servekit_worker.kserve import KSERVE_PROTOCOLS
 
 # KServe protocol -> the TorchServe envelope KServe's runtime asks for through the serviceEnvelope label.
-SERVICE_ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+SERVICE_ENVELOPES = {protocol.name: protocol.envelope for protocol in KSERVE_PROTOCOLS}
 # Where each runtime finds the model store: KServe mounts storageUri at /mnt/models; the Dockerfile copies it here.
 KSERVE_MODEL_STORE = "/mnt/models/model-store"
 DOCKER_MODEL_STORE = "/home/model-server/model-store"

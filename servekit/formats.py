@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from servekit.errors import UsageError
-from servekit.models import build_model
 from servekit.workspace import FORMAT_FILES, HANDLER_FILE
+from servekit_worker.loading import FORMATS
+from servekit_worker.tensors import DTYPES
 
 MAX_BATCH = 1024
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
+CPU = torch.device("cpu")
 
 
 def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
@@ -28,43 +29,17 @@ def load_trained(source_dir: Path) -> tuple[torch.nn.Module, dict]:
     if not handler_path.is_file():
         raise UsageError(f"{handler_path} not found: train the model with `servekit train` first")
     handler = json.loads(handler_path.read_text())
-    model = build_model(handler["model_class"], handler.get("model_kwargs"))
-    model.load_state_dict(torch.load(source_dir / FORMAT_FILES["state_dict"], map_location="cpu", weights_only=True))
-    return model.eval(), handler
-
-
-def ort_session(path: Path, threads: int, device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ONNX Runtime session on `threads` intra-op threads (and its CUDA provider for a cuda device), as a
-    callable on a CPU batch."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    providers: list = ["CPUExecutionProvider"]
-    if device is not None and device.type == "cuda":
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
-    name = session.get_inputs()[0].name
-    return lambda batch: torch.from_numpy(session.run(None, {name: batch.cpu().numpy()})[0])
+    return FORMATS["state_dict"].load(source_dir / FORMAT_FILES["state_dict"], CPU, handler), handler
 
 
 def load_format(path: Path, model_format: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A serialized model (not a state_dict) loaded on the CPU as a callable on a batch; TorchScript and the
-    export formats carry their own code, so a model class servekit does not know loads too."""
-    if model_format == "torchscript":
-        with warnings.catch_warnings():  # torch.jit is deprecated
-            warnings.simplefilter("ignore")
-            return torch.jit.load(str(path), map_location="cpu")
-    if model_format == "export":
-        return torch.export.load(str(path)).module()
-    if model_format == "aoti":
-        from torch._inductor import aoti_load_package
-
-        return aoti_load_package(str(path))
-    if model_format == "onnx":
-        return ort_session(path, threads)
-    raise UsageError(f"{model_format!r} is not a serialized format; choose one of {', '.join(FORMAT_FILES)}")
+    """A serialized model (not a state_dict) loaded on the CPU as the worker loads it, as a callable on a batch
+    (ONNX Runtime on `threads`); TorchScript and the export formats carry their own code, so a model class servekit
+    does not know loads too."""
+    if model_format == "state_dict" or model_format not in FORMATS:
+        raise UsageError(f"{model_format!r} is not a serialized format; choose one of {', '.join(FORMAT_FILES)}")
+    with torch_threads(threads):
+        return FORMATS[model_format].load(path, CPU, {})
 
 
 @contextlib.contextmanager

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from servekit.client import ServeClient
+from servekit_worker.telemetry import COUNTERS, GAUGES
 
 RESPONSE_COUNTERS = ("Requests2XX", "Requests4XX", "Requests5XX")
 REQUESTS = "ts_inference_requests"
 INFERENCE_LATENCY_US = "ts_inference_latency_microseconds"
 QUEUE_LATENCY_US = "ts_queue_latency_microseconds"
-# The handlers' own metrics (handlers/servekit_base.py HandlerMetrics; a test keeps the two lists equal).
-HANDLER_GAUGES = ("ServekitPreprocessMs", "ServekitInferenceMs", "ServekitPostprocessMs", "ServekitBatchSize")
-HANDLER_COUNTERS = ("ServekitRejectedRequests",)
+HANDLER_METRICS = (*GAUGES, *COUNTERS)  # the handlers' own metrics, as the worker names them
 DEFAULT_LABEL = "default"
 
 
@@ -83,7 +82,7 @@ def parse(samples: list[tuple[str, dict[str, str], float]]) -> Scrape:
             key = (labels.get("model_name", ""), labels.get("model_version", ""))
             figures = scrape.versions.setdefault(key, VersionFigures())
             setattr(figures, COUNTER_FIELDS[metric], getattr(figures, COUNTER_FIELDS[metric]) + value)
-        elif metric in HANDLER_GAUGES + HANDLER_COUNTERS and "ModelName" in labels:
+        elif metric in HANDLER_METRICS and "ModelName" in labels:
             scrape.handler.setdefault(labels["ModelName"], {})[metric] = value
     return scrape
 

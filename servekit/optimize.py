@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-from servekit.archive import handler_module
 from servekit.catalog import Catalog
 from servekit.choices import CPU_ONLY_VARIANTS, CUDA_GRAPH_BUCKETS, QUICK_VARIANTS, VARIANTS
 from servekit.errors import UsageError
-from servekit.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained, ort_session
+from servekit.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained
 from servekit.heldout import read_held_out
-from servekit.models import Tokenizer, image_transform, pad_batch
 from servekit.names import check_name
 from servekit.timing import (
     DEFAULT_REPEATS,
@@ -49,6 +47,11 @@ from servekit.workspace import (
     VOCAB_FILE,
     WEIGHTS_FILE,
 )
+from servekit_worker.acceleration import BucketedModel, capture_cuda_graphs, runs_channels_last, takes_channels_last
+from servekit_worker.digits import image_to_tensor
+from servekit_worker.loading import onnx_session
+from servekit_worker.models import Tokenizer, image_transform, pad_batch
+from servekit_worker.vision import decode_image
 
 CALIBRATION_SAMPLES = 64
 MIN_PAIRED_CALLS = 8  # per variant, when timing a speedup against eager
@@ -88,11 +91,10 @@ def load_eval_set(source_dir: Path, handler: dict) -> EvalSet:
         tensors = [torch.tensor(tokenizer.encode(s.path.read_text())) for s in samples]
     elif "preprocess" in handler:
         transform = image_transform(**handler["preprocess"])
-        decode = handler_module("image_classifier").image_tensor
-        tensors = [transform(decode(s.path.read_bytes(), EVAL_MAX_PIXELS)) for s in samples]
+        tensors = [transform(decode_image(s.path.read_bytes(), EVAL_MAX_PIXELS)) for s in samples]
     else:
-        decode, shape = handler_module("digits").image_to_tensor, handler["example_input"]["shape"]
-        tensors = [decode(s.path.read_bytes(), EVAL_MAX_PIXELS).reshape(shape) for s in samples]
+        shape = handler["example_input"]["shape"]
+        tensors = [image_to_tensor(s.path.read_bytes(), EVAL_MAX_PIXELS).reshape(shape) for s in samples]
     targets = torch.tensor([labels.index(s.label) for s in samples])
     return EvalSet(tensors[:CALIBRATION_SAMPLES], tensors[CALIBRATION_SAMPLES:], targets[CALIBRATION_SAMPLES:], text)
 
@@ -127,11 +129,10 @@ class Builder:
         # Images run channels_last where a worker on the device runs the eager model so (the handler's rule,
         # `channels_last: false` included) and the model takes them (tried as the worker tries it).
         image = len(handler.get("example_input", {}).get("shape", [])) == 3
-        base = handler_module("servekit_base")
         self.channels_last = (
             image
-            and base.runs_channels_last({**handler, "format": "state_dict"}, device.type)
-            and base.takes_channels_last(model, example_batch(handler, 1))
+            and runs_channels_last({**handler, "format": "state_dict"}, device.type)
+            and takes_channels_last(model, example_batch(handler, 1))
         )
         self.layout = {"memory_format": torch.channels_last} if self.channels_last else {}
 
@@ -190,7 +191,7 @@ class Builder:
         path, settings = export_model(self.on_device(model) if on_device else model, self.handler, model_format,
                                       folder, self.device if on_device else None)  # fmt: skip
         if model_format == "onnx":
-            runner = ort_session(path, self.threads, self.device)
+            runner = onnx_session(path, self.threads, self.device)
             return Built(runner, [path], {"format": "onnx", "device": "cuda"})
         loaded = load_format(path, model_format, self.threads)
         if model_format == "aoti":  # compiled for contiguous inputs; the handler sends them so
@@ -239,12 +240,11 @@ class Builder:
         handler's own capture code, so what is gated here is what the worker replays."""
         if self.device.type != "cuda":
             raise UsageError("cuda_graphs needs --device cuda")
-        base = handler_module("servekit_base")
         example = self.inputs(example_batch(self.handler, 1), torch.float16)
 
         def captured(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-            runners = base.capture_cuda_graphs(model.eval(), example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
-            return base.BucketedModel(runners, model)
+            runners = capture_cuda_graphs(model.eval(), example, list(CUDA_GRAPH_BUCKETS), self.channels_last)
+            return BucketedModel(runners, model)
 
         built = self.eager_like("cuda_graphs", self.model, {}, torch.float16, wrap=captured)
         built.handler.update({"dtype": "float16", "cuda_graphs": list(CUDA_GRAPH_BUCKETS)})
@@ -301,7 +301,7 @@ class Builder:
                 per_channel=True,
             )
         source.unlink()
-        return Built(ort_session(target, self.threads), [target], {"format": "onnx"})
+        return Built(onnx_session(target, self.threads), [target], {"format": "onnx"})
 
 
 def cuda_onnxruntime() -> bool:

@@ -25,6 +25,7 @@ from servekit.heldout import HeldOutSample, read_held_out
 from servekit.locks import file_lock
 from servekit.registry import registered_versions
 from servekit.worker_dir import publish as publish_for_workers
+from servekit_worker.answers import answer_label
 
 PROBES_FILE = "golden_probes.prom"  # in the server's workdir; node_exporter's textfile collector reads *.prom
 # (with a proxy, a copy also goes to the proxy workers' folder, servekit/worker_dir.py, which it serves from)
@@ -81,17 +82,8 @@ def answer_or_none(client: ServeClient, name: str, version: str, sample: HeldOut
         return None
 
 
-def top_label(answer: Any) -> str | None:
-    """The top-1 label of a classifier's answer (`{"label": ...}`, or the first of a list), else None."""
-    if isinstance(answer, list) and len(answer) == 1:
-        answer = answer[0]
-    if isinstance(answer, dict) and "label" in answer:
-        return str(answer["label"])
-    return None
-
-
 def agrees(answer: Any, sample: HeldOutSample) -> bool:
-    return top_label(answer) == sample.label
+    return answer_label(answer) == sample.label
 
 
 def probe_version(client: ServeClient, name: str, version: str, samples: list[HeldOutSample]) -> ProbeResult:

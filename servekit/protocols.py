@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 from servekit.errors import ServerError, UsageError
+from servekit_worker.errors import RequestError
+from servekit_worker.kserve import flat_values, nested
 
 PROTOCOLS = ("v1", "v2")
 TEXT_SUFFIXES = {".txt"}
@@ -52,10 +54,6 @@ def shape_of(value: Any) -> list[int]:
     return shape
 
 
-def flatten(value: Any) -> list:
-    return [v for item in value for v in flatten(item)] if isinstance(value, list) else [value]
-
-
 def v1_request(instances: list[tuple[str, Any]]) -> dict:
     return {"instances": [{"b64": value} if kind == "image" else value for kind, value in instances]}
 
@@ -70,7 +68,10 @@ def v2_request(instances: list[tuple[str, Any]]) -> tuple[dict, list[int]]:
             shapes = {tuple(shape_of(v)) for v in values}
             if len(shapes) != 1:
                 raise UsageError(f"the .json tensors have different shapes {sorted(shapes)}: send them separately")
-            data = [x for v in values for x in flatten(v)]
+            try:
+                data = flat_values(values, "the .json tensors")
+            except RequestError as exc:
+                raise UsageError(exc.detail) from None
             datatype = "INT64" if all(isinstance(x, int) for x in data) else "FP32"
             shape = [len(values), *shapes.pop()]
             inputs.append({"name": "tensors", "shape": shape, "datatype": datatype, "data": data})
@@ -101,15 +102,8 @@ def v2_answers(document: dict) -> list[dict]:
         size = math.prod(row_shape)
         for i, answer in enumerate(answers):
             row = output["data"][i * size : (i + 1) * size]
-            answer[output["name"]] = nest(row, row_shape) if row_shape else row[0]
+            answer[output["name"]] = nested(row, row_shape) if row_shape else row[0]
     return answers
-
-
-def nest(values: list, shape: list[int]) -> Any:
-    if len(shape) <= 1:
-        return list(values)
-    step = len(values) // shape[0]
-    return [nest(values[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def predict_files(client, name: str, paths: list[Path], protocol: str, version: str | None = None) -> dict[str, Any]:
@@ -135,17 +129,3 @@ def instance_answers(answer: Any, protocol: str) -> list:
     (a tensor model's v1 answer is its output row, a list); servekit's API answers a document of several inputs
     with a list, one answer per input."""
     return answer if protocol == "plain" and isinstance(answer, list) else [answer]
-
-
-def top1_probability(answer: dict) -> float | None:
-    """A classifier answer's probability of its label: from the top k (plain, v1) or the full vector (v2)."""
-    probabilities = answer.get("probabilities")
-    if isinstance(probabilities, dict):
-        return probabilities.get(answer["label"])
-    if (
-        isinstance(probabilities, list)
-        and isinstance(answer.get("index"), int)
-        and answer["index"] < len(probabilities)
-    ):
-        return probabilities[answer["index"]]
-    return None

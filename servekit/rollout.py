@@ -31,6 +31,8 @@ from servekit.registry import (
     version_info,
 )
 from servekit.timing import time_alternating
+from servekit_worker.answers import answer_index, answer_label
+from servekit_worker.telemetry import BATCH_SAMPLES_HEADER, INFERENCE_MS_HEADER
 
 
 @dataclass
@@ -81,16 +83,12 @@ class RolloutFailed(ServekitError):
 
 
 # What two versions must agree on -----------------------------------------------------------------------------------
-def label_of(answer: Any) -> str | None:
-    return str(answer.get("label")) if isinstance(answer, dict) and "label" in answer else None
-
-
 def answer_key(answer: Any) -> Any:
     """The top-1 class, or the argmax of raw outputs."""
     if isinstance(answer, list):
         return tuple(answer_key(a) for a in answer)
-    if isinstance(answer, dict) and "index" in answer:
-        return answer["index"]
+    if answer_index(answer) is not None:
+        return answer_index(answer)
     if isinstance(answer, dict) and "output" in answer:
         values = answer["output"]
         return max(range(len(values)), key=values.__getitem__) if values else None
@@ -110,10 +108,7 @@ def timed_predict(client: ServeClient, name: str, version: str, sample: HeldOutS
         name, sample.path.read_bytes(), version=version, content_type=sample.content_type
     )
     round_trip = (time.perf_counter() - started) * 1000
-    batch_ms, samples = (
-        response.headers.get("X-Servekit-Inference-Ms"),
-        response.headers.get("X-Servekit-Batch-Samples"),
-    )
+    batch_ms, samples = response.headers.get(INFERENCE_MS_HEADER), response.headers.get(BATCH_SAMPLES_HEADER)
     compute = float(batch_ms) / max(1, int(samples)) if batch_ms and samples else None
     return Timed(answer_of(response), round_trip, compute)
 
@@ -286,8 +281,8 @@ class Rollout:
             pairs, group, *((after.version(name, v) - before.version(name, v)) for v in (self.version, previous))
         )
         agreement = sum(answer_key(old.answer) == answer_key(new.answer) for _, old, new in pairs) / len(pairs)
-        accuracy_new = sum(label_of(new.answer) == s.label for s, _, new in pairs) / len(pairs)
-        accuracy_old = sum(label_of(old.answer) == s.label for s, old, _ in pairs) / len(pairs)
+        accuracy_new = sum(answer_label(new.answer) == s.label for s, _, new in pairs) / len(pairs)
+        accuracy_old = sum(answer_label(old.answer) == s.label for s, old, _ in pairs) / len(pairs)
         self.record(
             "shadow",
             agreement >= self.policy.min_agreement,

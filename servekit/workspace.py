@@ -11,26 +11,20 @@ from pathlib import Path
 
 from servekit.client import ServeClient
 from servekit.server import ServerState
+from servekit_worker.loading import FORMAT_FILES
 
 DEFAULT_STORE = Path("model_store")
 DEFAULT_WORKDIR = Path(".servekit")
 
-# The files of a trained folder (`servekit train --out DIR`), which `build` packs and `optimize` reads.
-WEIGHTS_FILE = "model.pt"
+# The files of a trained folder (`servekit train --out DIR`), which `build` packs and `optimize` reads; each
+# serialized format's file (in a trained folder, a variant folder and an archive) is the worker's FORMAT_FILES.
+WEIGHTS_FILE = FORMAT_FILES["state_dict"]
 LABELS_FILE = "labels.json"
 HANDLER_FILE = "handler.json"
 METRICS_FILE = "metrics.json"
 VOCAB_FILE = "vocab.json"
 HELD_OUT_DIR = "heldout"
 SERVING_FILE = "serving.json"  # written by `servekit tune`, read by `servekit build`
-# The file each serialized format is saved as, in a trained folder, a variant folder and an archive.
-FORMAT_FILES = {
-    "state_dict": WEIGHTS_FILE,
-    "torchscript": "model.torchscript.pt",
-    "export": "model.pt2",
-    "aoti": "model.aoti.pt2",
-    "onnx": "model.onnx",
-}
 
 
 def archive_file_name(name: str, version: str) -> str:

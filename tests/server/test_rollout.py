@@ -25,7 +25,6 @@ from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import FailoverClient, ServeClient
 from servekit.errors import ArchiveError
-from servekit.models import SimpleCNN
 from servekit.registry import (
     DefaultHistory,
     default_version,
@@ -35,6 +34,7 @@ from servekit.registry import (
 )
 from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, rollout
 from servekit.train import train_digits
+from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
 # The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in

@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from digits import DigitsHandler, image_to_tensor
+from digits import DigitsHandler
 from support.answers import assert_same_prediction
 from support.bodies import bad_inputs, one_per_class
 from support.handlers import extracted_archive, plain_answer
@@ -18,8 +18,9 @@ from support.servers import worker_pids
 from servekit.cli import cli
 from servekit.errors import ApiError
 from servekit.evaluate import evaluate_served
-from servekit.models import SimpleCNN
 from servekit.workspace import HELD_OUT_DIR
+from servekit_worker.digits import image_to_tensor
+from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
 

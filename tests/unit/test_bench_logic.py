@@ -25,7 +25,7 @@ def test_each_batch_logs_one_structured_line(model_store, tmp_path, good_png, ca
     context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
     handler.initialize(context)
     context.request_ids = {0: "req-a", 1: "req-b"}
-    with caplog.at_level(logging.INFO, logger="servekit_base"):
+    with caplog.at_level(logging.INFO, logger="servekit_worker.telemetry"):
         handler.handle(requests_for([(good_png, "image/png"), (b"x", "image/png")], context), context)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event"')]
     assert len(lines) == 1

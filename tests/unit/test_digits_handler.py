@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
-from digits import DigitsHandler, image_to_tensor, json_to_decoded
+from digits import DigitsHandler
 from PIL import Image
-from servekit_base import RequestError, classification, request_payload, select_device
 from support.bodies import bad_inputs, png_bytes
 from support.handlers import FakeContext, answer_batch, extracted_archive, requests_for
 
 from servekit.datasets import digits_split
+from servekit_worker.answers import classification
+from servekit_worker.digits import image_to_tensor, json_to_decoded
+from servekit_worker.errors import RequestError
+from servekit_worker.loading import select_device
+from servekit_worker.requests import PLAIN, Request
+from servekit_worker.torchserve import request_payload
 
 
 @pytest.fixture
@@ -110,7 +115,7 @@ def test_body_over_the_configured_limit_gets_413(handler, good_png):
 
 def test_form_encoded_request_without_a_body_is_a_clear_400():
     with pytest.raises(RequestError, match="no body"):
-        request_payload({"garbage": b""})
+        Request(request_payload({"garbage": b""}), "", PLAIN).body()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +123,7 @@ def test_form_encoded_request_without_a_body_is_a_clear_400():
 )
 def test_device_comes_from_gpu_id_when_cuda_is_available(monkeypatch, gpu_id, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert select_device({"gpu_id": gpu_id}) == torch.device(expected)
+    assert select_device(gpu_id) == torch.device(expected)
 
 
 def test_a_body_sent_as_an_image_is_read_as_one_even_when_it_starts_like_json(handler):

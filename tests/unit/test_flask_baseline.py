@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from servekit.baseline import create_app
-from servekit.models import build_model
 from servekit.workspace import FORMAT_FILES, HANDLER_FILE
+from servekit_worker.models import build_model
 
 
 def test_flask_baseline_answers_an_image_model_and_refuses_junk_with_400(tmp_path):

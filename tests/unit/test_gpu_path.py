@@ -11,17 +11,8 @@ import time
 
 import pytest
 import torch
-from image_classifier import ImageClassifierHandler, batchable_jpeg
+from image_classifier import ImageClassifierHandler
 from PIL import Image
-from servekit_base import (
-    BucketedModel,
-    StaticBatch,
-    bucket_for,
-    load_model,
-    runs_channels_last,
-    takes_channels_last,
-    to_device,
-)
 from support.answers import assert_same_answers
 from support.bodies import batched_test_images, corrupt_jpeg, jpeg_bytes, png_bytes, png_header_bomb, rotated_rgb_jpeg
 from support.handlers import answer_batch, extracted_archive, image_handler_with
@@ -30,6 +21,16 @@ from servekit import archive, timing
 from servekit.archive import BuildOptions
 from servekit.optimize import Builder
 from servekit.workspace import HANDLER_FILE
+from servekit_worker.acceleration import (
+    BucketedModel,
+    StaticBatch,
+    bucket_for,
+    runs_channels_last,
+    takes_channels_last,
+    to_device,
+)
+from servekit_worker.loading import load_model
+from servekit_worker.vision import batchable_jpeg
 
 # Pillow and decode_jpeg both use libjpeg on the CPU: their pixels agree, so the answers do too. On CUDA
 # (nvJPEG) pixels differ by up to 0.23 (mean 0.0085) in normalised units: see test_gpu_cuda.py.
@@ -113,14 +114,14 @@ def test_bad_inputs_get_the_same_4xx_in_batched_mode_and_their_neighbours_are_an
 
 
 def test_a_corrupt_jpeg_in_a_batch_answers_400_alone(pil_handler, batched_handler, held_out, monkeypatch):
-    import image_classifier
+    from servekit_worker import vision
 
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 3)]
     corrupt = corrupt_jpeg(jpegs[1])
     assert batchable_jpeg(corrupt, 10**6)  # its header is fine: only the batched decode finds it bad
     calls = []
-    decode = image_classifier.decode_jpeg
-    monkeypatch.setattr(image_classifier, "decode_jpeg", lambda data, **kw: calls.append(data) or decode(data, **kw))
+    decode = vision.decode_jpeg
+    monkeypatch.setattr(vision, "decode_jpeg", lambda data, **kw: calls.append(data) or decode(data, **kw))
     encoded = [base64.b64encode(jpeg).decode() for jpeg in (jpegs[2], corrupt, jpegs[0])]
     bodies = [
         (jpegs[0], "image/jpeg"),
@@ -139,17 +140,17 @@ def test_a_corrupt_jpeg_in_a_batch_answers_400_alone(pil_handler, batched_handle
 
 def test_a_jpeg_decode_jpeg_refuses_is_decoded_by_pillow(batched_handler, pil_handler, held_out, monkeypatch):
     """nvJPEG refuses some valid JPEGs: Pillow answers them rather than a 400."""
-    import image_classifier
+    from servekit_worker import vision
 
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 2)]
-    decode = image_classifier.decode_jpeg
+    decode = vision.decode_jpeg
 
     def refuse_the_second(data, **options):
         if isinstance(data, list) or torch.equal(data, torch.frombuffer(bytearray(jpegs[1]), dtype=torch.uint8)):
             raise RuntimeError("nvjpeg: unsupported JPEG")
         return decode(data, **options)
 
-    monkeypatch.setattr(image_classifier, "decode_jpeg", refuse_the_second)
+    monkeypatch.setattr(vision, "decode_jpeg", refuse_the_second)
     bodies = [(jpeg, "image/jpeg") for jpeg in jpegs]
     answers, statuses = answer_batch(batched_handler, bodies)
     assert statuses == {}
@@ -264,29 +265,32 @@ def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(al
     assert_same_answers(answers, expected, CPU_PROBABILITY_TOLERANCE)
 
 
-def viewing_archive(all_models_store, folder):
-    """The image archive extracted to `folder`, its model flattened with `.view` first (NCHW-only code)."""
+def viewing_archive(all_models_store, folder, monkeypatch):
+    """The image archive extracted to `folder`, its model flattened with `.view` first (NCHW-only code): the
+    model definitions the worker builds it from (servekit_worker.models, in this process) wrap its forward."""
+    from servekit_worker import models
+
     context = extracted_archive(all_models_store / "image-1.0.0.mar", folder)
-    with (folder / "models.py").open("a") as models:
-        models.write(
-            "\n\n_build_model = build_model\n\n\n"
-            "def build_model(model_class, model_kwargs=None):\n"
-            "    model = _build_model(model_class, model_kwargs)\n"
-            "    forward = model.forward\n"
-            "    model.forward = lambda x: forward(x.view(x.size(0), -1).view(x.shape))\n"
-            "    return model\n"
-        )
+    build_model = models.build_model
+
+    def viewing_model(model_class, model_kwargs=None):
+        model = build_model(model_class, model_kwargs)
+        forward = model.forward
+        model.forward = lambda x: forward(x.view(x.size(0), -1).view(x.shape))
+        return model
+
+    monkeypatch.setattr(models, "build_model", viewing_model)
     context.model_yaml_config["handler"].update(image_decode="pil")
     return context
 
 
-def test_a_model_written_for_nchw_is_kept_nchw_and_answers(all_models_store, tmp_path, held_out, caplog):
+def test_a_model_written_for_nchw_is_kept_nchw_and_answers(all_models_store, tmp_path, held_out, caplog, monkeypatch):
     """`x.view(n, -1)` after a convolution raises on a channels_last batch: the worker keeps such a model NCHW
     (and says why) instead of failing every request, and optimize times it NCHW as the worker runs it."""
     nchw = image_handler_with(all_models_store, tmp_path / "nchw", image_decode="pil", channels_last=False)
     viewing = ImageClassifierHandler()
     with caplog.at_level(logging.WARNING):
-        viewing.initialize(viewing_archive(all_models_store, tmp_path / "viewing"))
+        viewing.initialize(viewing_archive(all_models_store, tmp_path / "viewing", monkeypatch))
     assert not viewing.channels_last
     assert "ImageClassifierHandler runs NCHW: it raised on a channels_last batch" in caplog.text
     bodies = [(jpeg_bytes(image), "image/jpeg") for image in batched_test_images(held_out, 4)]
@@ -303,12 +307,12 @@ def test_a_model_written_for_nchw_is_kept_nchw_and_answers(all_models_store, tmp
 def test_a_cuda_worker_keeps_an_nchw_model_nchw_too(all_models_store, tmp_path, caplog, monkeypatch):
     """CUDA workers lay images out channels_last as CPU workers do, so they try the model on such a batch too
     (checked without a GPU: the device moves are stubbed and the model runs on the CPU)."""
-    import servekit_base
+    from servekit_worker import base
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
-    monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
-    context = viewing_archive(all_models_store, tmp_path / "viewing")
+    monkeypatch.setattr(base, "to_device", lambda tensor, device, dtype=None: tensor)
+    context = viewing_archive(all_models_store, tmp_path / "viewing", monkeypatch)
     context.system_properties["gpu_id"] = 0
     viewing = ImageClassifierHandler()
     with caplog.at_level(logging.WARNING):
@@ -394,4 +398,4 @@ def test_a_cpu_variant_is_refused_by_a_gpu_worker(all_models_store, tmp_path, mo
         ImageClassifierHandler().initialize(context)
     aoti_message = r"built for cpu \(AOTInductor package, float32\); this worker runs on cuda"
     with pytest.raises(RuntimeError, match=aoti_message):
-        load_model("aoti", tmp_path / "model.aoti.pt2", None, {"aoti_device": "cpu"}, torch.device("cuda:0"))
+        load_model("aoti", tmp_path / "model.aoti.pt2", {"aoti_device": "cpu"}, torch.device("cuda:0"))

@@ -9,9 +9,8 @@ import struct
 import pytest
 import torch
 from digits import DigitsHandler
-from image_classifier import ImageClassifierHandler, image_tensor
+from image_classifier import ImageClassifierHandler
 from PIL import Image
-from servekit_base import RequestError, ServekitHandler, finite_tensor
 from support.bodies import malformed_corpus, png_bytes, png_header_bomb
 from support.handlers import FakeContext, answer_batch, extracted_archive, in_process_handlers, requests_for
 from tensor_handler import TensorHandler
@@ -20,7 +19,11 @@ from text_classifier import TextClassifierHandler
 from servekit.archive import BuildOptions, build_archive
 from servekit.formats import load_trained
 from servekit.heldout import read_held_out
-from servekit.models import Tokenizer, image_transform, pad_batch
+from servekit_worker.base import ServekitHandler
+from servekit_worker.errors import RequestError
+from servekit_worker.models import Tokenizer, image_transform, pad_batch
+from servekit_worker.tensors import finite_tensor
+from servekit_worker.vision import decode_image
 
 TEXTS = [
     "The movie was great.",
@@ -62,7 +65,7 @@ def test_image_answers_equal_the_in_process_model_for_raw_base64_and_lists(image
     transform = image_transform(**trained["preprocess"])
     pngs = [sample.path.read_bytes() for sample in held_out[:3]]
     with torch.inference_mode():
-        expected = model(torch.stack([transform(image_tensor(png, 10**6)) for png in pngs])).argmax(1).tolist()
+        expected = model(torch.stack([transform(decode_image(png, 10**6)) for png in pngs])).argmax(1).tolist()
     encoded = [base64.b64encode(png).decode() for png in pngs]
     answers, context = run(
         image_handler,
@@ -284,23 +287,23 @@ def test_text_formats_keep_the_token_dimension_dynamic(tmp_path, trained_text, m
 
 
 def test_aoti_package_refuses_a_worker_on_another_device(all_models_store, tmp_path, monkeypatch):
-    from servekit_base import load_model
+    from servekit_worker.loading import load_model
 
     with pytest.raises(RuntimeError, match="built for cpu"):
-        load_model("aoti", tmp_path / "model.aoti.pt2", None, {"aoti_device": "cpu"}, torch.device("cuda:0"))
+        load_model("aoti", tmp_path / "model.aoti.pt2", {"aoti_device": "cpu"}, torch.device("cuda:0"))
     with pytest.raises(RuntimeError, match="unknown model format"):
-        load_model("pickle", tmp_path / "model.pkl", None, {}, torch.device("cpu"))
+        load_model("pickle", tmp_path / "model.pkl", {}, torch.device("cpu"))
 
 
 def test_workers_are_placed_on_their_gpu_when_cuda_is_available(all_models_store, tmp_path, monkeypatch):
     """TorchServe hands each worker a gpu_id: the model must land there (checked without a GPU by stubbing .to, and
     the example batch a worker tries its model's layout on stays on the CPU)."""
-    import servekit_base
+    from servekit_worker import base
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     placed = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, device, *a, **k: placed.append(device) or self)
-    monkeypatch.setattr(servekit_base, "to_device", lambda tensor, device, dtype=None: tensor)
+    monkeypatch.setattr(base, "to_device", lambda tensor, device, dtype=None: tensor)
     for gpu_id in (0, 1, 3):
         context = extracted_archive(all_models_store / "tensor-1.0.0.mar", tmp_path / str(gpu_id))
         context.system_properties["gpu_id"] = gpu_id

@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from digits import DigitsHandler, image_to_tensor
+from digits import DigitsHandler
 from kserve import InferResponse
 from PIL import Image
-from servekit_base import open_image, request_protocol, v2_request
 from support.answers import assert_same_prediction
 from support.bodies import b64, good_document, malformed, rotated_jpeg
 from support.handlers import (
@@ -33,6 +32,10 @@ from ts.service import Service
 from servekit.archive import build_archive
 from servekit.export import SERVICE_ENVELOPES
 from servekit.heldout import read_held_out
+from servekit_worker.digits import image_to_tensor
+from servekit_worker.kserve import v2_request
+from servekit_worker.torchserve import request_protocol
+from servekit_worker.vision import open_image
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +140,12 @@ def test_the_protocol_follows_torchserves_route_headers_and_the_envelope(handler
     handler = handlers["digits"]
     context = worker_context(handler, [KSERVE_ROUTE, {**KSERVE_ROUTE, "url_path": ""}, {}])
     v2_body, v1_body = {"inputs": []}, {"instances": []}
-    assert request_protocol(context, 0, None, v2_body) == "v2"
-    assert request_protocol(context, 0, None, v1_body) == "v1"
-    assert request_protocol(context, 0, "kserve", v2_body) == "v1"
-    assert request_protocol(context, 0, "kservev2", v1_body) == "v2"
-    assert request_protocol(context, 1, "kservev2", v2_body) == "plain"  # /predictions
-    assert request_protocol(context, 2, "kservev2", v2_body) == "plain"  # gRPC
+    assert request_protocol(context, 0, None, v2_body).name == "v2"
+    assert request_protocol(context, 0, None, v1_body).name == "v1"
+    assert request_protocol(context, 0, "kserve", v2_body).name == "v1"
+    assert request_protocol(context, 0, "kservev2", v1_body).name == "v2"
+    assert request_protocol(context, 1, "kservev2", v2_body).name == "plain"  # /predictions
+    assert request_protocol(context, 2, "kservev2", v2_body).name == "plain"  # gRPC
 
 
 @pytest.mark.parametrize("envelope", ["kserve", "kservev2"])

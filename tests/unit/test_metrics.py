@@ -63,10 +63,3 @@ def test_samples_of_one_version_from_several_hosts_are_summed():
         ("ts_inference_requests", {"model_name": "m", "model_version": "1.0.0"}, 3.0),
     ]
     assert metrics.parse(samples).version("m", "1.0.0").requests == 5.0
-
-
-def test_the_handler_metric_names_servekit_reads_are_the_ones_the_handlers_emit():
-    from servekit_base import HandlerMetrics
-
-    assert set(metrics.HANDLER_GAUGES) == set(HandlerMetrics.GAUGES)
-    assert set(metrics.HANDLER_COUNTERS) == set(HandlerMetrics.COUNTERS)

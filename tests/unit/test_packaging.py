@@ -23,8 +23,8 @@ DISTRIBUTIONS = {
 }
 LOCAL = {
     "servekit",
+    "servekit_worker",
     "servekit_handlers",
-    "servekit_base",
     "digits",
     "image_classifier",
     "tensor_handler",
@@ -40,7 +40,11 @@ def normalized(requirement: str) -> str:
 
 def imported_top_level_modules() -> set[str]:
     modules = set()
-    for path in [path for folder in ("servekit", "handlers", "scripts") for path in (REPO / folder).glob("*.py")]:
+    for path in [
+        path
+        for folder in ("servekit", "servekit_worker", "handlers", "scripts")
+        for path in (REPO / folder).glob("*.py")
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules |= {alias.name.split(".")[0] for alias in node.names}

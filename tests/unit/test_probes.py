@@ -11,6 +11,7 @@ from servekit import probes
 from servekit.errors import UsageError
 from servekit.heldout import HeldOutSample
 from servekit.probes import AGREEMENT, SAMPLES, TIMESTAMP, ProbeResult
+from servekit_worker.answers import answer_label
 
 # The text exposition format's sample line: name, optional labels, a float (no timestamp: node_exporter refuses them).
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\} -?[0-9.e+-]+$')
@@ -69,7 +70,7 @@ def test_record_replaces_the_file_atomically_and_leaves_no_temporary(tmp_path):
     [({"label": "7", "index": 7}, "7"), ([{"label": "3"}], "3"), ({"output": [0.1, 0.9]}, None), (None, None)],
 )
 def test_top_label_reads_a_classifiers_answer(answer, label):
-    assert probes.top_label(answer) == label
+    assert answer_label(answer) == label
     assert probes.agrees(answer, HeldOutSample(Path("x.png"), "7")) == (label == "7")
 
 

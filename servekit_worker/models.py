@@ -1,8 +1,6 @@
-"""Model definitions and their input pipelines, shipped inside every archive.
+"""Model definitions and their input pipelines, shipped inside every archive with the rest of servekit_worker.
 
-This file is copied into `.mar` files as the model file and imported there by the handlers, so servekit's
-trainers and TorchServe's workers build models, tokenize text and transform images with the same code. It must
-import nothing but torch, torchvision and the standard library.
+servekit's trainers and the serving workers build models, tokenize text and transform images with this same code.
 """
 
 from __future__ import annotations
