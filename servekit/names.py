@@ -18,6 +18,9 @@ VERSION_PATTERN = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Z
 # What the client may put in a URL path segment: any model TorchServe serves, including ones servekit did not
 # build (TorchServe's own default version is "1.0"), but never a separator, whitespace or a control character.
 SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+# TorchServe 0.12 hands every management request whose URL contains "/token" to its token API: a model named
+# tokens-... could be registered but never described, scaled or unregistered, and each try renews a key.
+TOKEN_API_PREFIX = "token"
 
 
 def check_name(name: str) -> str:
@@ -25,6 +28,11 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise UsageError(
             f"model name {name!r} must start with a letter and use only letters, digits, _ and - (at most 64)"
+        )
+    if name.startswith(TOKEN_API_PREFIX):
+        raise UsageError(
+            f"model name {name!r} cannot start with {TOKEN_API_PREFIX!r}: TorchServe 0.12 answers every management "
+            f"call on /models/{name} as its token API; pick another name"
         )
     return name
 

@@ -45,9 +45,9 @@ def model() -> BagOfEmbeddings:
 
 @pytest.fixture(scope="module")
 def served_tokens(tmp_path_factory, model, torchserve, model_store):
-    """The session TorchServe with `tokens` 1.0.0: the model exported (torch.export) and packed with the tensor
+    """The session TorchServe with `ids` 1.0.0: the model exported (torch.export) and packed with the tensor
     handler; unregistered at the end of the module."""
-    folder = tmp_path_factory.mktemp("tokens")
+    folder = tmp_path_factory.mktemp("ids")
     example = torch.tensor(SAMPLES)
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -56,15 +56,15 @@ def served_tokens(tmp_path_factory, model, torchserve, model_store):
     (folder / "handler.json").write_text(json.dumps(handler))
     (folder / "metrics.json").write_text(json.dumps({"weights_sha256": "bag-of-embeddings"}))
     entry = build_archive(
-        "tokens", "1.0.0", folder, model_store, handler="tensor", options=BuildOptions(batch_size=4, workers=1)
+        "ids", "1.0.0", folder, model_store, handler="tensor", options=BuildOptions(batch_size=4, workers=1)
     )
     assert entry.config["handler"]["input_dtype"] == "int64"
     client = ServeClient(torchserve.endpoints())
-    client.register("tokens-1.0.0.mar", initial_workers=1)
+    client.register("ids-1.0.0.mar", initial_workers=1)
     try:
         yield client, Path(torchserve.workdir)
     finally:
-        client.unregister("tokens", "1.0.0")
+        client.unregister("ids", "1.0.0")
 
 
 def expected_rows(model: BagOfEmbeddings) -> list[list[float]]:
@@ -83,20 +83,20 @@ def post_json(client: ServeClient, path: str, document: dict) -> requests.Respon
 def test_int64_ids_reach_the_model_as_int64_in_every_encoding(served_tokens, model):
     served_tokens, _ = served_tokens
     expected = expected_rows(model)
-    one = post_json(served_tokens, "/predictions/tokens", {"input": SAMPLES[0]})
+    one = post_json(served_tokens, "/predictions/ids", {"input": SAMPLES[0]})
     assert one.status_code == 200, one.text
     assert one.json()["output"] == pytest.approx(expected[0], abs=1e-5)
-    several = post_json(served_tokens, "/predictions/tokens", {"inputs": SAMPLES})
+    several = post_json(served_tokens, "/predictions/ids", {"inputs": SAMPLES})
     assert several.status_code == 200 and flat(several.json()["outputs"]) == pytest.approx(flat(expected), abs=1e-5)
     packed = struct.pack(f"<{TOKENS * 2}q", *SAMPLES[0], *SAMPLES[1])  # little-endian int64, two samples
-    raw = post_body(served_tokens, "/predictions/tokens", packed, "application/octet-stream")
+    raw = post_body(served_tokens, "/predictions/ids", packed, "application/octet-stream")
     assert raw.status_code == 200, raw.text
     assert flat(raw.json()["outputs"]) == pytest.approx(flat(expected), abs=1e-5)
-    v1 = post_json(served_tokens, "/v1/models/tokens:predict", {"instances": SAMPLES})
+    v1 = post_json(served_tokens, "/v1/models/ids:predict", {"instances": SAMPLES})
     assert v1.status_code == 200 and flat(v1.json()["predictions"]) == pytest.approx(flat(expected), abs=1e-5)
     v2 = post_json(
         served_tokens,
-        "/v2/models/tokens/infer",
+        "/v2/models/ids/infer",
         {"id": "ids", "inputs": [{"name": "ids", "shape": [2, TOKENS], "datatype": "INT64", "data": flat(SAMPLES)}]},
     )
     assert v2.status_code == 200, v2.text
@@ -106,16 +106,16 @@ def test_int64_ids_reach_the_model_as_int64_in_every_encoding(served_tokens, mod
 
 def test_floats_sent_to_an_int64_model_get_a_400_naming_integers(served_tokens):
     served_tokens, _ = served_tokens
-    answer = post_json(served_tokens, "/predictions/tokens", {"input": [0.5] * TOKENS})
+    answer = post_json(served_tokens, "/predictions/ids", {"input": [0.5] * TOKENS})
     assert answer.status_code == 400
     assert answer.json()["error"] == "invalid_input" and "integers (torch.int64)" in answer.json()["detail"]
     v2 = post_json(
         served_tokens,
-        "/v2/models/tokens/infer",
+        "/v2/models/ids/infer",
         {"inputs": [{"name": "ids", "shape": [1, TOKENS], "datatype": "FP32", "data": [0.5] * TOKENS}]},
     )
     assert v2.status_code == 400 and "integers" in v2.json()["error"]
-    partial = post_body(served_tokens, "/predictions/tokens", struct.pack("<3q", 1, 2, 3), "application/octet-stream")
+    partial = post_body(served_tokens, "/predictions/ids", struct.pack("<3q", 1, 2, 3), "application/octet-stream")
     assert partial.status_code == 400 and partial.json()["error"] == "invalid_shape"
 
 

@@ -11,7 +11,20 @@ from servekit.client import Endpoints, ServeClient
 from servekit.errors import UsageError
 from servekit.names import check_name, check_segment, check_version
 
-BAD_NAMES = ["digits\n", "../../x", "a/b", "..", "dig its", "digits\t", "dig\x00its", "9lives", "", "x" * 65]
+BAD_NAMES = [
+    "digits\n",
+    "../../x",
+    "a/b",
+    "..",
+    "dig its",
+    "digits\t",
+    "dig\x00its",
+    "9lives",
+    "",
+    "x" * 65,
+    "tokens",
+    "tokenizer",
+]
 BAD_VERSIONS = ["1.0.7\n", "1.0", "v1.0.0", "1.0.0/../..", "1.0.0 ", " 1.0.0", "1.0.0-rc\x07", "1.0.0-..", "01.0.0"]
 
 
