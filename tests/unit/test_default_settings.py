@@ -57,7 +57,7 @@ def test_cpu_monitor_charges_a_labelled_process_tree_not_the_background():
     try:
         with timing.CpuMonitor({"server": child.pid}) as monitor:
             deadline = time.monotonic() + 30
-            while psutil.Process(child.pid).cpu_times().user < 0.6 and time.monotonic() < deadline:
+            while sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.6 and time.monotonic() < deadline:
                 time.sleep(0.05)
     finally:
         child.kill()
