@@ -219,8 +219,10 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
             version != BROKEN_VERSION for _, version in load.outcomes[:promoted_at] + load.outcomes[after_abort:]
         )
         assert {version for _, version in load.outcomes} >= {previous, candidate, BROKEN_VERSION, "1.2.0"}
-    finally:
+    finally:  # as found: the proxied server is shared with test_probe.py, which counts its versions
         splits.remove_split(state, "digits")
+        if BROKEN_VERSION in registered_versions(client, "digits"):  # an aborted candidate stays registered at 0 %
+            client.unregister("digits", BROKEN_VERSION)
         if "1.2.0" not in registered_versions(client, "digits"):
             register_verified(client, Path(state.model_store), "digits", "1.2.0", workers=1)
 
