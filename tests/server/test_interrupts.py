@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support.processes import ctrl_c_after
+from support.servers import unregister_all
 
 from servekit import metrics
 from servekit.archive import build_archive
@@ -35,8 +36,7 @@ def digits_server(torchserve, model_store, trained_digits):
     try:
         yield Path(torchserve.workdir), model_store, client
     finally:
-        for version in registered_versions(client, NAME):
-            client.unregister(NAME, version)
+        unregister_all(client, NAME)
 
 
 def tune_versions(client: ServeClient) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO
+from support.servers import unregister_all
 
 from servekit import archive
 from servekit.archive import HandlerSpec, build_archive
@@ -50,5 +51,4 @@ def test_the_latency_gate_stops_a_slower_candidate(torchserve, slow_candidate_st
         assert default_version(client, NAME) == "1.0.0"
         assert "1.2.0-slow" not in registered_versions(client, NAME)
     finally:
-        for version in registered_versions(client, NAME):
-            client.unregister(NAME, version)
+        unregister_all(client, NAME)

@@ -17,7 +17,7 @@ from support.answers import same_prediction
 from support.handlers import FakeContext, extracted_archive, requests_for
 from support.http import ClientThreads
 from support.processes import ctrl_c_after
-from support.servers import start_server, stop_everything_from
+from support.servers import start_server, stop_everything_from, unregister_all
 from support.training import trained
 
 from servekit import server
@@ -70,8 +70,7 @@ def live(torchserve, rollout_store):
     try:
         yield torchserve, client, history
     finally:
-        for version in registered_versions(client, NAME):
-            client.unregister(NAME, version)
+        unregister_all(client, NAME)
 
 
 def given(live, store, default: str, others: tuple[str, ...] = ()) -> None:

@@ -10,6 +10,7 @@ from servekit import server
 from servekit.archive import build_archive
 from servekit.client import ServeClient
 from servekit.processes import stop_process_tree
+from servekit.registry import registered_versions
 from servekit.workspace import Server
 from support import REPO
 
@@ -67,3 +68,9 @@ def server_at(workdir: Path) -> tuple[server.ServerState, ServeClient]:
     """The server as `workdir`'s server.json records it now (a test may have restarted it) and a client of it."""
     handle = Server.connect(workdir)
     return handle.state, handle.client
+
+
+def unregister_all(client: ServeClient, name: str) -> None:
+    """Leaves a shared server as a test found it: every version of `name` it registered goes."""
+    for version in registered_versions(client, name):
+        client.unregister(name, version)
