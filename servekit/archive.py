@@ -17,6 +17,7 @@ from pathlib import Path
 from servekit import __version__
 from servekit.catalog import Catalog, CatalogEntry, sha256_file, utc_now
 from servekit.errors import ArchiveError, UsageError
+from servekit.handler_code import HandlerChoice, entry_source, parse_handler
 from servekit.heldout import HELD_OUT_INDEX, read_held_out, write_bodies
 from servekit.names import check_name_version
 from servekit.server import check_max_batch_delay
@@ -256,15 +257,53 @@ def handlers_dir() -> Path:
     return Path(servekit_handlers.__file__).resolve().parent
 
 
+def stage_folder(staging: Path, source: Path, name: str) -> Path:
+    """A folder holding a clean copy of `source` as `name` (no bytecode), for torch-model-archiver's --extra-files:
+    it copies a folder's contents, so the copy lands as one folder `name` beside the handler file."""
+    folder = staging / f"{name}-staged"
+    shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return folder
+
+
 def stage_worker_package(staging: Path) -> Path:
-    """A folder holding a clean copy of the worker package (no bytecode), for torch-model-archiver's --extra-files:
-    it copies a folder's contents, so the package lands as one folder beside the handler file."""
+    """The worker package, staged as one folder of the archive."""
     import servekit_worker
 
-    folder = staging / "worker-code"
-    source = Path(servekit_worker.__file__).resolve().parent
-    shutil.copytree(source, folder / WORKER_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return folder
+    return stage_folder(staging, Path(servekit_worker.__file__).resolve().parent, WORKER_PACKAGE)
+
+
+def recorded_handler(source_dir: Path) -> str | None:
+    """The handler a trained folder records (`servekit import` writes it), None when it records none."""
+    path = source_dir / HANDLER_FILE
+    return json.loads(path.read_text()).get("handler") if path.is_file() else None
+
+
+def choose_handler(handler: str | None, source_dir: Path) -> HandlerChoice:
+    """--handler (a name or path/handler.py[:Class]), else the handler the folder records, else digits."""
+    if handler:
+        return parse_handler(handler)
+    recorded = recorded_handler(source_dir)
+    return parse_handler(recorded, base=source_dir) if recorded else parse_handler("digits")
+
+
+def handler_files(choice: HandlerChoice, staging: Path, source_dir: Path, trained: dict) -> tuple[Path, list[Path]]:
+    """The archive's handler file (TorchServe's entry point) and the extra files the handler and the model need:
+    the worker package, the handler's own files, the model's code and the folder's extra files."""
+    extra = [stage_worker_package(staging)]
+    if choice.custom:
+        entry = staging / "entry" / f"{choice.file.stem}_torchserve.py"
+        entry.parent.mkdir()
+        entry.write_text(entry_source(choice))
+        extra.append(choice.file)
+        extra += [source_dir / LABELS_FILE] if (source_dir / LABELS_FILE).is_file() else []
+    else:
+        spec = HANDLERS[choice.name]
+        entry = handlers_dir() / spec.handler_file
+        extra += [source_dir / f for f in spec.extra_files]
+    if trained.get("model_code"):
+        extra.append(stage_folder(staging, source_dir / trained["model_code"], trained["model_code"]))
+    extra += [source_dir / f for f in trained.get("extra_files", []) if source_dir / f not in extra]
+    return entry, extra
 
 
 def handler_settings(handler_name: str, trained: dict, options: BuildOptions, format_settings: dict) -> dict:
@@ -303,7 +342,7 @@ def build_archive(
     version: str,
     source_dir: Path,
     store: Path,
-    handler: str = "digits",
+    handler: str | HandlerChoice | None = None,
     options: BuildOptions | None = None,
     force: bool = False,
     parent_version: str | None = None,
@@ -318,13 +357,13 @@ def build_archive(
     check_name_version(name, version)
     options = options or BuildOptions()
     options.validate()
-    if handler not in HANDLERS:
-        raise UsageError(f"unknown handler {handler!r}; choose one of: {', '.join(sorted(HANDLERS))}")
-    spec = HANDLERS[handler]
+    choice = handler if isinstance(handler, HandlerChoice) else choose_handler(handler, source_dir)
+    handler = choice.name
     # read once; the handler's fit is checked first, a better hint than the extra files it would need
     trained = json.loads((source_dir / HANDLER_FILE).read_text()) if (source_dir / HANDLER_FILE).is_file() else {}
-    check_handler_fits(handler, trained, source_dir)
-    needed = (HANDLER_FILE, *spec.extra_files)
+    if not choice.custom:
+        check_handler_fits(handler, trained, source_dir)
+    needed = (HANDLER_FILE, *([] if choice.custom else HANDLERS[handler].extra_files))
     missing = [f for f in needed if not (source_dir / f).is_file()]
     if missing:
         raise UsageError(
@@ -364,7 +403,7 @@ def build_archive(
         config = model_config(handler, trained, options, format_settings)
         config_path = staging / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        extra_files = [stage_worker_package(staging)] + [source_dir / f for f in spec.extra_files]
+        entry, extra_files = handler_files(choice, staging, source_dir, trained)
         command = [
             sys.executable,
             "-m",
@@ -376,7 +415,7 @@ def build_archive(
             "--serialized-file",
             str(weights),
             "--handler",
-            str(handlers_dir() / spec.handler_file),
+            str(entry),
             "--extra-files",
             ",".join(str(f) for f in extra_files),
             "--config-file",
@@ -402,7 +441,7 @@ def build_archive(
                 sha256=sha256_file(archive_path),
                 size_bytes=archive_path.stat().st_size,
                 created=utc_now(),
-                handler=handler,
+                handler=choice.describe(),
                 model_format=options.model_format,
                 parent_version=parent_version,
                 built_by=f"{getpass.getuser()}@{socket.gethostname()}",
@@ -412,6 +451,7 @@ def build_archive(
                 metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
                 config=config,
                 servekit_version=__version__,
+                requirements=list(trained.get("requirements", [])),
             )
             catalog.add(entry, replace=force)
     return entry

@@ -50,6 +50,7 @@ class CatalogEntry:
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     servekit_version: str = ""
+    requirements: list = field(default_factory=list)  # pip requirements of the model's code (servekit import)
 
 
 @dataclass

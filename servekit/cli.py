@@ -82,7 +82,7 @@ class ServekitGroup(click.Group):
         from rich.markup import escape
 
         # escaped: a path or version the user typed may hold "[...]", which rich would read as markup
-        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
         ctx.exit(code)
 
 
@@ -333,7 +333,8 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
 @click.argument("name")
 @version_option()
 @source_option()
-@click.option("--handler", type=click.Choice(sorted(HANDLERS)), default=None, help="[default: NAME]")
+@click.option("--handler", default=None, metavar="NAME|FILE.py[:Class]",
+              help=f"{', '.join(sorted(HANDLERS))} or your handler file [default: the folder's or NAME]")  # fmt: skip
 @click.option("--format", "model_format", type=click.Choice(list(FORMAT_FILES)), default=None,
               help="How the model is serialized [default: state_dict, or an optimized variant's own].")  # fmt: skip
 @click.option("--batch-size", type=int, default=None,
@@ -355,7 +356,7 @@ def build(name, version, source_dir, handler, model_format, variant, model_confi
     Serving settings, strongest first: a flag, --model-config, serving.json from `servekit tune`, the defaults.
     Example: servekit build digits --version 1.0.0
     """
-    from servekit.archive import build_archive, resolve_options
+    from servekit.archive import build_archive, recorded_handler, resolve_options
     from servekit.catalog import Catalog
 
     if variant and source_dir:
@@ -365,9 +366,8 @@ def build(name, version, source_dir, handler, model_format, variant, model_confi
     )
     flags["max_batch_delay_ms"] = flags.pop("max_batch_delay")
     resolved = resolve_options(source_dir, flags, model_config_path, model_format)
-    entry = build_archive(
-        name, version, source_dir, store, handler_for(name, handler), resolved.options, force, parent_version
-    )
+    handler = handler or (None if recorded_handler(source_dir) else handler_for(name, None))
+    entry = build_archive(name, version, source_dir, store, handler, resolved.options, force, parent_version)
     if as_json:
         print_json({**entry.__dict__, "settings_from": resolved.sources})
         return
@@ -378,6 +378,66 @@ def build(name, version, source_dir, handler, model_format, variant, model_confi
         f"built {store / entry.archive} ({entry.handler} handler, {entry.model_format}, "
         f"{entry.size_bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}...); {settings}"
         + (f"; parent {entry.parent_version}" if entry.parent_version else "")
+    )
+
+
+# import ------------------------------------------------------------------------------------------------------------
+def kwargs_option(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--kwargs is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--kwargs is a JSON object of constructor arguments, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+@cli.command("import")
+@click.argument("name")
+@click.option("--model", "model", required=True, metavar="FILE.py:Class|module:Class|FILE",
+              help="Your nn.Module class (or a factory), or a TorchScript (.pt/.pth), .pt2 or .onnx file.")  # fmt: skip
+@path_option("--weights", help="The class's weights: a state_dict (.pt/.pth) or .safetensors [default: its own init].")
+@click.option("--kwargs", "kwargs_text", default=None, help="Constructor arguments as a JSON object.")
+@path_option("--example", "examples", multiple=True, required=True,
+             help="A request body the model will be asked (image, text, JSON, .npy); repeat for more.")  # fmt: skip
+@click.option("--handler", default="tensor", show_default=True, metavar="NAME|FILE.py[:Class]",
+              help=f"{', '.join(sorted(HANDLERS))}, or your handler file (a ServekitHandler subclass).")  # fmt: skip
+@path_option("--labels", help='labels.json (a list, or {"0": ...}) or one label a line [default: 0..N-1].')
+@path_option("--eval", "eval_dir", help="Labelled bodies: index.csv (file,label) or one folder per label.")
+@path_option("--requirements", help="pip requirements of the model's code, checked at register.")
+@path_option("--extra-file", "extra_files", multiple=True, help="A file the handler reads (e.g. vocab.json).")
+@click.option("--resize", type=click.IntRange(min=1), default=None, help="image handler: resize to [256].")
+@click.option("--crop", type=click.IntRange(min=1), default=None, help="image handler: center crop [224].")
+@path_option("--out", help="The trained folder to write [default: STORE/work/NAME].")
+@click.option("--force", is_flag=True, help="Replace an existing folder.")
+@store_option
+@json_option
+def import_command(name, model, weights, kwargs_text, examples, handler, labels, eval_dir, requirements, extra_files,
+                   resize, crop, out, force, store, as_json) -> None:  # fmt: skip
+    """Bring your own model: check it and write the trained folder `build`, `optimize` and the rest read.
+
+    Example: servekit import mynet --model mynet.py:TinyNet --weights model.pt --example x.npy
+    """
+    from servekit.importer import ImportPlan, import_model
+
+    preprocess = {key: value for key, value in (("resize", resize), ("crop", crop)) if value is not None}
+    if preprocess and handler != "image":
+        raise UsageError("--resize and --crop are the image handler's: pass --handler image")
+    plan = ImportPlan(name, model, list(examples), out or Workspace(store).trained(name), weights,
+                      kwargs_option(kwargs_text), handler, labels, eval_dir, requirements, preprocess,
+                      list(extra_files), force)  # fmt: skip
+    imported = import_model(plan)
+    if as_json:
+        print_json(asdict(imported) | {"out": str(imported.out)})
+        return
+    code = f", its code ({len(imported.code_files)} file(s)) copied" if imported.code_files else ""
+    accuracy = f", accuracy {imported.accuracy:.3f} in process" if imported.accuracy is not None else ""
+    console.print(
+        f"imported {name} ({imported.kind}{code}) into {imported.out}: {imported.examples} example(s), "
+        f"input {imported.example_input['shape']} {imported.example_input['dtype']}, "
+        f"{imported.held_out} held-out sample(s){accuracy}; next: servekit build {name} --version 1.0.0"
     )
 
 

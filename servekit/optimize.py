@@ -25,6 +25,7 @@ from servekit.catalog import Catalog
 from servekit.choices import CPU_ONLY_VARIANTS, CUDA_GRAPH_BUCKETS, QUICK_VARIANTS, VARIANTS
 from servekit.errors import UsageError
 from servekit.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained
+from servekit.handler_code import Decoder, HandlerChoice, parse_handler
 from servekit.heldout import read_held_out
 from servekit.names import check_name
 from servekit.timing import (
@@ -40,63 +41,92 @@ from servekit.timing import (
 )
 from servekit.workspace import (
     FORMAT_FILES,
+    HANDLER_CODE_DIR,
     HANDLER_FILE,
     HELD_OUT_DIR,
     LABELS_FILE,
     METRICS_FILE,
+    MODEL_CODE_DIR,
     VOCAB_FILE,
     WEIGHTS_FILE,
 )
 from servekit_worker.acceleration import BucketedModel, capture_cuda_graphs, runs_channels_last, takes_channels_last
-from servekit_worker.digits import image_to_tensor
 from servekit_worker.loading import onnx_session
-from servekit_worker.models import Tokenizer, image_transform, pad_batch
-from servekit_worker.vision import decode_image
 
 CALIBRATION_SAMPLES = 64
 MIN_PAIRED_CALLS = 8  # per variant, when timing a speedup against eager
 CPU = torch.device("cpu")
 EVAL_MAX_PIXELS = 1 << 26  # held-out images are ours: only a sanity bound
 COPIED_FILES = (LABELS_FILE, VOCAB_FILE, METRICS_FILE, WEIGHTS_FILE)
+COPIED_DIRS = (HELD_OUT_DIR, MODEL_CODE_DIR, HANDLER_CODE_DIR)
+# What optimize makes from a file a user brought, without the model's class ("eager" is the file itself).
+BROUGHT_VARIANTS = {
+    "torchscript": ("eager",),
+    "export": ("eager", "aoti", "onnx"),
+    "onnx": ("eager", "onnx_int8", "onnx_dynamic_int8"),
+    "aoti": ("eager",),
+}
 
 
 # Inputs -------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalSet:
-    """Held-out inputs as the handler would build them: `calibration` for static quantization, `samples` to score."""
+    """Held-out inputs as the handler builds them: `calibration` for static quantization, `samples` to score;
+    `collate` is the handler's own (stacks images, pads token ids)."""
 
     calibration: list[torch.Tensor]
     samples: list[torch.Tensor]
     labels: torch.Tensor
-    text: bool = False
-
-    def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
-        return pad_batch([s.tolist() for s in samples]) if self.text else torch.stack(samples)
+    collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
 
     def batches(self, size: int):
         for start in range(0, len(self.samples), size):
             yield self.collate(self.samples[start : start + size])
 
 
+def folder_handler(source_dir: Path, handler: dict) -> HandlerChoice:
+    """The handler a trained folder's requests go through: the one it records (servekit import), else the one
+    servekit's own trainers imply (text, image with its preprocessing, digits, tensors)."""
+    if handler.get("handler"):
+        return parse_handler(handler["handler"], base=source_dir)
+    if handler.get("model_class") == "TextClassifier":
+        return HandlerChoice("text")
+    if "preprocess" in handler:
+        return HandlerChoice("image")
+    digits = handler.get("example_input", {}).get("shape") == [1, 28, 28]
+    return HandlerChoice("digits" if digits else "tensor")
+
+
 def load_eval_set(source_dir: Path, handler: dict) -> EvalSet:
-    """Decodes the trained folder's held-out set with the handlers' own functions (image bytes -> pixels the way
-    the served archive decodes them; text -> token ids)."""
+    """Decodes the trained folder's held-out set with the folder's handler, in this process, as the served archive
+    decodes each request body (image bytes -> pixels, text -> token ids, a user's handler -> what it makes)."""
     samples = read_held_out(source_dir / HELD_OUT_DIR)
     if len(samples) <= CALIBRATION_SAMPLES + 10:
-        raise UsageError(f"{source_dir / HELD_OUT_DIR} has {len(samples)} samples; optimize needs more than 74")
+        raise UsageError(f"{source_dir / HELD_OUT_DIR} has {len(samples)} samples; optimize needs more than 74 "
+                         "(servekit import --eval FOLDER)")  # fmt: skip
     labels = json.loads((source_dir / LABELS_FILE).read_text())
-    text = handler["model_class"] == "TextClassifier"
-    if text:
-        tokenizer = Tokenizer.load(source_dir / VOCAB_FILE)
-        tensors = [torch.tensor(tokenizer.encode(s.path.read_text())) for s in samples]
-    elif "preprocess" in handler:
-        transform = image_transform(**handler["preprocess"])
-        tensors = [transform(decode_image(s.path.read_bytes(), EVAL_MAX_PIXELS)) for s in samples]
-    else:
-        shape = handler["example_input"]["shape"]
-        tensors = [image_to_tensor(s.path.read_bytes(), EVAL_MAX_PIXELS).reshape(shape) for s in samples]
+    settings = {**handler, "max_image_pixels": EVAL_MAX_PIXELS}  # held-out images are the user's: only a sanity bound
+    decoder = Decoder(folder_handler(source_dir, handler), settings, source_dir)
+    tensors = [decoder.samples(s.path.read_bytes(), s.content_type, s.path.name)[0] for s in samples]
+    unknown = sorted({s.label for s in samples} - set(labels))
+    if unknown:
+        raise UsageError(
+            f"{source_dir / HELD_OUT_DIR} has labels that are not in labels.json: {', '.join(unknown[:5])}"
+        )
     targets = torch.tensor([labels.index(s.label) for s in samples])
-    return EvalSet(tensors[:CALIBRATION_SAMPLES], tensors[CALIBRATION_SAMPLES:], targets[CALIBRATION_SAMPLES:], text)
+    return EvalSet(tensors[:CALIBRATION_SAMPLES], tensors[CALIBRATION_SAMPLES:], targets[CALIBRATION_SAMPLES:],
+                   decoder.batch)  # fmt: skip
+
+
+def load_source(source_dir: Path) -> tuple[Callable, dict, str]:
+    """The model optimize starts from, its handler settings and its format: the eager model when the folder holds
+    its state_dict, else the brought file (TorchScript, torch.export, ONNX) loaded as the worker loads it."""
+    handler = json.loads((source_dir / HANDLER_FILE).read_text()) if (source_dir / HANDLER_FILE).is_file() else {}
+    brought = handler.get("format", "state_dict")
+    if brought == "state_dict" or (source_dir / WEIGHTS_FILE).is_file():
+        model, handler = load_trained(source_dir)
+        return model, handler, "state_dict"
+    return load_format(source_dir / FORMAT_FILES[brought], brought, torch.get_num_threads()), handler, brought
 
 
 # Variants -------------------------------------------------------------------------------------------------------
@@ -123,15 +153,17 @@ class Builder:
         work: Path,
         threads: int,
         device: torch.device = CPU,
+        source: tuple[str, Path | None] = ("state_dict", None),
     ):
         self.model, self.handler, self.eval_set, self.work, self.threads = model, handler, eval_set, work, threads
         self.device = device
-        # Images run channels_last where a worker on the device runs the eager model so (the handler's rule,
+        self.source_format, self.source_file = source  # what the user brought: an eager model, or a file of a format
+        # Images run channels_last where a worker on the device runs the source's format so (the handler's rule,
         # `channels_last: false` included) and the model takes them (tried as the worker tries it).
         image = len(handler.get("example_input", {}).get("shape", [])) == 3
         self.channels_last = (
             image
-            and runs_channels_last({**handler, "format": "state_dict"}, device.type)
+            and runs_channels_last({**handler, "format": self.source_format}, device.type)
             and takes_channels_last(model, example_batch(handler, 1))
         )
         self.layout = {"memory_format": torch.channels_last} if self.channels_last else {}
@@ -202,6 +234,8 @@ class Builder:
 
     def build(self, name: str) -> Built:
         model = self.model
+        if self.source_format != "state_dict":
+            return self.from_brought(name)
         if self.device.type == "cuda" and name in CPU_ONLY_VARIANTS:
             raise UsageError(f"{name} runs on the CPU only (its int8 kernels have no CUDA version here)")
         if name == "cuda_graphs":
@@ -234,6 +268,22 @@ class Builder:
         if name in ("onnx_int8", "onnx_dynamic_int8"):
             return self.onnx_quantized(name)
         raise UsageError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+    def from_brought(self, name: str) -> Built:
+        """A variant of a brought file: the file itself ("eager", the baseline), or what can be made from its format
+        without the eager class (AOTInductor and ONNX from a torch.export program, int8 from an ONNX model)."""
+        makes = BROUGHT_VARIANTS[self.source_format]
+        if name not in makes:
+            raise UsageError(f"cannot be made from a {self.source_format} file (it needs the model's class and "
+                             f"state_dict); from {self.source_format}: {', '.join(makes)}")  # fmt: skip
+        if name == "eager":
+            path = self.folder(name) / FORMAT_FILES[self.source_format]
+            shutil.copy2(self.source_file, path)
+            model = self.model if self.device.type == "cpu" else self.model.to(self.device)
+            return Built(lambda b: model(self.inputs(b)).float().cpu(), [path], {"format": self.source_format})
+        if name in ("onnx_int8", "onnx_dynamic_int8"):
+            return self.onnx_quantized(name)
+        return self.exported(name, name)
 
     def cuda_graphs(self) -> Built:
         """fp16 on CUDA with one captured CUDA graph per batch-size bucket (a batch is padded to its bucket): the
@@ -274,9 +324,11 @@ class Builder:
         )
 
         folder = self.folder(name)
-        fp32, _ = export_model(self.model, self.handler, "onnx", folder)
         source = folder / "fp32.onnx"
-        fp32.rename(source)
+        if self.source_format == "onnx":
+            shutil.copy2(self.source_file, source)
+        else:
+            export_model(self.model, self.handler, "onnx", folder)[0].rename(source)
         target = folder / FORMAT_FILES["onnx"]
         if name == "onnx_dynamic_int8":
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
@@ -380,7 +432,9 @@ def measure(
         logits = torch.cat([built.run(batch).float() for batch in eval_set.batches(64)])
     predictions = logits.argmax(dim=1)
     singles = [place(eval_set.collate([s])) for s in eval_set.samples[:64]]
-    eights = [place(eval_set.collate(eval_set.samples[i : i + 8])) for i in range(0, 64, 8)]
+    eights = [
+        place(eval_set.collate(eval_set.samples[i : i + 8])) for i in range(0, min(64, len(eval_set.samples) - 7), 8)
+    ]
     bs1: list[float] = []
 
     def bs1_round() -> float:
@@ -470,10 +524,11 @@ def optimize(
         raise UsageError("--max-accuracy-drop is in points and must be >= 0")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    model, handler = load_trained(source_dir)
+    model, handler, source_format = load_source(source_dir)
     eval_set = load_eval_set(source_dir, handler)
     out_dir.mkdir(parents=True, exist_ok=True)
-    builder = Builder(model, handler, eval_set, out_dir / "variants", threads, device)
+    source = (source_format, source_dir / FORMAT_FILES[source_format])
+    builder = Builder(model, handler, eval_set, out_dir / "variants", threads, device, source)
     on_cuda = device.type == "cuda"
     ordered = ("eager", *[v for v in variants if v != "eager"])
     baseline, results = None, []
@@ -529,11 +584,12 @@ def student_variant(student_dir: Path, builder: Builder) -> Built:
 def save_variant(source_dir: Path, handler: dict, built: Built, folder: Path, variant: str) -> Path:
     """Completes a variant's folder so that `servekit build --from folder` packs it as it is."""
     folder.mkdir(parents=True, exist_ok=True)
-    for file_name in COPIED_FILES:
+    for file_name in (*COPIED_FILES, *handler.get("extra_files", [])):
         if (source_dir / file_name).is_file() and not (folder / file_name).exists():
             shutil.copy2(source_dir / file_name, folder / file_name)
-    if (source_dir / HELD_OUT_DIR).is_dir() and not (folder / HELD_OUT_DIR).exists():
-        shutil.copytree(source_dir / HELD_OUT_DIR, folder / HELD_OUT_DIR)
+    for dir_name in COPIED_DIRS:
+        if (source_dir / dir_name).is_dir() and not (folder / dir_name).exists():
+            shutil.copytree(source_dir / dir_name, folder / dir_name)
     if not (folder / HANDLER_FILE).exists() or variant != "distilled":
         settings = {**handler, **built.handler, "variant": variant}
         (folder / HANDLER_FILE).write_text(json.dumps(settings, indent=2))

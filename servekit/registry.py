@@ -18,6 +18,7 @@ from pathlib import Path
 from servekit.catalog import CatalogEntry, verify_archive, version_key
 from servekit.client import ServeClient
 from servekit.errors import ApiError, ServekitError, UsageError
+from servekit.requirements import check_serving_environment
 
 HISTORY_FILE = "defaults.json"
 READY_POLL_START_S = 0.02
@@ -206,11 +207,13 @@ def register_verified(
     TorchServe lets the archive's model-config.yaml (minWorkers/maxWorkers) win over `initial_workers`, so an
     explicit `workers` is applied with a scale after registration. With a history, the default is recorded
     (the first version registered becomes the default). `verified` skips a second sha256 of an entry the caller
-    has just verified.
+    has just verified. A model whose pip requirements (servekit import --requirements) this environment, the one
+    servekit starts TorchServe's workers in, does not meet is refused before anything is sent.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     entry = verified or verify_archive(store, name, version)
+    check_serving_environment(name, version, entry.requirements)
     timings["verify"] = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     client.register(entry.archive, initial_workers=workers or 1)

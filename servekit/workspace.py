@@ -25,6 +25,8 @@ METRICS_FILE = "metrics.json"
 VOCAB_FILE = "vocab.json"
 HELD_OUT_DIR = "heldout"
 SERVING_FILE = "serving.json"  # written by `servekit tune`, read by `servekit build`
+MODEL_CODE_DIR = "model_code"  # an imported class's own code (servekit import), in the folder and the archive
+HANDLER_CODE_DIR = "handler_code"  # an imported model's own handler file
 
 
 def archive_file_name(name: str, version: str) -> str:

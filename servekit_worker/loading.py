@@ -40,12 +40,16 @@ class CompiledModel:
 
 
 def load_state_dict(path: Path, device: torch.device, settings: dict) -> torch.nn.Module:
-    """An eager model: `settings["model_class"]` of servekit_worker.models (or torchvision), with the weights."""
+    """An eager model: `settings["model_class"]` of servekit_worker.models (or torchvision, or the user's own class,
+    from the `model_code` folder beside the weights when its code travels with the model), with the weights."""
     import torch
 
     from servekit_worker.models import build_model
 
-    model = build_model(settings["model_class"], settings.get("model_kwargs"))
+    code = settings.get("model_code")
+    model = build_model(
+        settings["model_class"], settings.get("model_kwargs"), Path(path).parent / code if code else None
+    )
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 

@@ -74,19 +74,55 @@ class TextClassifier(nn.Module):
         return self.head(hidden[:, 0])
 
 
-def build_model(model_class: str, model_kwargs: dict | None = None) -> nn.Module:
-    """A class of this file by name, or a torchvision model as `torchvision:resnet18` (random init, no download)."""
+def build_model(model_class: str, model_kwargs: dict | None = None, code_dir: Path | None = None) -> nn.Module:
+    """A class of this file by name, a torchvision model as `torchvision:resnet18` (random init, no download), or a
+    user's class or factory as `module:attribute` (imported from `code_dir` when the model's code travels with it,
+    else from the installed packages)."""
     kwargs = dict(model_kwargs or {})
     if model_class.startswith(TORCHVISION_PREFIX):
         import torchvision
 
         return torchvision.models.get_model(model_class.removeprefix(TORCHVISION_PREFIX), weights=None, **kwargs)
+    if ":" in model_class:
+        return user_callable(model_class, code_dir)(**kwargs)
     factory = {"SimpleCNN": SimpleCNN, "SmallCNN": SmallCNN, "TextClassifier": TextClassifier}.get(model_class)
     if factory is None:
         raise ValueError(
-            f"unknown model class {model_class!r}: use SimpleCNN, SmallCNN, TextClassifier or torchvision:NAME"
+            f"unknown model class {model_class!r}: use SimpleCNN, SmallCNN, TextClassifier, torchvision:NAME or "
+            "module:Class (servekit import)"
         )
     return factory(**kwargs)
+
+
+def user_callable(spec: str, code_dir: Path | None = None):
+    """`module:attribute` (attribute may be dotted), the module imported from `code_dir` when given."""
+    module_name, _, attribute = spec.partition(":")
+    module = import_from(module_name, code_dir)
+    value = module
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def import_from(module_name: str, code_dir: Path | None):
+    """Imports `module_name`, from `code_dir` first when given. Modules of the same top-level names already imported
+    from elsewhere (another model's code of the same file names, or the user's working copy) are dropped first, so
+    the code that runs is the copy in `code_dir`."""
+    import importlib
+    import sys
+
+    if code_dir is not None:
+        root = str(Path(code_dir).resolve())
+        own = {path.stem for path in Path(root).iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
+        for name in [name for name in sys.modules if name.split(".")[0] in own]:
+            file = getattr(sys.modules[name], "__file__", None) or ""
+            if not file.startswith(root + "/"):
+                del sys.modules[name]
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
+        importlib.invalidate_caches()
+    return importlib.import_module(module_name)
 
 
 class Tokenizer:

@@ -277,8 +277,8 @@ def viewing_archive(all_models_store, folder, monkeypatch):
     context = extracted_archive(all_models_store / "image-1.0.0.mar", folder)
     build_model = models.build_model
 
-    def viewing_model(model_class, model_kwargs=None):
-        model = build_model(model_class, model_kwargs)
+    def viewing_model(model_class, model_kwargs=None, code_dir=None):
+        model = build_model(model_class, model_kwargs, code_dir)
         forward = model.forward
         model.forward = lambda x: forward(x.view(x.size(0), -1).view(x.shape))
         return model

@@ -1,43 +1,48 @@
-"""The README's "Your own handler" example, run exactly as it is written there: packed the way the README says, its
+"""The README's "Your own handler" example, run exactly as it is written there: built the way the README says, its
 archive unpacked as TorchServe unpacks it, and requests answered in process like the digits handler answers them."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import zipfile
 
 import pytest
+from click.testing import CliRunner
 from digits import DigitsHandler
-from support import REPO
 from support.handlers import answer_batch, extracted_archive, protocol_answers
+from support.own_models import readme_example
 from ts.utils.util import list_classes_from_module
 
-from servekit import archive
-from servekit.archive import BuildOptions, HandlerSpec, build_archive
+from servekit.cli import cli
 from servekit_worker.digits import image_to_tensor
 
 
-def readme_example() -> str:
-    """The Python block of the README's "Your own handler" section."""
-    section = (REPO / "README.md").read_text().split("### Your own handler\n", 1)[1].split("\n### ", 1)[0]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 @pytest.fixture
-def flat_pixels(tmp_path, trained_digits, monkeypatch):
-    """The example handler initialised from an archive built with it (the library route the README names)."""
+def flat_pixels(tmp_path, trained_digits):
+    """The example handler initialised from an archive built with it as the README says (`build --handler FILE`)."""
     handler_file = tmp_path / "flat_pixels.py"
     handler_file.write_text(readme_example())
-    monkeypatch.setitem(archive.HANDLERS, "flat", HandlerSpec(str(handler_file)))
-    entry = build_archive("digits", "2.0.0", trained_digits, tmp_path / "store", handler="flat",
-                          options=BuildOptions(batch_size=4))  # fmt: skip
-    with zipfile.ZipFile(tmp_path / "store" / entry.archive) as mar:
-        assert {"flat_pixels.py", "servekit_worker/base.py", "labels.json"} <= set(mar.namelist())
-    context = extracted_archive(tmp_path / "store" / entry.archive, tmp_path / "unpacked")
-    spec = importlib.util.spec_from_file_location("flat_pixels", tmp_path / "unpacked" / "flat_pixels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    built = CliRunner().invoke(cli, ["build", "digits", "--version", "2.0.0", "--from", str(trained_digits),
+                                     "--handler", str(handler_file), "--batch-size", "4",
+                                     "--store", str(tmp_path / "store")])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    archive = tmp_path / "store" / "digits-2.0.0.mar"
+    with zipfile.ZipFile(archive) as mar:
+        assert {"flat_pixels.py", "flat_pixels_torchserve.py", "servekit_worker/base.py", "labels.json"} <= set(
+            mar.namelist()
+        )
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+    assert manifest["model"]["handler"] == "flat_pixels_torchserve.py"
+    context = extracted_archive(archive, tmp_path / "unpacked")
+    sys.path.insert(0, str(tmp_path / "unpacked"))  # TorchServe puts the model's folder on the path
+    try:
+        spec = importlib.util.spec_from_file_location("entry", tmp_path / "unpacked" / "flat_pixels_torchserve.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(tmp_path / "unpacked"))
     [handler_class] = list_classes_from_module(module)  # TorchServe's loader takes the module's one class
     handler = handler_class()
     handler.initialize(context)
