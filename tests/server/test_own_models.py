@@ -151,3 +151,18 @@ def test_the_readme_handler_with_an_installed_class(torchserve, trained_digits, 
                        "--weights", trained_digits / "model.pt", "--handler", handler, "--labels",
                        trained_digits / "labels.json", "--example", bodies / "0000.json", "--eval", bodies],
                        "eager,dynamic_int8")  # fmt: skip
+
+
+def test_a_model_whose_requirements_the_server_lacks_is_refused_before_registering(torchserve, held_out, tmp_path):
+    file = write_user_model(tmp_path)
+    (tmp_path / "requirements.txt").write_text("torch>=2.0\nsurely-not-installed-pkg>=1.0\n")
+    store = Path(torchserve.model_store)
+    servekit("import", "own-needs", "--model", f"{file}:TinyNet", "--handler", "digits", "--example", held_out[0].path,
+             "--requirements", tmp_path / "requirements.txt", "--store", store)  # fmt: skip
+    servekit("build", "own-needs", "--version", "1.0.0", "--workers", "1", "--batch-size", "4", "--store", store)
+    refused = CliRunner().invoke(cli, ["register", "own-needs", "--version", "1.0.0", "--workdir", torchserve.workdir])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert "own-needs 1.0.0 needs surely-not-installed-pkg>=1.0 (not installed) in the serving environment" in " ".join(
+        refused.output.split()
+    )
+    assert "own-needs" not in [m["modelName"] for m in ServeClient(torchserve.endpoints()).list_models()]
