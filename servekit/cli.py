@@ -37,14 +37,22 @@ class DeferredConsole:
 
     @functools.cached_property
     def rich(self):
+        """A terminal's width on a terminal; piped into a file or a CI log (and no COLUMNS set), lines and tables at
+        their full width, never cut to rich's default of 80 columns."""
+        import os
+        import sys
+
         from rich.console import Console
 
-        return Console(stderr=self.stderr)
+        stream = sys.stderr if self.stderr else sys.stdout
+        piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+        return Console(stderr=self.stderr, width=PIPED_WIDTH if piped else None)
 
     def print(self, *objects: Any, **settings: Any) -> None:
         self.rich.print(*objects, **settings)
 
 
+PIPED_WIDTH = 10_000  # "no limit": rich lays a table out at its natural width within this
 console = DeferredConsole()
 errors = DeferredConsole(stderr=True)
 DEFAULTS = Workspace()

@@ -73,3 +73,19 @@ def test_durations_are_seconds_and_a_warm_up_may_be_zero():
     ):
         with pytest.raises(UsageError, match=message):
             seconds_option(text, allow_zero)
+
+
+def test_tables_and_lines_piped_into_a_file_are_printed_whole(model_store):
+    """Piped (no terminal, no COLUMNS), a table is as wide as its cells, where rich would cut it to 80 columns."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    command = [str(Path(sys.executable).with_name("servekit")), "models", "--store", "--store-dir", str(model_store)]
+    listing = subprocess.run(command, capture_output=True, text=True, env=environment, check=True).stdout
+    [row] = [line for line in listing.splitlines() if "digits-1.0.0.mar" in line]
+    assert "…" not in listing and len(row) > 80
+    created = json.loads(run("models", "--store", "--store-dir", str(model_store), "--json").output)[0]["created"]
+    assert created in row
