@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -361,52 +362,99 @@ def modules_kept(staging: Path) -> Iterator[None]:
         sys.path[:] = path
 
 
-def stage(plan: ImportPlan, kind: str, requirements: list[str], staging: Path) -> Imported:
-    inputs: dict[str, str] = {}
+@dataclass
+class Staging:
+    """The trained folder as it is written, in a temp folder: the handler settings and the sha256 of each input."""
+
+    plan: ImportPlan
+    folder: Path
+    settings: dict = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # input path -> sha256
+
+    def record(self, path: Path) -> None:
+        self.inputs[str(path)] = sha256_folder(path) if path.is_dir() else sha256_file(path)
+
+    def copy(self, source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        self.record(source)
+
+
+def stage(plan: ImportPlan, kind: str, requirements: list[str], folder: Path) -> Imported:
+    """Writes the trained folder into `folder`, one step a function; each raises UsageError on what it refuses."""
+    staging = Staging(plan, folder)
     for extra in plan.extra_files:
         if not extra.is_file():
             raise UsageError(f"--extra-file {extra} not found")
-        shutil.copy2(extra, staging / extra.name)
-        inputs[str(extra)] = sha256_file(extra)
-    settings: dict = {}
-    code_files: list[str] = []
-    if kind == "eager":
-        model_class, code_files = capture_code(plan.model, staging)
-        settings.update(model_class=model_class, model_kwargs=plan.kwargs)
-        if code_files:
-            settings["model_code"] = MODEL_CODE_DIR
-        from servekit_worker.models import build_model
+        staging.copy(extra, folder / extra.name)
+    model, weights, code_files = stage_eager(staging) if kind == "eager" else stage_brought(staging, kind)
+    choice = stage_handler(staging, requirements)
+    labels, decoder, bodies, outputs = stage_examples(staging, model, choice)
+    stage_held_out(staging, labels, decoder, bodies, outputs)
+    accuracy = None
+    if plan.eval_dir is not None and decoder.classifier:
+        accuracy = held_out_accuracy(model, decoder, folder / HELD_OUT_DIR)
+    (folder / HANDLER_FILE).write_text(json.dumps(staging.settings, indent=2))
+    metrics = {
+        "model": plan.model,
+        "imported": True,
+        "format": kind if kind != "eager" else "state_dict",
+        "weights_sha256": sha256_file(weights),
+        "inputs_sha256": staging.inputs,
+        "code_files": code_files,
+        "held_out_accuracy": accuracy,
+        "dataset": str(plan.eval_dir) if plan.eval_dir else "the examples",
+    }
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    held_out = len(read_held_out(folder / HELD_OUT_DIR))
+    example = staging.settings["example_input"]
+    return Imported(folder, kind, plan.model, code_files, len(bodies), held_out, example, accuracy)
 
-        code_dir = staging / MODEL_CODE_DIR if code_files else None
-        try:  # from the copy: what every worker will run
-            model = build_model(model_class, plan.kwargs, code_dir)
-        except Exception as exc:
-            raise UsageError(f"{plan.model}(**{plan.kwargs}) failed: {type(exc).__name__}: {first_line(exc)}") from None
-        if not isinstance(model, torch.nn.Module):
-            raise UsageError(f"{plan.model} returned a {type(model).__name__}, not a torch.nn.Module")
-        if plan.weights is not None:
-            fit_weights(model, read_state_dict(plan.weights), plan.model)
-            inputs[str(plan.weights)] = sha256_file(plan.weights)
-        model.eval()
-        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
-        weights = staging / WEIGHTS_FILE
-    else:
-        source = Path(plan.model)
-        inputs[str(source)] = sha256_file(source)
-        model = load_brought(source, kind)
-        if kind == "onnx" and onnx_fixed_batch(source):
-            raise UsageError(
-                f"{source} fixes the batch dimension at 1: export it with a dynamic first dimension "
-                "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={'input': {0: 'batch'}})"
-            )
-        weights = staging / FORMAT_FILES[kind]
-        shutil.copy2(source, weights)
-        settings["format"] = kind
+
+def stage_eager(staging: Staging) -> tuple[torch.nn.Module, Path, list[str]]:
+    """The user's class built from its copy in model_code/ (what every worker runs), with the weights fitted."""
+    from servekit_worker.models import build_model
+
+    plan, folder = staging.plan, staging.folder
+    model_class, code_files = capture_code(plan.model, folder)
+    staging.settings.update(model_class=model_class, model_kwargs=plan.kwargs)
+    if code_files:
+        staging.settings["model_code"] = MODEL_CODE_DIR
+    try:
+        model = build_model(model_class, plan.kwargs, folder / MODEL_CODE_DIR if code_files else None)
+    except Exception as exc:
+        raise UsageError(f"{plan.model}(**{plan.kwargs}) failed: {type(exc).__name__}: {first_line(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{plan.model} returned a {type(model).__name__}, not a torch.nn.Module")
+    if plan.weights is not None:
+        fit_weights(model, read_state_dict(plan.weights), plan.model)
+        staging.record(plan.weights)
+    model.eval()
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    return model, folder / WEIGHTS_FILE, code_files
+
+
+def stage_brought(staging: Staging, kind: str) -> tuple[Any, Path, list[str]]:
+    """A TorchScript, torch.export or ONNX file, kept as brought, loaded as the worker loads it."""
+    source = Path(staging.plan.model)
+    model = load_brought(source, kind)
+    if kind == "onnx" and onnx_fixed_batch(source):
+        raise UsageError(
+            f"{source} fixes the batch dimension at 1: export it with a dynamic first dimension "
+            "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={'input': {0: 'batch'}})"
+        )
+    weights = staging.folder / FORMAT_FILES[kind]
+    staging.copy(source, weights)
+    staging.settings["format"] = kind
+    return model, weights, []
+
+
+def stage_handler(staging: Staging, requirements: list[str]) -> HandlerChoice:
+    """The handler (a user's file is copied into handler_code/) and the settings it and the model need."""
+    plan, settings = staging.plan, staging.settings
     choice = parse_handler(plan.handler)
     if choice.custom:
-        (staging / HANDLER_CODE_DIR).mkdir()
-        shutil.copy2(choice.file, staging / HANDLER_CODE_DIR / choice.file.name)
-        inputs[str(choice.file)] = sha256_file(choice.file)
+        staging.copy(choice.file, staging.folder / HANDLER_CODE_DIR / choice.file.name)
         settings["handler"] = f"{HANDLER_CODE_DIR}/{choice.file.name}:{choice.class_name}"
     else:
         settings["handler"] = choice.name
@@ -416,72 +464,62 @@ def stage(plan: ImportPlan, kind: str, requirements: list[str], staging: Path) -
         settings["extra_files"] = [extra.name for extra in plan.extra_files]
     if requirements:
         settings["requirements"] = requirements
-        inputs[str(plan.requirements)] = sha256_file(plan.requirements)
+        staging.record(plan.requirements)
+    return choice
+
+
+def stage_examples(staging: Staging, model, choice: HandlerChoice) -> tuple[list[str] | None, Decoder, list, Any]:
+    """The examples decoded by the handler and run by the model (example_input comes from them); the labels, checked
+    against the model's classes (0..N-1 when none are given)."""
+    plan, settings, labels_file = staging.plan, staging.settings, staging.folder / LABELS_FILE
     labels = read_labels(plan.labels) if plan.labels else None
     if labels is not None:
-        inputs[str(plan.labels)] = sha256_file(plan.labels)
-    (staging / LABELS_FILE).write_text(json.dumps(labels or ["0"]))
-
+        staging.record(plan.labels)
+    labels_file.write_text(json.dumps(labels or ["0"]))  # a classifier's setup reads it; rewritten below
     bodies = []
     for path in plan.examples:
-        body, content_type, tensor_spec = example_body(path)
-        bodies.append((path, body, content_type, tensor_spec))
-        inputs[str(path)] = sha256_file(path)
+        bodies.append((path, *example_body(path)))
+        staging.record(path)
     if choice.name == "tensor":
         spec = bodies[0][3] or json_input_shape(bodies[0][1])
         if spec is None:
             raise UsageError(f'--example {bodies[0][0]}: the tensor handler takes .npy files or JSON {{"input": ...}}')
         settings.setdefault("input_shape", spec["shape"])
         settings.setdefault("input_dtype", spec["dtype"])
-    decoder = Decoder(choice, settings, staging)
+    decoder = Decoder(choice, settings, staging.folder)
     samples = [decoder.samples(body, content_type, f"--example {path.name}") for path, body, content_type, _ in bodies]
-    batch = decoder.batch([s for request in samples for s in request])
     outputs = run_examples(model, decoder, samples, plan.model)
-    settings["example_input"] = example_input(batch, choice)
-    if decoder.classifier:
-        if outputs.dim() != 2:
-            raise UsageError(f"the {choice.describe()} handler answers classes, but the model answers shape "
-                             f"{list(outputs.shape)} for {len(samples)} examples: use --handler tensor")  # fmt: skip
-        classes = outputs.shape[1]
-        if labels is not None and len(labels) != classes:
-            raise UsageError(f"--labels {plan.labels} has {len(labels)} labels; the model answers {classes} classes")
-        labels = labels or [str(i) for i in range(classes)]
-        (staging / LABELS_FILE).write_text(json.dumps(labels))
-    elif labels is None:
-        (staging / LABELS_FILE).unlink()
+    settings["example_input"] = example_input(decoder.batch([s for request in samples for s in request]), choice)
+    if not decoder.classifier:
+        if labels is None:
+            labels_file.unlink()
+        return labels, decoder, bodies, outputs
+    if outputs.dim() != 2:
+        raise UsageError(f"the {choice.describe()} handler answers classes, but the model answers shape "
+                         f"{list(outputs.shape)} for {len(samples)} examples: use --handler tensor")  # fmt: skip
+    classes = outputs.shape[1]
+    if labels is not None and len(labels) != classes:
+        raise UsageError(f"--labels {plan.labels} has {len(labels)} labels; the model answers {classes} classes")
+    labels = labels or [str(i) for i in range(classes)]
+    labels_file.write_text(json.dumps(labels))
+    return labels, decoder, bodies, outputs
 
+
+def stage_held_out(staging: Staging, labels: list[str] | None, decoder: Decoder, bodies: list, outputs) -> None:
+    """heldout/: the evaluation folder's labelled bodies, or else the examples labelled with the model's answers."""
+    plan, target = staging.plan, staging.folder / HELD_OUT_DIR
     if plan.eval_dir is not None:
         held_out = evaluation_samples(plan.eval_dir)
-        inputs[str(plan.eval_dir)] = sha256_folder(plan.eval_dir)
-        if labels is not None:
-            unknown = sorted({s.label for s in held_out} - set(labels))
-            if unknown:
-                raise UsageError(f"--eval {plan.eval_dir} has labels the model does not know: {', '.join(unknown[:5])}")
+        staging.record(plan.eval_dir)
+        unknown = sorted({s.label for s in held_out} - set(labels or []))
+        if labels is not None and unknown:
+            raise UsageError(f"--eval {plan.eval_dir} has labels the model does not know: {', '.join(unknown[:5])}")
         write_bodies({f"{i:04d}_{s.path.name}": s.path.read_bytes() for i, s in enumerate(held_out)},
-                     [s.label for s in held_out], staging / HELD_OUT_DIR)  # fmt: skip
-    else:  # the examples are the golden samples, labelled with the model's own answers
-        predicted = [labels[int(row.argmax())] if decoder.classifier else "" for row in outputs]
-        names = [f"{i:04d}_{path.stem + '.bin' if spec else path.name}" for i, (path, _, _, spec) in enumerate(bodies)]
-        write_bodies(
-            {name: body for name, (_, body, _, _) in zip(names, bodies, strict=True)}, predicted, staging / HELD_OUT_DIR
-        )
-    accuracy = (
-        held_out_accuracy(model, decoder, staging / HELD_OUT_DIR) if plan.eval_dir and decoder.classifier else None
-    )
-    (staging / HANDLER_FILE).write_text(json.dumps(settings, indent=2))
-    metrics = {
-        "model": plan.model,
-        "imported": True,
-        "format": kind if kind != "eager" else "state_dict",
-        "weights_sha256": sha256_file(weights),
-        "inputs_sha256": inputs,
-        "code_files": code_files,
-        "held_out_accuracy": accuracy,
-        "dataset": str(plan.eval_dir) if plan.eval_dir else "the examples",
-    }
-    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    count = len(read_held_out(staging / HELD_OUT_DIR))
-    return Imported(staging, kind, plan.model, code_files, len(bodies), count, settings["example_input"], accuracy)
+                     [s.label for s in held_out], target)  # fmt: skip
+        return
+    predicted = [labels[int(row.argmax())] if decoder.classifier else "" for row in outputs]
+    names = [f"{i:04d}_{path.stem + '.bin' if spec else path.name}" for i, (path, _, _, spec) in enumerate(bodies)]
+    write_bodies({name: body for name, (_, body, _, _) in zip(names, bodies, strict=True)}, predicted, target)
 
 
 def run_examples(model, decoder: Decoder, samples: list[list], spec: str) -> torch.Tensor:
