@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from servekit import __version__, registry, server
-from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, BuildOptions, placement
+from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, HANDLERS, MAX_DEFAULT_WORKERS, BuildOptions, placement
 from servekit.choices import GENERATORS, IMAGE_ARCHITECTURES, QUICK_CUDA_VARIANTS, QUICK_VARIANTS, VARIANTS
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.devices import DEVICE_CHOICES, resolve_device
@@ -349,7 +349,9 @@ def distill_digits_command(teacher_dir: Path, out: Path, epochs: int, temperatur
               help=f"batchSize [what a worker runs in {BATCH_BUDGET_MS:g} ms, up to {DEFAULT_MAX_BATCH}].")  # fmt: skip
 @click.option("--max-batch-delay", type=int, default=None,
               help=f"ms, at least 1 (TorchServe reads 0 as 100) [{BUILD_DEFAULTS.max_batch_delay_ms}].")  # fmt: skip
-@click.option("--workers", type=int, default=None, help=f"minWorkers = maxWorkers [cores: {BUILD_DEFAULTS.workers}].")
+@click.option(
+    "--workers", type=int, default=None, help=f"minWorkers = maxWorkers [one per core, up to {MAX_DEFAULT_WORKERS}]."
+)
 @click.option("--variant", default=None, help="Pack an optimized variant recorded by `optimize --pick` ('best').")
 @click.option("--model-config", "model_config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A model-config.yaml from `servekit config` (devices, workers) to merge in.")  # fmt: skip
@@ -488,6 +490,29 @@ def serve_start(config_path, no_snapshots, resume, proxy_port, no_proxy, nginx, 
     )
     if state.proxy_url:
         console.print(f"proxy (nginx pid {state.proxy_pid}) at {state.proxy_url}: clients call this address")
+
+
+@serve.command("triton")
+@path_option("--repository", default=Path("deploy/triton"), show_default=True, help="From `servekit export triton`.")
+@path_option("--workdir", default=Path(".servekit-triton"), show_default=True, help="Its log and triton.json.")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--stop", is_flag=True, help="Stop the Triton recorded in WORKDIR.")
+def serve_triton(repository, workdir, http_port, grpc_port, metrics_port, stop) -> None:
+    """Start Triton Inference Server (nvidia-pytriton's tritonserver) on 127.0.0.1 with a servekit repository.
+
+    Example: servekit serve triton --repository deploy/triton   (then: servekit serve triton --stop)
+    """
+    from servekit.triton import start_triton, stop_triton
+
+    if stop:
+        console.print("stopped" if stop_triton(workdir) else f"no Triton was running from {workdir}")
+        return
+    if not repository.is_dir():
+        raise UsageError(f"{repository} is not a model repository: run servekit export triton first")
+    state = start_triton(repository, workdir, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    console.print(f"Triton ready: HTTP {state.url}, gRPC 127.0.0.1:{state.grpc_port} (pid {state.pid})")
 
 
 @serve.command("stop")
@@ -921,6 +946,29 @@ def export_docker_command(name, version, gpu, out_dir, store) -> None:
 
     out_dir = out_dir or Path("deploy/docker") / f"{name}-{version}"
     for path in export_docker(store, name, version, out_dir, gpu):
+        console.print(f"wrote {path}")
+
+
+@export_group.command("triton")
+@click.argument("name")
+@click.option("--version", "versions", multiple=True, required=True, help="A version to export; repeat for more.")
+@path_option("--out", "out_dir", default=Path("deploy/triton"), show_default=True, help="The model repository.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances (per GPU with --gpus).")  # fmt: skip
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="0: CPU instances.")
+@click.option("--version-policy", type=click.Choice(["all", "latest", "specific"]), default="all", show_default=True,
+              help="Which versions Triton loads: all, the newest --latest, or the ones exported now.")  # fmt: skip
+@click.option("--latest", "latest_count", type=click.IntRange(min=1), default=1, show_default=True)
+@store_option
+def export_triton_command(name, versions, out_dir, instances, gpus, version_policy, latest_count, store) -> None:
+    """Write a Triton model repository (Python backend) serving these archives' handlers, same requests and answers.
+
+    Example: servekit export triton digits --version 1.0.0 --version 1.1.0 && servekit serve triton
+    """
+    from servekit.triton import TritonSpec, export_triton
+
+    spec = TritonSpec(name, list(versions), out_dir, instances, gpus, version_policy, latest_count)
+    for path in export_triton(store, spec):
         console.print(f"wrote {path}")
 
 

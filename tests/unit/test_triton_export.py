@@ -1,0 +1,69 @@
+"""`servekit export triton` without a server: the repository's layout, its config, and semver <-> Triton's
+integer versions kept stable as versions are added."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from servekit.archive import BuildOptions, build_archive
+from servekit.cli import cli
+from servekit.errors import ArchiveError
+from servekit.triton import TritonSpec, export_triton
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, trained_digits):
+    store = tmp_path_factory.mktemp("store")
+    for version in ("1.0.0", "1.1.0"):
+        build_archive(
+            "digits", version, trained_digits, store, options=BuildOptions(batch_size=4, max_batch_delay_ms=5)
+        )
+    return store
+
+
+def test_the_repository_holds_each_archive_its_model_py_and_a_config_from_its_settings(store, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "triton", "digits", "--version", "1.0.0", "--instances", "2",
+                                      "--out", str(tmp_path), "--store", str(store)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "digits"
+    with zipfile.ZipFile(store / "digits-1.0.0.mar") as mar:
+        assert {name for name in mar.namelist() if not name.endswith("/")} <= {
+            str(p.relative_to(model / "1")) for p in (model / "1").rglob("*") if p.is_file()
+        }
+    source = (model / "1" / "model.py").read_text()
+    assert "from servekit_worker.digits import DigitsHandler as Handler" in source
+    assert "class TritonPythonModel(TritonHandler, Handler):" in source
+    settings = json.loads((model / "1" / "servekit-model.json").read_text())
+    assert (settings["version"], settings["weights"]) == ("1.0.0", "model.pt")
+    assert settings["handler"]["format"] == "state_dict"
+    config = (model / "config.pbtxt").read_text()
+    for line in ('backend: "python"', "max_batch_size: 64", "max_queue_delay_microseconds: 5000",
+                 "max_queue_size: 256", "kind: KIND_CPU", "count: 2", 'name: "probabilities"', "dims: [ 10 ]",
+                 "all {"):  # fmt: skip
+        assert line in config, line
+
+
+def test_a_version_added_later_keeps_the_numbers_given_before(store, tmp_path):
+    export_triton(store, TritonSpec("digits", ["1.1.0"], tmp_path))
+    export_triton(store, TritonSpec("digits", ["1.0.0", "1.1.0"], tmp_path, version_policy="specific"))
+    assert json.loads((tmp_path / "digits" / "servekit.json").read_text())["versions"] == {"1": "1.1.0", "2": "1.0.0"}
+    assert "specific {\n    versions: [ 1, 2 ]" in (tmp_path / "digits" / "config.pbtxt").read_text()
+    export_triton(store, TritonSpec("digits", ["1.1.0"], tmp_path, gpus=2, version_policy="latest", latest_count=1))
+    config = (tmp_path / "digits" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config and "gpus: [ 0, 1 ]" in config and "num_versions: 1" in config
+
+
+def test_a_tampered_archive_is_refused_and_nothing_is_written(store, tmp_path):
+    tampered = tmp_path / "store"
+    tampered.mkdir()
+    for path in store.iterdir():
+        if path.is_file():
+            (tampered / path.name).write_bytes(path.read_bytes())
+    (tampered / "digits-1.1.0.mar").write_bytes((tampered / "digits-1.1.0.mar").read_bytes() + b"x")
+    with pytest.raises(ArchiveError, match="sha256"):
+        export_triton(tampered, TritonSpec("digits", ["1.0.0", "1.1.0"], tmp_path / "repository"))
+    assert not (tmp_path / "repository").exists()
