@@ -51,8 +51,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check servekit servekit_worker handlers tests
-	$(BIN)/ruff format --check servekit servekit_worker handlers tests
+	$(BIN)/ruff check servekit servekit_worker handlers tests scripts
+	$(BIN)/ruff format --check servekit servekit_worker handlers tests scripts
 
 clean:
 	rm -rf .servekit model_store/work model_store/*.mar model_store/catalog.json

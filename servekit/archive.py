@@ -75,7 +75,7 @@ def check_handler_fits(handler: str, trained: dict, source_dir: Path) -> None:
     )
 
 
-# Serving defaults that are right untuned (README, "Why the defaults"): one worker per core, each with the cores
+# Serving defaults that are right untuned (docs/defaults.md): one worker per core, each with the cores
 # shared out (never more torch threads than cores across the workers); a 1 ms batch window, so a lone request
 # does not wait out a window TorchServe keeps open for company that never comes; batches as large as fit a
 # BATCH_BUDGET_MS forward pass of the model on one worker's threads, up to DEFAULT_MAX_BATCH.

@@ -93,7 +93,7 @@ def test_distilled_student_is_measured_beside_the_variants(trained_digits, tmp_p
         "digits", trained_digits, tmp_path / "out", ("onnx",), student_dir=tmp_path / "student", **FAST
     )
     distilled = report.by_name("distilled")
-    # As the README says: the SmallCNN student loses more than the 1-point gate allows, so it is rejected.
+    # As docs/measurements/optimize-2core.md says: the SmallCNN student loses more than the 1-point gate allows.
     assert distilled.status == "rejected" and "accuracy drop" in distilled.reason, distilled
     assert distilled.accuracy < report.by_name("eager").accuracy and distilled.size_ratio < 0.1
     assert json.loads((tmp_path / "out" / "variants" / "distilled" / "handler.json").read_text())["model_class"] == (

@@ -1,5 +1,5 @@
 """`servekit predict`'s output against a stand-in client answering what TorchServe's handlers answer (the documents
-of README "KServe"): one line per answer whatever its shape, and `--json` the answers as the server sent them."""
+of docs/kserve.md): one line per answer whatever its shape, and `--json` the answers as the server sent them."""
 
 from __future__ import annotations
 
