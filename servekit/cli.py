@@ -897,14 +897,19 @@ def export_group() -> None:
 @click.option("--canary-traffic-percent", type=click.IntRange(0, 100), default=None,
               help="Send this share of traffic to this revision (KServe canary rollout).")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: deploy/kserve/NAME-VERSION]")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
-              help="KServe protocol: sets the serviceEnvelope label (kserve or kservev2).")  # fmt: skip
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=None,
+              help="KServe protocol [TorchServe: v1, via serviceEnvelope; Triton: v2, its only one].")  # fmt: skip
+@click.option("--runtime", type=click.Choice(["torchserve", "triton"]), default="torchserve", show_default=True,
+              help="KServe's serving runtime: TorchServe (the .mar) or Triton (a model repository).")  # fmt: skip
+@click.option(
+    "--image", default=None, help="Predictor image (Triton: the one `export docker --runtime triton` builds)."
+)
 @click.option("--from-split", is_flag=True, help="Version and canary percent from NAME's split on the WORKDIR server.")
 @store_option
 @workdir_option
 def export_kserve_command(
-    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, from_split,
-    store, workdir,
+    name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, out_dir, protocol, runtime,
+    image, from_split, store, workdir,
 ) -> None:  # fmt: skip
     """Write a KServe InferenceService (TorchServe runtime) and the config/ + model-store/ layout to upload.
 
@@ -919,33 +924,33 @@ def export_kserve_command(
         version, canary_traffic_percent = split_as_canary(Server.connect(workdir), name)
     elif version is None:
         raise UsageError("give --version (or --from-split)")
-    spec = KServeSpec(
-        name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent, protocol=protocol
-    )
+    protocol = protocol or ("v2" if runtime == "triton" else "v1")
+    spec = KServeSpec(name, version, storage_uri, gpus, min_replicas, max_replicas, canary_traffic_percent,
+                      protocol=protocol, runtime=runtime, image=image)  # fmt: skip
     out_dir = out_dir or Path("deploy/kserve") / f"{name}-{version}"
     for path in export_kserve(store, spec, out_dir):
         console.print(f"wrote {path}")
-    console.print(
-        f"upload {out_dir}/config and {out_dir}/model-store to {storage_uri}, then "
-        f"kubectl apply -f {out_dir}/inferenceservice.yaml"
-    )
+    upload = f"{out_dir}/model-repository" if runtime == "triton" else f"{out_dir}/config and {out_dir}/model-store"
+    console.print(f"upload {upload} to {storage_uri}, then kubectl apply -f {out_dir}/inferenceservice.yaml")
 
 
 @export_group.command("docker")
 @click.argument("name")
 @version_option()
 @click.option("--gpu", is_flag=True, help="Use the GPU image and one GPU.")
+@click.option("--runtime", type=click.Choice(["torchserve", "triton"]), default="torchserve", show_default=True,
+              help="TorchServe's official image, or NVIDIA's Triton image with torch added.")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: deploy/docker/NAME-VERSION]")
 @store_option
-def export_docker_command(name, version, gpu, out_dir, store) -> None:
-    """Write a Dockerfile on the official TorchServe image that serves this archive with token auth on.
+def export_docker_command(name, version, gpu, runtime, out_dir, store) -> None:
+    """Write a Dockerfile that serves this archive: TorchServe (token auth on) or Triton.
 
     Example: servekit export docker digits --version 1.1.0 && docker build -t digits deploy/docker/digits-1.1.0
     """
     from servekit.export import export_docker
 
     out_dir = out_dir or Path("deploy/docker") / f"{name}-{version}"
-    for path in export_docker(store, name, version, out_dir, gpu):
+    for path in export_docker(store, name, version, out_dir, gpu, runtime):
         console.print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""Beyond one machine: a KServe InferenceService (TorchServe runtime) or a Docker image for a cataloged archive.
+"""Beyond one machine: a KServe InferenceService (TorchServe or Triton runtime) or a Docker image for a cataloged
+archive.
 
 KServe's TorchServe runtime reads, under the InferenceService's storageUri:
     config/config.properties        TorchServe settings, with model_snapshot naming the archive to load
@@ -6,6 +7,11 @@ KServe's TorchServe runtime reads, under the InferenceService's storageUri:
 `export_kserve` writes that layout plus `inferenceservice.yaml`, built with the kserve package's own models.
 The runtime starts TorchServe with TS_SERVICE_ENVELOPE set from the InferenceService's `serviceEnvelope` label
 (`kserve`: the v1 protocol, `kservev2`: v2); TorchServe reads it only with `enable_envvars_config=true`.
+
+KServe's Triton runtime (`modelFormat: triton`, the v2 protocol) reads a Triton model repository at storageUri:
+`export_kserve` with runtime "triton" writes `model-repository/NAME/...` from `servekit export triton`. The NGC
+Triton image's Python backend has no torch: `export_docker(..., runtime="triton")` writes a Dockerfile on it that
+installs torch and the rest the worker package imports, and the InferenceService names that image.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ SERVICE_ENVELOPES = {protocol.name: protocol.envelope for protocol in KSERVE_PRO
 # Where each runtime finds the model store: KServe mounts storageUri at /mnt/models; the Dockerfile copies it here.
 KSERVE_MODEL_STORE = "/mnt/models/model-store"
 DOCKER_MODEL_STORE = "/home/model-server/model-store"
+RUNTIMES = ("torchserve", "triton")
+MODEL_FORMATS = {"torchserve": "pytorch", "triton": "triton"}  # KServe's modelFormat that selects each runtime
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as nvidia-pytriton 0.7.0 ships
+TRITON_REPOSITORY = "model-repository"
 
 
 @dataclass
@@ -41,10 +51,16 @@ class KServeSpec:
     cpu: str = "2"
     memory: str = "4Gi"
     protocol: str = "v1"
+    runtime: str = "torchserve"  # or "triton"
+    image: str | None = None  # the predictor's image (Triton: one from `export docker --runtime triton`)
 
     def validate(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"--runtime {self.runtime!r} must be one of {', '.join(RUNTIMES)}")
         if self.protocol not in SERVICE_ENVELOPES:
             raise UsageError(f"--protocol {self.protocol!r} must be one of {', '.join(SERVICE_ENVELOPES)}")
+        if self.runtime == "triton" and self.protocol != "v2":
+            raise UsageError("KServe's Triton runtime speaks the v2 protocol only: use --protocol v2")
         if "://" not in self.storage_uri:
             raise UsageError(f"--storage-uri {self.storage_uri!r} must be a URI such as gs://bucket/path or pvc://...")
         if self.gpus < 0 or self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -120,19 +136,20 @@ def inference_service(spec: KServeSpec) -> dict:
         canary_traffic_percent=spec.canary_traffic_percent,
         model=V1beta1ModelSpec(
             name="kserve-container",
-            model_format=V1beta1ModelFormat(name="pytorch"),
+            model_format=V1beta1ModelFormat(name=MODEL_FORMATS[spec.runtime]),
             protocol_version=spec.protocol,
             storage_uri=spec.storage_uri,
+            image=spec.image,
             resources=V1ResourceRequirements(limits=limits, requests=dict(limits)),
         ),
     )
+    labels = {"servekit/version": spec.version}
+    if spec.runtime == "torchserve":
+        labels["serviceEnvelope"] = SERVICE_ENVELOPES[spec.protocol]
     service = V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
-        metadata=V1ObjectMeta(
-            name=spec.name,
-            labels={"servekit/version": spec.version, "serviceEnvelope": SERVICE_ENVELOPES[spec.protocol]},
-        ),
+        metadata=V1ObjectMeta(name=spec.name, labels=labels),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),
     )
     return ApiClient().sanitize_for_serialization(service)
@@ -146,13 +163,21 @@ def export_kserve(store: Path, spec: KServeSpec, out_dir: Path) -> list[Path]:
     text = yaml.safe_dump(manifest, sort_keys=False)
     if yaml.safe_load(text) != manifest:
         raise UsageError("the InferenceService did not survive a YAML round trip")
+    service = out_dir / "inferenceservice.yaml"
+    if spec.runtime == "triton":
+        from servekit.triton import TritonSpec, export_triton
+
+        # KServe downloads storageUri to /mnt/models, Triton's --model-repository; the image provides the packages
+        repository = TritonSpec(spec.name, [spec.version], out_dir / TRITON_REPOSITORY, gpus=spec.gpus, python_paths=[])
+        written = export_triton(store, repository)
+        service.write_text(text)
+        return [service, *written]
     (out_dir / "config").mkdir(parents=True, exist_ok=True)
     (out_dir / "model-store").mkdir(parents=True, exist_ok=True)
     archive = out_dir / "model-store" / entry.archive
     shutil.copy2(store / entry.archive, archive)
     properties = out_dir / "config" / "config.properties"
     properties.write_text(kserve_properties(spec.name, spec.version, entry.archive, entry.config))
-    service = out_dir / "inferenceservice.yaml"
     service.write_text(text)
     return [service, properties, archive]
 
@@ -169,9 +194,41 @@ CMD ["serve"]
 """
 
 
-def export_docker(store: Path, name: str, version: str, out_dir: Path, gpu: bool = False) -> list[Path]:
+TRITON_DOCKERFILE = """# Written by servekit export docker --runtime triton: {name} {version} on NVIDIA's Triton image.
+FROM {image}
+# Triton's Python backend runs servekit's worker package; the image has Python but no torch.
+RUN pip install --no-cache-dir torch=={torch} torchvision=={torchvision} pillow pyyaml onnxruntime
+COPY {repository} /models
+EXPOSE 8000 8001 8002
+# KServe's Triton runtime starts tritonserver itself (on /mnt/models); run alone, this image serves /models.
+CMD ["tritonserver", "--model-repository=/models"]
+"""
+
+
+def export_docker_triton(store: Path, name: str, version: str, out_dir: Path, gpu: bool = False) -> list[Path]:
+    """A Dockerfile on NVIDIA's Triton image with the torch this archive was built with, and the repository."""
+    import torch
+    import torchvision
+
+    from servekit.triton import TritonSpec, export_triton
+
+    written = export_triton(store, TritonSpec(name, [version], out_dir / TRITON_REPOSITORY, gpus=int(gpu),
+                                              python_paths=[]))  # fmt: skip
+    dockerfile = out_dir / "Dockerfile"
+    dockerfile.write_text(TRITON_DOCKERFILE.format(
+        name=name, version=version, image=TRITON_IMAGE, repository=TRITON_REPOSITORY,
+        torch=torch.__version__.split("+")[0], torchvision=torchvision.__version__.split("+")[0],
+    ))  # fmt: skip
+    return [dockerfile, *written]
+
+
+def export_docker(
+    store: Path, name: str, version: str, out_dir: Path, gpu: bool = False, runtime: str = "torchserve"
+) -> list[Path]:
     """Writes a Dockerfile, config.properties and model-store/ that serve NAME VERSION (token auth on, the model API
-    off, allowed_urls limited to the image's own store)."""
+    off, allowed_urls limited to the image's own store); with runtime "triton", a Dockerfile on Triton's image."""
+    if runtime == "triton":
+        return export_docker_triton(store, name, version, out_dir, gpu)
     entry = verify_archive(store, name, version)
     (out_dir / "model-store").mkdir(parents=True, exist_ok=True)
     shutil.copy2(store / entry.archive, out_dir / "model-store" / entry.archive)

@@ -51,3 +51,36 @@ def test_a_kserve_error_object_reads_as_its_message():
     assert error_message(answer({"code": 400, "error": "invalid_image", "detail": "cannot decode"})) == (
         "invalid_image: cannot decode"
     )
+
+
+def test_the_triton_runtime_gets_a_model_repository_and_a_v2_inference_service(tmp_path, model_store):
+    image = "registry/digits-triton:1.0.0"
+    arguments = ["export", "kserve", "digits", "--version", "1.0.0", "--storage-uri", "gs://b/digits", "--runtime",
+                 "triton", "--gpus", "1", "--canary-traffic-percent", "10", "--image", image]  # fmt: skip
+    result = CliRunner().invoke(cli, [*arguments, "--store", str(model_store), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    service = yaml.safe_load((tmp_path / "inferenceservice.yaml").read_text())
+    predictor = service["spec"]["predictor"]
+    assert predictor["model"]["modelFormat"] == {"name": "triton"} and predictor["model"]["protocolVersion"] == "v2"
+    assert predictor["model"]["image"] == image and predictor["canaryTrafficPercent"] == 10
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "serviceEnvelope" not in service["metadata"]["labels"]
+    model = tmp_path / "model-repository" / "digits"
+    assert "kind: KIND_GPU" in (model / "config.pbtxt").read_text() and (model / "1" / "model.py").is_file()
+    assert "site-packages" not in (model / "1" / "model.py").read_text()  # the image provides the packages
+    assert "upload" in result.output and "model-repository" in result.output
+    with pytest.raises(UsageError, match="v2 protocol only"):
+        KServeSpec("digits", "1.0.0", "gs://b", protocol="v1", runtime="triton").validate()
+
+
+def test_the_triton_dockerfile_installs_the_torch_the_archive_was_built_with(tmp_path, model_store):
+    import torch
+
+    result = CliRunner().invoke(cli, ["export", "docker", "digits", "--version", "1.0.0", "--runtime", "triton",
+                                      "--store", str(model_store), "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    dockerfile = (tmp_path / "Dockerfile").read_text()
+    assert dockerfile.startswith("# Written by servekit export docker --runtime triton")
+    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in dockerfile
+    assert f"torch=={torch.__version__.split('+')[0]}" in dockerfile and "COPY model-repository /models" in dockerfile
+    assert (tmp_path / "model-repository" / "digits" / "config.pbtxt").is_file()
