@@ -138,6 +138,32 @@ def measure_in_process(
     return InProcess(size, size * 1000 / batch_p50, percentile(singles, 50), batch_p50, device)
 
 
+@dataclass
+class Peer:
+    """What each level is also run against, with the same bodies: the Flask baseline, or a running Triton."""
+
+    label: str  # "flask" | "triton", the column names of the report
+    url: str  # its inference route for this model
+    pid: int  # the process whose tree's CPU is the peer's
+    bodies: list[tuple[bytes, str]]
+    warmup_s: float  # at most this much of the run's warm-up
+
+
+def triton_peer(triton, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Peer:
+    """A running Triton (servekit serve triton) serving NAME VERSION, asked with the v2 documents of `bodies`."""
+    from servekit.protocols import v2_body
+    from servekit.triton import VERSIONS_FILE
+
+    recorded = Path(triton.repository) / name / VERSIONS_FILE
+    numbers = (
+        {semver: n for n, semver in json.loads(recorded.read_text())["versions"].items()} if recorded.is_file() else {}
+    )
+    if version not in numbers:
+        raise UsageError(f"{name} {version} is not in the Triton repository {triton.repository}: export it first")
+    url = f"{triton.url}/v2/models/{name}/versions/{numbers[version]}/infer"
+    return Peer("triton", url, triton.pid, [v2_body(body, content_type) for body, content_type in bodies], float("inf"))
+
+
 class FlaskBaseline:
     """The Flask app of `servekit.baseline` in a subprocess on a free port; stopped by PID on exit."""
 
@@ -145,6 +171,9 @@ class FlaskBaseline:
         self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "servekit.baseline", "--model-dir", str(model_dir), "--port", str(port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def peer(self, bodies: list[tuple[bytes, str]]) -> Peer:
+        return Peer("flask", f"{self.url}/predict", self.process.pid, bodies, BASELINE_WARMUP_S)
 
     def __enter__(self) -> FlaskBaseline:
         deadline, session = time.monotonic() + 60, Session()
@@ -185,24 +214,33 @@ def bench(
     server_pid: int | None = None,
     generator: str = "python",
     warmup_s: float = 0.0,
+    triton=None,
 ) -> BenchReport:
     """Runs every concurrency level against the served model (and the baseline), then the handler in process.
 
     server_pid: TorchServe's frontend, whose process tree's CPU is reported as the server's.
     warmup_s: load at the highest level before measuring, unrecorded (the Flask baseline gets up to 2 s of it).
+    triton: a running Triton (servekit.triton.TritonState) serving the same archive: each level is run against it
+    too, and TorchServe is then asked on its KServe v2 route with the same v2 documents (like for like).
     """
     from servekit.catalog import verify_archive
 
     if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1 or warmup_s < 0:
         raise UsageError("concurrency levels and repeats must be >= 1, the duration > 0 and the warm-up >= 0")
     entry = verify_archive(store, name, version)
-    url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+    url, served_bodies = f"{client.endpoints.inference_url}/predictions/{name}/{version}", bodies
+    peer = triton_peer(triton, name, version, bodies) if triton is not None else None
+    if peer is not None:  # TorchServe's v2 route serves the default version only
+        if default_version(client, name) != version:
+            raise UsageError(f"{name} {version} is not the default version: TorchServe's v2 route serves the default")
+        url, served_bodies = f"{client.endpoints.inference_url}/v2/models/{name}/infer", peer.bodies
     if warmup_s:
-        run_load(url, {}, bodies, max(concurrency), warmup_s, rate, generator=generator, keys=client.keys)
+        run_load(url, {}, served_bodies, max(concurrency), warmup_s, rate, generator=generator, keys=client.keys)
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
-        run = measure_load(url, {}, bodies, level, duration_s, repeats, server_pid, rate, generator, client.keys)
+        run = measure_load(url, {}, served_bodies, level, duration_s, repeats, server_pid, rate, generator,
+                           client.keys)  # fmt: skip
         after = metrics.scrape(client)
         figures = after.version(name, version) - before
         levels.append(
@@ -212,20 +250,12 @@ def bench(
         )
         if on_level:
             on_level("served", levels[-1])
-    if baseline_model_dir is not None:
+    if peer is not None:
+        run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
+    elif baseline_model_dir is not None:
         with FlaskBaseline(baseline_model_dir, baseline_port) as flask:
-            if warmup_s:
-                run_load(f"{flask.url}/predict", {}, bodies, max(concurrency), min(warmup_s, BASELINE_WARMUP_S), rate,
-                         generator=generator)  # fmt: skip
-            for level in levels:
-                run: LoadRun = measure_load(
-                    f"{flask.url}/predict", {}, bodies, level.served.concurrency, duration_s, repeats,
-                    flask.process.pid, rate, generator,
-                )  # fmt: skip
-                level.baseline, level.baseline_throughput, level.baseline_cpu = run.result, run.throughput, run.cpu
-                level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
-                if on_level:
-                    on_level("baseline", level)
+            peer = flask.peer(bodies)
+            run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
     gpu_id = workers_gpu(client, name, version)
     in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0), gpu_id)
     for level in levels:
@@ -239,11 +269,25 @@ def bench(
         duration_s,
         in_process,
         levels,
-        "flask" if baseline_model_dir else "",
+        peer.label if peer is not None else "",
         machine_summary(),
         repeats,
         warmup_s,
     )
+
+
+def run_peer(peer: Peer, levels: list[Level], duration_s, rate, repeats, generator, warmup_s, on_level) -> None:
+    """Each level's concurrency against the peer, after its share of the warm-up; its figures beside the level's."""
+    if warmup_s:
+        run_load(peer.url, {}, peer.bodies, max(lv.served.concurrency for lv in levels), min(warmup_s, peer.warmup_s),
+                 rate, generator=generator)  # fmt: skip
+    for level in levels:
+        run: LoadRun = measure_load(peer.url, {}, peer.bodies, level.served.concurrency, duration_s, repeats, peer.pid,
+                                    rate, generator)  # fmt: skip
+        level.baseline, level.baseline_throughput, level.baseline_cpu = run.result, run.throughput, run.cpu
+        level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
+        if on_level:
+            on_level("baseline", level)
 
 
 def workers_gpu(client: ServeClient, name: str, version: str) -> int | None:
@@ -320,6 +364,11 @@ HEADERS = [
 ]
 
 
+def headers(report: BenchReport) -> list[str]:
+    """HEADERS with the peer's name (flask or triton) in its columns."""
+    return [header.replace("flask", report.baseline) for header in HEADERS] if report.baseline else HEADERS
+
+
 def write_reports(report: BenchReport, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -335,7 +384,7 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
         f"{report.levels[0].cpu.cores if report.levels and report.levels[0].cpu else '?'} cores.",
         *unreliable_lines(report),
         "",
-        "| " + " | ".join(HEADERS) + " |",
+        "| " + " | ".join(headers(report)) + " |",
         "|" + "---|" * len(HEADERS),
         *("| " + " | ".join(row) + " |" for row in rows(report)),
     ]
@@ -347,7 +396,7 @@ def unreliable_lines(report: BenchReport) -> list[str]:
     """A warning per level whose figure is not clean, so nobody quotes it as one."""
     lines = []
     for level in report.levels:
-        for label, figure in (("served", level.throughput), ("flask", level.baseline_throughput)):
+        for label, figure in (("served", level.throughput), (report.baseline, level.baseline_throughput)):
             if figure is not None and not figure.trusted:
                 lines.append(
                     f"- **unreliable**: {label} at concurrency {level.served.concurrency}: {', '.join(figure.doubts)}"
@@ -367,8 +416,9 @@ def plot(report: BenchReport, path: Path) -> None:
     left.axhline(report.in_process.throughput_per_s, color="gray", linestyle="--", label="handler in process")
     right.plot(levels, [lv.served.p95_ms for lv in report.levels], "o-", label="TorchServe p95")
     if report.baseline:
-        left.plot(levels, [lv.baseline.throughput_per_s for lv in report.levels], "s-", label="Flask baseline")
-        right.plot(levels, [lv.baseline.p95_ms for lv in report.levels], "s-", label="Flask p95")
+        peer = {"flask": "Flask baseline", "triton": "Triton"}.get(report.baseline, report.baseline)
+        left.plot(levels, [lv.baseline.throughput_per_s for lv in report.levels], "s-", label=peer)
+        right.plot(levels, [lv.baseline.p95_ms for lv in report.levels], "s-", label=f"{peer} p95")
     left.set(xlabel="concurrent clients", ylabel="requests/s", title="throughput", xscale="log")
     right.set(xlabel="concurrent clients", ylabel="ms", title="latency p95", xscale="log")
     for axes in (left, right):

@@ -706,7 +706,10 @@ def optimize(
               help="Open loop: requests per second, latency from the scheduled send time.")  # fmt: skip
 @path_option("--input", "input_file", help="Send this one file.")
 @path_option("--held-out", "held_out_dir", help="Send a labelled folder [default: the archive's golden samples].")
-@click.option("--baseline", type=click.Choice(["flask"]), default=None, help="Also bench the Flask baseline.")
+@click.option("--baseline", type=click.Choice(["flask", "triton"]), default=None,
+              help="Also bench the Flask baseline, or the Triton of --triton-workdir (both asked in v2).")  # fmt: skip
+@path_option("--triton-workdir", default=Path(".servekit-triton"), show_default=True,
+             help="Where `servekit serve triton` recorded the Triton to compare with.")  # fmt: skip
 @path_option("--baseline-model", default=DEFAULTS.trained("digits"), show_default=True,
              help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: work/NAME-bench]")
@@ -716,25 +719,28 @@ def optimize(
 @generator_option
 @with_server
 @json_option
-def bench_command(name, version, concurrency, duration, rate, input_file, held_out_dir, baseline, baseline_model,
-                  out_dir, repeats, warmup, generator, server, as_json) -> None:  # fmt: skip
+def bench_command(name, version, concurrency, duration, rate, input_file, held_out_dir, baseline, triton_workdir,
+                  baseline_model, out_dir, repeats, warmup, generator, server, as_json) -> None:  # fmt: skip
     """Drive the inference API with concurrent clients; compare with the handler in process (and Flask).
 
     Example: servekit bench digits --concurrency 1,4,16 --duration 20s --baseline flask
     """
     from servekit import bench as benchmarks
+    from servekit.triton import TritonState
 
+    triton = TritonState.load(triton_workdir) if baseline == "triton" else None
+    flask = baseline == "flask"
     version, bodies = benchmarks.bench_target(server.client, server.store, name, version, held_out_dir, input_file)
     report = benchmarks.bench(server.client, server.store, name, version, bodies, levels_option(concurrency),
-                              seconds_option(duration), rate, baseline_model if baseline else None,
-                              free_port() if baseline else None, None if as_json else show_level, repeats,
-                              server.state.pid, generator, seconds_option(warmup, allow_zero=True))  # fmt: skip
+                              seconds_option(duration), rate, baseline_model if flask else None,
+                              free_port() if flask else None, None if as_json else show_level, repeats,
+                              server.state.pid, generator, seconds_option(warmup, allow_zero=True), triton)  # fmt: skip
     out_dir = out_dir or Workspace(server.store).bench_reports(name)
     benchmarks.write_reports(report, out_dir)
     if as_json:
         print_json(report.to_dict())
         return
-    print_table(benchmarks.HEADERS, benchmarks.rows(report), title=f"{name} {version}")
+    print_table(benchmarks.headers(report), benchmarks.rows(report), title=f"{name} {version}")
     ip = report.in_process
     console.print(
         f"in process on {ip.device}: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "

@@ -46,6 +46,14 @@ def file_instance(path: Path) -> tuple[str, Any]:
     return "image", base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def v2_body(body: bytes, content_type: str, input_name: str = "input") -> tuple[bytes, str]:
+    """One request body as a v2 document of one instance, BYTES [1, 1] (a base64 image, a text): what TorchServe's
+    v2 route and Triton both read."""
+    value = body.decode("utf-8") if content_type.startswith("text/") else base64.b64encode(body).decode("ascii")
+    document = {"inputs": [{"name": input_name, "shape": [1, 1], "datatype": "BYTES", "data": [value]}]}
+    return json.dumps(document).encode(), "application/json"
+
+
 def shape_of(value: Any) -> list[int]:
     shape = []
     while isinstance(value, list):

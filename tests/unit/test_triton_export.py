@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from servekit.archive import BuildOptions, build_archive
 from servekit.cli import cli
-from servekit.errors import ArchiveError
+from servekit.errors import ArchiveError, UsageError
 from servekit.triton import TritonSpec, export_triton
 
 
@@ -42,7 +42,7 @@ def test_the_repository_holds_each_archive_its_model_py_and_a_config_from_its_se
     assert settings["handler"]["format"] == "state_dict"
     config = (model / "config.pbtxt").read_text()
     for line in ('backend: "python"', "max_batch_size: 64", "max_queue_delay_microseconds: 5000",
-                 "max_queue_size: 256", "kind: KIND_CPU", "count: 2", 'name: "probabilities"', "dims: [ 10 ]",
+                 "kind: KIND_CPU", "count: 2", 'name: "probabilities"', "dims: [ 10 ]",
                  "all {"):  # fmt: skip
         assert line in config, line
 
@@ -67,3 +67,27 @@ def test_a_tampered_archive_is_refused_and_nothing_is_written(store, tmp_path):
     with pytest.raises(ArchiveError, match="sha256"):
         export_triton(tampered, TritonSpec("digits", ["1.0.0", "1.1.0"], tmp_path / "repository"))
     assert not (tmp_path / "repository").exists()
+
+
+def test_bench_asks_triton_the_exported_version_in_v2_documents(store, tmp_path, held_out):
+    import base64
+
+    from servekit.bench import triton_peer
+    from servekit.triton import TritonState
+
+    export_triton(store, TritonSpec("digits", ["1.1.0"], tmp_path))
+    export_triton(store, TritonSpec("digits", ["1.0.0"], tmp_path))
+    triton = TritonState(4242, 18000, 18001, 18002, str(tmp_path), str(tmp_path))
+    png = held_out[0].path.read_bytes()
+    peer = triton_peer(triton, "digits", "1.0.0", [(png, "image/png")])
+    assert (peer.label, peer.pid, peer.url) == (
+        "triton",
+        4242,
+        "http://127.0.0.1:18000/v2/models/digits/versions/2/infer",
+    )
+    [(body, content_type)] = peer.bodies
+    [tensor] = json.loads(body)["inputs"]
+    assert content_type == "application/json" and (tensor["shape"], tensor["datatype"]) == ([1, 1], "BYTES")
+    assert base64.b64decode(tensor["data"][0]) == png
+    with pytest.raises(UsageError, match="not in the Triton repository"):
+        triton_peer(triton, "digits", "9.9.9", [(png, "image/png")])
