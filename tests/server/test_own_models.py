@@ -23,7 +23,6 @@ from servekit.inprocess import InProcessHandler
 from servekit.optimize import folder_handler
 from servekit.registry import default_version
 from servekit_worker.answers import classification
-from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
 EVAL_SAMPLES = 80  # more than optimize's 74 (64 calibrate, the rest score)
@@ -100,15 +99,19 @@ def test_a_timm_classifier_from_python(torchserve, held_out, eval_dir, tmp_path)
     through_everything(torchserve, "own-timm", model, None, "eager,onnx")
 
 
-def test_a_users_file_with_a_helper_module_and_safetensors_weights(torchserve, held_out, eval_dir, tmp_path):
+def test_a_users_file_with_a_helper_module_safetensors_weights_and_the_readme_handler(torchserve, held_out, tmp_path):
+    """The user's TinyNet (its file imports a helper from its folder), its weights as .safetensors, asked through
+    the README's own handler (flat pixel lists): one chain for the three."""
     from safetensors.torch import save_file
 
     file = write_user_model(tmp_path)
     model = user_model(file, width=8)
-    weights, examples = tmp_path / "weights.safetensors", ["--example", held_out[0].path, "--example", held_out[1].path]
-    arguments = ["--model", f"{file}:TinyNet", "--kwargs", '{"width": 8}', "--weights", weights, "--handler", "digits",
-                 *examples, "--eval", eval_dir]  # fmt: skip
+    weights, handler = tmp_path / "weights.safetensors", tmp_path / "flat_pixels.py"
     save_file(model.state_dict(), weights)
+    handler.write_text(readme_example())
+    bodies = pixel_bodies(held_out[:EVAL_SAMPLES], tmp_path / "pixels")
+    arguments = ["--model", f"{file}:TinyNet", "--kwargs", '{"width": 8}', "--weights", weights, "--handler", handler,
+                 "--example", bodies / "0000.json", "--eval", bodies]  # fmt: skip
     through_everything(torchserve, "own-file", model, arguments, "eager,torchscript")
 
 
@@ -138,19 +141,6 @@ def test_a_file_exported_from_torchvision_outside_servekit(torchserve, torchvisi
     through_everything(torchserve, f"own-{kind}", torchvision_model, ["--model", path, "--handler", "image",
                        "--resize", "32", "--crop", "32", "--labels", trained_image / "labels.json", "--example",
                        held_out[0].path, "--eval", eval_dir], variants)  # fmt: skip
-
-
-def test_the_readme_handler_with_an_installed_class(torchserve, trained_digits, held_out, tmp_path):
-    """The README's own handler (flat pixel lists) on servekit's SimpleCNN given as package.module:Class."""
-    handler = tmp_path / "flat_pixels.py"
-    handler.write_text(readme_example())
-    bodies = pixel_bodies(held_out[:EVAL_SAMPLES], tmp_path / "pixels")
-    model = SimpleCNN()
-    model.load_state_dict(torch.load(trained_digits / "model.pt", weights_only=True))
-    through_everything(torchserve, "own-handler", model.eval(), ["--model", "servekit_worker.models:SimpleCNN",
-                       "--weights", trained_digits / "model.pt", "--handler", handler, "--labels",
-                       trained_digits / "labels.json", "--example", bodies / "0000.json", "--eval", bodies],
-                       "eager,dynamic_int8")  # fmt: skip
 
 
 def test_a_model_whose_requirements_the_server_lacks_is_refused_before_registering(torchserve, held_out, tmp_path):
