@@ -33,6 +33,7 @@ from servekit.processes import psutil, stop_process_tree
 from servekit_worker.triton import SETTINGS_FILE
 
 VERSIONS_FILE = "servekit.json"
+ADAPTER = "servekit_worker/triton.py"  # in every archive built since Triton support: its model.py imports it
 STATE_FILE = "triton.json"
 # No default_queue_policy (max_queue_size) in the config: with one, Triton 2.51's dynamic batcher held requests to
 # the Python backend for ~500 ms now and then (p99 510 ms at 1 client and 29-145 req/s, against p99 59 ms and 221
@@ -188,6 +189,12 @@ def export_triton(store: Path, spec: TritonSpec) -> list[Path]:
     """Writes (or adds versions to) spec.out/NAME from the catalog's archives, each checked against its sha256."""
     spec.validate()
     entries = [verify_archive(store, spec.name, version) for version in spec.versions]
+    for entry in entries:
+        with zipfile.ZipFile(store / entry.archive) as mar:
+            if ADAPTER not in mar.namelist():
+                built_by = f"servekit {entry.servekit_version}" if entry.servekit_version else "an older servekit"
+                raise UsageError(f"{entry.archive} was built by {built_by}, without Triton's adapter ({ADAPTER}): "
+                                 "build it again with this servekit, as a new version")  # fmt: skip
     model_dir = spec.out / spec.name
     numbers = integer_versions(model_dir, spec.versions)
     model_dir.mkdir(parents=True, exist_ok=True)

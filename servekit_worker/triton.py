@@ -109,10 +109,29 @@ def response(answer_body: Any, status: int, outputs: dict[str, dict]) -> Any:
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
+class TritonLog(logging.Handler):
+    """servekit_worker's log records into Triton's log (its Python stub's own stderr is not kept)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        if record.levelno >= logging.ERROR:
+            write = pb_utils.Logger.log_error
+        elif record.levelno >= logging.WARNING:
+            write = pb_utils.Logger.log_warn
+        else:
+            write = pb_utils.Logger.log_info
+        write(self.format(record))
+
+
 class TritonHandler(ServekitHandler):
     """Triton's `initialize(args)` and `execute(requests)` on a servekit handler; model.py puts it first."""
 
     def initialize(self, args: dict) -> None:
+        package = logging.getLogger("servekit_worker")
+        if not any(isinstance(handler, TritonLog) for handler in package.handlers):
+            package.addHandler(TritonLog())
+            package.setLevel(logging.INFO)
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         served = json.loads((version_dir / SETTINGS_FILE).read_text())

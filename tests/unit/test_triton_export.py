@@ -91,3 +91,12 @@ def test_bench_asks_triton_the_exported_version_in_v2_documents(store, tmp_path,
     assert base64.b64decode(tensor["data"][0]) == png
     with pytest.raises(UsageError, match="not in the Triton repository"):
         triton_peer(triton, "digits", "9.9.9", [(png, "image/png")])
+
+
+def test_an_archive_built_before_the_triton_adapter_is_refused_with_the_fix(store, tmp_path, monkeypatch):
+    from servekit import triton
+
+    monkeypatch.setattr(triton, "ADAPTER", "servekit_worker/not_there.py")
+    with pytest.raises(UsageError, match="build it again with this servekit"):
+        export_triton(store, TritonSpec("digits", ["1.0.0"], tmp_path / "repository"))
+    assert not (tmp_path / "repository").exists()
