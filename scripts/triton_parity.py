@@ -14,14 +14,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
 from servekit import server
 from servekit.catalog import Catalog
 from servekit.client import ServeClient
 from servekit.heldout import read_held_out
 from servekit.protocols import v2_body
 from servekit.registry import register_verified
+from servekit.transport import Retries, Session
 from servekit.triton import TritonSpec, export_triton, start_triton, stop_triton
 from servekit.workspace import Workspace
 
@@ -31,12 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 def answers(url: str, headers: dict, samples) -> list[tuple[str, list[float]]]:
     """(label, probabilities) per sample, each sent alone as a v2 document of one instance, 4 at a time."""
 
+    session = Session(Retries())  # no retries: every answer counts
+
     def ask(sample):
         body, content_type = v2_body(sample.path.read_bytes(), sample.content_type)
-        reply = requests.post(url, data=body, headers={**headers, "Content-Type": content_type}, timeout=120)
+        reply = session.request("POST", url, data=body, headers={**headers, "Content-Type": content_type}, timeout=120)
         if reply.status_code != 200:
-            raise RuntimeError(f"{url} answered {sample.path.name} with {reply.status_code}: {reply.text[:300]}")
-        outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
+            raise RuntimeError(f"{url} answered {sample.path.name} with {reply.status_code}: {reply.content[:300]}")
+        outputs = {o["name"]: o["data"] for o in json.loads(reply.content)["outputs"]}
         return outputs["label"][0], outputs["probabilities"]
 
     with ThreadPoolExecutor(4) as pool:

@@ -280,6 +280,8 @@ def recorded_handler(source_dir: Path) -> str | None:
 
 def choose_handler(handler: str | None, source_dir: Path) -> HandlerChoice:
     """--handler (a name or path/handler.py[:Class]), else the handler the folder records, else digits."""
+    if handler in HANDLERS:  # servekit's, or a HandlerSpec a library caller added
+        return HandlerChoice(handler)
     if handler:
         return parse_handler(handler)
     recorded = recorded_handler(source_dir)

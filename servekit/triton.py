@@ -239,12 +239,14 @@ class TritonState:
 
 
 def triton_install() -> Path:
-    """The tritonserver of the nvidia-pytriton wheel (servekit[triton])."""
-    try:
-        import pytriton
-    except ImportError:
-        raise UsageError("Triton is not installed here: pip install 'servekit[triton]' (nvidia-pytriton)") from None
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+    """The tritonserver of the nvidia-pytriton wheel (servekit[triton]), found without importing pytriton (its
+    package imports tritonclient's gRPC protos, which clash with kserve's in one process)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("Triton is not installed here: pip install 'servekit[triton]' (nvidia-pytriton)")
+    return Path(spec.submodule_search_locations[0]).resolve() / "tritonserver"
 
 
 def backend_directory(workdir: Path) -> Path:
@@ -264,7 +266,7 @@ def backend_directory(workdir: Path) -> Path:
 def start_triton(repository: Path, workdir: Path, ports: dict[str, int], timeout_s: float = 120.0) -> TritonState:
     """tritonserver on 127.0.0.1 (HTTP, gRPC, metrics) with `repository`, ready when this returns; its log is
     workdir/tritonserver.log. A model that fails to load stops it, with the log's error in the message."""
-    import requests
+    from servekit.transport import Session, TransportError
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,7 @@ def start_triton(repository: Path, workdir: Path, ports: dict[str, int], timeout
                                    start_new_session=True)  # fmt: skip
     state = TritonState(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(workdir))
     state.save()
-    deadline = time.monotonic() + timeout_s
+    deadline, session = time.monotonic() + timeout_s, Session()
     while time.monotonic() < deadline:
         if process.poll() is not None:
             errors = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("E")]
@@ -298,9 +300,9 @@ def start_triton(repository: Path, workdir: Path, ports: dict[str, int], timeout
                 f"tritonserver exited ({process.returncode}): {errors[-1] if errors else 'see ' + str(log)}"
             )
         try:
-            if requests.get(f"{state.url}/v2/health/ready", timeout=1).status_code == 200:
+            if session.get(f"{state.url}/v2/health/ready", timeout=1).status_code == 200:
                 return state
-        except requests.RequestException:
+        except TransportError:
             pass
         time.sleep(0.25)
     stop_triton(workdir)

@@ -20,6 +20,7 @@ DISTRIBUTIONS = {
     "ts": "torchserve",
     "model_archiver": "torch-model-archiver",
     "kubernetes": "kserve",
+    "triton_python_backend_utils": "nvidia-pytriton",  # Triton's Python backend, as the triton extra ships it
 }
 LOCAL = {
     "servekit",

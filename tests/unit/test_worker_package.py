@@ -16,7 +16,10 @@ MAX_MODULE_LINES = 350
 RUNTIME_PACKAGES = {"torch", "torchvision", "PIL", "servekit_worker"}
 # Imported inside functions only, and by these modules only: ONNX Runtime when an ONNX model loads, TorchServe's
 # `ts` in its adapter.
-LAZY_IMPORTS = {"onnxruntime": {"loading"}, "ts": {"torchserve"}}
+# What a module may import inside its functions: a format's runtime, or a runtime's own API in its adapter alone
+# (Triton's Python backend hands tensors over as numpy arrays).
+LAZY_IMPORTS = {"onnxruntime": {"loading"}, "ts": {"torchserve"}, "triton_python_backend_utils": {"triton"},
+                "numpy": {"triton"}}  # fmt: skip
 # What the library imports from the worker at start-up (`servekit --help` must not load torch).
 LIGHT_MODULES = ("errors", "requests", "kserve", "answers", "settings", "loading", "telemetry")
 
