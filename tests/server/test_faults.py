@@ -22,6 +22,7 @@ from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ServerError
+from servekit.processes import has_exited, wait_until_exited
 from servekit.registry import register_verified
 
 
@@ -86,13 +87,13 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
         spawned = [frontend, *frontend.children(recursive=True)]
         for process in spawned:
             process.kill()
-        psutil.wait_procs(spawned, timeout=10)
+        assert wait_until_exited(spawned, 10) == []
         orphan = proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir))
         assert orphan is not None
         arguments = ["serve", "start", "--resume", "--config", str(REPO / "config.properties")]
         resumed = CliRunner().invoke(cli, [*arguments, "--store", str(store), "--workdir", str(workdir)])
         assert resumed.exit_code == 0, resumed.output
-        assert not orphan.is_running()
+        assert has_exited(orphan)
         again = server.ServerState.load(workdir.resolve())
         assert again.proxy_url == state.proxy_url and again.proxy_pid != state.proxy_pid
         answer = ServeClient(again.endpoints()).predict("digits", held_out[0].path.read_bytes(), "1.0.0")
@@ -100,7 +101,7 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
         master = proxy.nginx_process(again.proxy_pid, proxy.ProxyConfig.load(again.proxy_dir))
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output
-        assert not master.is_running() and server.frontends_in(workdir.resolve()) == []
+        assert has_exited(master) and server.frontends_in(workdir.resolve()) == []
     finally:
         stop_everything_from(workdir)
 
@@ -121,8 +122,7 @@ def test_serve_stop_of_a_truncated_server_json_ends_the_frontend_and_every_worke
         assert status.exit_code == 1 and "serve stop --workdir" in status.output
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output, stopped.output
-        gone, alive = psutil.wait_procs(spawned, timeout=10)
-        assert not alive and not state_file.exists()
+        assert wait_until_exited(spawned, 10) == [] and not state_file.exists()
         assert server.stop(workdir) is False
     finally:
         stop_everything_from(workdir)
