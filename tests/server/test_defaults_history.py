@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from support import REPO
-from support.servers import server_at, start_server
+from support.servers import server_at, start_server, stop_everything_from
 
 from servekit import server
 from servekit.archive import build_archive
@@ -75,7 +75,7 @@ def test_the_first_rollback_after_the_first_rollout_returns_to_the_first_version
         gone = CliRunner().invoke(cli, ["rollback", "digits", "--workdir", workdir])
         assert gone.exit_code == 2 and "no earlier default" in gone.output
     finally:
-        server.stop(Path(workdir))
+        stop_everything_from(Path(workdir))
 
 
 def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_consistent(two_versions, tmp_path):
@@ -109,7 +109,7 @@ def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_c
         sample = read_held_out(two_versions / "golden" / "digits-1.0.0")[0]
         assert client.predict("digits", sample.path.read_bytes(), content_type="image/png")["label"] == sample.label
     finally:
-        server.stop(workdir)
+        stop_everything_from(workdir)
         for process in orphans:  # workers of the killed frontend exit by themselves; make sure
             if process.is_running():
                 process.kill()
