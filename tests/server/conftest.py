@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.servers import BROKEN_VERSION, PROXIED_VERSIONS, start_server, stop_everything_from
+from support.servers import BROKEN_VERSION, ONE_WORKER, PROXIED_VERSIONS, start_server, stop_everything_from
 
 from servekit.archive import BuildOptions, build_archive
 from servekit.client import ServeClient
@@ -50,12 +50,14 @@ def without_eights_and_nines(trained: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def split_store(tmp_path_factory, trained_digits) -> Path:
-    """Three versions of digits (the same weights: the split tests count routing, not answers) and a broken one."""
+    """Three versions of digits (the same weights: the split tests count routing, not answers) and a broken one,
+    each with one worker."""
     store = tmp_path_factory.mktemp("split_store")
     for version in PROXIED_VERSIONS:
-        build_archive("digits", version, trained_digits, store)
+        build_archive("digits", version, trained_digits, store, options=ONE_WORKER)
     broken = without_eights_and_nines(trained_digits, tmp_path_factory.mktemp("work") / "digits-no89")
-    build_archive("digits", BROKEN_VERSION, broken, store, options=BuildOptions(batch_size=1, handler={"top_k": 1}))
+    options = BuildOptions(batch_size=1, workers=1, torch_threads=1, handler={"top_k": 1})
+    build_archive("digits", BROKEN_VERSION, broken, store, options=options)
     return store
 
 

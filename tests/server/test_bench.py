@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
+from support.servers import ONE_WORKER
 
 from servekit import bench as benchmarks
 from servekit import metrics, server
@@ -78,7 +79,7 @@ def unregister_once_answering(client, name: str, version: str, limit_s: float = 
 
 @pytest.mark.server
 def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, model_store, trained_digits, held_out):
-    build_archive("vanishing", "1.0.0", trained_digits, model_store)
+    build_archive("vanishing", "1.0.0", trained_digits, model_store, options=ONE_WORKER)
     register_verified(served_digits, model_store, "vanishing", "1.0.0")
     url = f"{served_digits.endpoints.inference_url}/predictions/vanishing"
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:8]]

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from support import REPO
-from support.servers import server_at, start_server, stop_everything_from
+from support.servers import ONE_WORKER, server_at, start_server, stop_everything_from
 
 from servekit import server
 from servekit.archive import build_archive
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.server
 def two_versions(tmp_path_factory, trained_digits) -> Path:
     store = tmp_path_factory.mktemp("history_store")
     for version in ("1.0.0", "1.0.1"):
-        build_archive("digits", version, trained_digits, store)
+        build_archive("digits", version, trained_digits, store, options=ONE_WORKER)
     return store
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from support import REPO
-from support.servers import digits_server, start_server, stop_everything_from
+from support.servers import ONE_WORKER, digits_server, start_server, stop_everything_from
 
 from servekit import proxy, server
 from servekit.archive import build_archive
@@ -79,7 +79,7 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
     stops that nginx (it once failed on the taken port and orphaned it for good), comes back with the snapshot's
     models behind a new proxy on the same port, and `serve stop` then leaves nothing running."""
     store, workdir = tmp_path / "store", tmp_path / "ts"
-    build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
     state = start_server(store, workdir, proxy=True)
     try:
         ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)

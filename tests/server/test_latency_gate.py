@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO
-from support.servers import unregister_all
+from support.servers import ONE_WORKER, unregister_all
 
 from servekit import archive
 from servekit.archive import HandlerSpec, build_archive
@@ -24,16 +24,16 @@ NAME = "gated"
 
 @pytest.fixture
 def slow_candidate_store(tmp_path, model_store, trained_digits, monkeypatch):
-    """The session store with digits as NAME 1.0.0 and 1.2.0-slow: the same weights, the second behind
-    tests/slow_digits.py (sleeps 0.3 s per batch)."""
+    """The session store with digits as NAME 1.0.0 and 1.2.0-slow (one worker each): the same weights, the second
+    behind tests/slow_digits.py (sleeps 0.3 s per batch)."""
     store = model_store
-    build_archive(NAME, "1.0.0", trained_digits, store)
+    build_archive(NAME, "1.0.0", trained_digits, store, options=ONE_WORKER)
     source = tmp_path / "slow"
     shutil.copytree(trained_digits, source)
     shutil.copy2(REPO / "handlers" / "digits.py", source / "digits.py")  # the slow handler subclasses it
     slow = HandlerSpec(str(REPO / "tests" / "slow_digits.py"), extra_files=("labels.json", "digits.py"))
     monkeypatch.setitem(archive.HANDLERS, "slow_digits", slow)
-    build_archive(NAME, "1.2.0-slow", source, store, handler="slow_digits")
+    build_archive(NAME, "1.2.0-slow", source, store, handler="slow_digits", options=ONE_WORKER)
     return store
 
 

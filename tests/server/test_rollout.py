@@ -17,7 +17,7 @@ from support.answers import same_prediction
 from support.handlers import FakeContext, extracted_archive, requests_for
 from support.http import ClientThreads
 from support.processes import ctrl_c_after
-from support.servers import start_server, stop_everything_from, unregister_all
+from support.servers import ONE_WORKER, start_server, stop_everything_from, unregister_all
 from support.training import trained
 
 from servekit import server
@@ -47,16 +47,16 @@ NAME = "rollout"
 @pytest.fixture(scope="module")
 def rollout_store(tmp_path_factory, pytestconfig, model_store, trained_digits):
     """The session store with digits as NAME 1.0.0, 1.1.0 (retrained with another seed) and 6.6.6 (untrained
-    weights: must never go live)."""
+    weights: must never go live), each with one worker."""
     store = model_store
-    build_archive(NAME, "1.0.0", trained_digits, store)
+    build_archive(NAME, "1.0.0", trained_digits, store, options=ONE_WORKER)
     retrained = trained(pytestconfig.cache, tmp_path_factory.mktemp("work") / "digits-seed1", train_digits, seed=1)
-    build_archive(NAME, "1.1.0", retrained, store)
+    build_archive(NAME, "1.1.0", retrained, store, options=ONE_WORKER)
     broken = tmp_path_factory.mktemp("work") / "digits-broken"
     shutil.copytree(trained_digits, broken)
     torch.manual_seed(3)
     torch.save(SimpleCNN().state_dict(), broken / "model.pt")
-    build_archive(NAME, "6.6.6", broken, store)
+    build_archive(NAME, "6.6.6", broken, store, options=ONE_WORKER)
     return store
 
 

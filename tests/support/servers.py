@@ -9,13 +9,17 @@ from pathlib import Path
 import psutil
 
 from servekit import server
-from servekit.archive import build_archive
+from servekit.archive import BuildOptions, build_archive
 from servekit.client import SERVER_STATE_FILE, ServeClient
 from servekit.processes import wait_until_exited
 from servekit.proxy import stop_masters_in
 from servekit.registry import registered_versions
 from servekit.workspace import Server
 from support import REPO
+
+# Archives for tests that need no more than one worker: a second costs seconds at each registration on 2 cores. One
+# torch thread, as each of the two default workers had there: more would fight the server and the clients for cores.
+ONE_WORKER = BuildOptions(workers=1, torch_threads=1)
 
 
 def start_server(
@@ -54,7 +58,7 @@ def stop_everything_from(workdir: Path) -> None:
 def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[server.ServerState]:
     """A TorchServe whose config.properties adds `extra_config` lines, with digits 1.0.0 registered (one worker)."""
     store = folder / "store"
-    build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
     base = folder / "config.properties"
     base.write_text((REPO / "config.properties").read_text() + extra_config)
     workdir = folder / "ts"
