@@ -43,7 +43,7 @@ def ready_versions(client: ServeClient, name: str, timeout_s: float = 60.0) -> l
         ready = all(any(w["status"] == "READY" for w in d["workers"]) for d in described)
         if ready or time.monotonic() > deadline:
             return sorted(d["modelVersion"] for d in described)
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def servekit(*args: str) -> str:

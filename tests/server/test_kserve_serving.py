@@ -60,7 +60,7 @@ def wait_for_workers(client: ServeClient, timeout_s: float = 300) -> None:
         described = [client.describe(name)[0] for name in NAMES]
         if all(any(w["status"] == "READY" for w in d["workers"]) for d in described):
             return
-        time.sleep(1)
+        time.sleep(0.2)
     raise AssertionError(f"the snapshot's models are not READY after {timeout_s} s")
 
 

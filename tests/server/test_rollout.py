@@ -39,7 +39,7 @@ from servekit_worker.models import SimpleCNN
 pytestmark = pytest.mark.server
 # The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in
 # tests/server/test_latency_gate.py with a candidate whose handler really is slower.
-QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
+QUICK = RolloutPolicy(shadow_samples=32, watch_s=1.0)
 # The session server is shared: this module's versions of digits go by their own name, removed at its end.
 NAME = "rollout"
 
@@ -260,7 +260,7 @@ def test_failover_client_loses_nothing_when_one_instance_stops(live, tmp_path, r
             time.sleep(1.5)
             server.stop(first)
             stopped_at = time.monotonic()
-            time.sleep(2)
+            time.sleep(1)
         assert traffic.failures() == []
         assert sum(1 for _, at, _ in traffic.results if at > stopped_at) > 5
         assert failover.preferred == 1
