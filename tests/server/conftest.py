@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.servers import BROKEN_VERSION, PROXIED_VERSIONS, start_server, stop_everything_from
+from support.servers import BROKEN_VERSION, ONE_WORKER, PROXIED_VERSIONS, start_server, stop_everything_from
 
 from servekit.archive import BuildOptions, build_archive
 from servekit.client import ServeClient
@@ -38,24 +38,27 @@ def served_digits(torchserve) -> ServeClient:
     return client
 
 
-def without_eights_and_nines(trained: Path, folder: Path) -> Path:
+def without_eights_and_nines(trained: Path, folder: Path, samples: int) -> Path:
     """The same model with only 8 labels: it fails (503) on the ~20 % of inputs it classifies as 8 or 9, while its
-    golden samples (0-7 only) pass the rollout's smoke, shadow and latency checks."""
+    golden samples (`samples` of 0-7 only) pass the rollout's smoke, shadow and latency checks."""
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns(HELD_OUT_DIR))
     (folder / LABELS_FILE).write_text(json.dumps([str(i) for i in range(8)]))
-    kept = [s for s in read_held_out(trained / HELD_OUT_DIR) if s.label not in ("8", "9")]
+    kept = [s for s in read_held_out(trained / HELD_OUT_DIR) if s.label not in ("8", "9")][:samples]
     write_bodies({s.path.name: s.path.read_bytes() for s in kept}, [s.label for s in kept], folder / HELD_OUT_DIR)
     return folder
 
 
 @pytest.fixture(scope="session")
 def split_store(tmp_path_factory, trained_digits) -> Path:
-    """Three versions of digits (the same weights: the split tests count routing, not answers) and a broken one."""
+    """Three versions of digits (the same weights: the split tests count routing, not answers) and a broken one,
+    each with one worker."""
     store = tmp_path_factory.mktemp("split_store")
     for version in PROXIED_VERSIONS:
-        build_archive("digits", version, trained_digits, store)
-    broken = without_eights_and_nines(trained_digits, tmp_path_factory.mktemp("work") / "digits-no89")
-    build_archive("digits", BROKEN_VERSION, broken, store, options=BuildOptions(batch_size=1, handler={"top_k": 1}))
+        build_archive("digits", version, trained_digits, store, options=ONE_WORKER)
+    # As many golden samples as test_split.py's shadow step compares: its smoke test asks each one, under load.
+    broken = without_eights_and_nines(trained_digits, tmp_path_factory.mktemp("work") / "digits-no89", samples=8)
+    options = BuildOptions(batch_size=1, workers=1, torch_threads=1, handler={"top_k": 1})
+    build_archive("digits", BROKEN_VERSION, broken, store, options=options)
     return store
 
 

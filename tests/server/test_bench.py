@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
+from support.servers import ONE_WORKER
 
 from servekit import bench as benchmarks
 from servekit import metrics, server
@@ -38,18 +39,18 @@ def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
         "1.0.0",
         bodies,
         [1, 4],
-        1.5,
+        1.0,
         baseline_model_dir=trained_digits,
         baseline_port=server.free_port(),
-        warmup_s=1.0,
+        warmup_s=0.5,
     )
     answered = metrics.scrape(served_digits).version("digits", "1.0.0").requests - answered_before
     measured = sum(level.served.requests for level in report.levels)
     assert answered > measured + 10, "the warm-up's requests are answered by the server but not measured"
     benchmarks.write_reports(report, tmp_path)
     document = json.loads((tmp_path / "bench.json").read_text())
-    assert [level["served"]["concurrency"] for level in document["levels"]] == [1, 4] and document["warmup_s"] == 1.0
-    assert "after 1 s of unmeasured warm-up" in (tmp_path / "bench.md").read_text()
+    assert [level["served"]["concurrency"] for level in document["levels"]] == [1, 4] and document["warmup_s"] == 0.5
+    assert "after 0.5 s of unmeasured warm-up" in (tmp_path / "bench.md").read_text()
     for level in report.levels:
         served = level.served
         assert served.requests == served.ok + served.errors and served.errors == 0 and served.ok > 0
@@ -78,7 +79,7 @@ def unregister_once_answering(client, name: str, version: str, limit_s: float = 
 
 @pytest.mark.server
 def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, model_store, trained_digits, held_out):
-    build_archive("vanishing", "1.0.0", trained_digits, model_store)
+    build_archive("vanishing", "1.0.0", trained_digits, model_store, options=ONE_WORKER)
     register_verified(served_digits, model_store, "vanishing", "1.0.0")
     url = f"{served_digits.endpoints.inference_url}/predictions/vanishing"
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:8]]
@@ -112,13 +113,13 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
         ),
     )
     trials = tuning.tune(
-        served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.5, warmup_s=0.5
+        served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.0, warmup_s=0.5
     )
     # each setting: a warm-up at the highest concurrency, then every level measured, lowest first; the versions
     # are unique to this run, so a leftover of another run can never collide with them
     run = loads[0][0].rsplit(".", 1)[0]
     assert re.fullmatch(r"0\.0\.0-tune\.r[0-9a-f]{8}", run) and check_version(f"{run}.0")
-    assert loads == [(f"{run}.{i}", c, s) for i in range(2) for c, s in ((4, 0.5), (1, 1.5), (4, 1.5))]
+    assert loads == [(f"{run}.{i}", c, s) for i in range(2) for c, s in ((4, 0.5), (1, 1.0), (4, 1.0))]
     assert [t.setting for t in trials] == settings and all(r.ok > 0 for t in trials for r in t.results.values())
     assert all(sorted(t.results) == [1, 4] for t in trials)
     best, path, report = tuning.finish(source, trials, tmp_path / "tune")

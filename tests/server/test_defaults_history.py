@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from support import REPO
-from support.servers import server_at, start_server
+from support.servers import ONE_WORKER, server_at, start_server, stop_everything_from
 
 from servekit import server
 from servekit.archive import build_archive
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.server
 def two_versions(tmp_path_factory, trained_digits) -> Path:
     store = tmp_path_factory.mktemp("history_store")
     for version in ("1.0.0", "1.0.1"):
-        build_archive("digits", version, trained_digits, store)
+        build_archive("digits", version, trained_digits, store, options=ONE_WORKER)
     return store
 
 
@@ -43,7 +43,7 @@ def ready_versions(client: ServeClient, name: str, timeout_s: float = 60.0) -> l
         ready = all(any(w["status"] == "READY" for w in d["workers"]) for d in described)
         if ready or time.monotonic() > deadline:
             return sorted(d["modelVersion"] for d in described)
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def servekit(*args: str) -> str:
@@ -75,7 +75,7 @@ def test_the_first_rollback_after_the_first_rollout_returns_to_the_first_version
         gone = CliRunner().invoke(cli, ["rollback", "digits", "--workdir", workdir])
         assert gone.exit_code == 2 and "no earlier default" in gone.output
     finally:
-        server.stop(Path(workdir))
+        stop_everything_from(Path(workdir))
 
 
 def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_consistent(two_versions, tmp_path):
@@ -109,7 +109,7 @@ def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_c
         sample = read_held_out(two_versions / "golden" / "digits-1.0.0")[0]
         assert client.predict("digits", sample.path.read_bytes(), content_type="image/png")["label"] == sample.label
     finally:
-        server.stop(workdir)
+        stop_everything_from(workdir)
         for process in orphans:  # workers of the killed frontend exit by themselves; make sure
             if process.is_running():
                 process.kill()

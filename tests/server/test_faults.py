@@ -15,13 +15,14 @@ import pytest
 import requests
 from click.testing import CliRunner
 from support import REPO
-from support.servers import digits_server, start_server, stop_everything_from
+from support.servers import ONE_WORKER, digits_server, start_server, stop_everything_from
 
 from servekit import proxy, server
 from servekit.archive import build_archive
 from servekit.cli import cli
 from servekit.client import ServeClient
 from servekit.errors import ServerError
+from servekit.processes import has_exited, wait_until_exited
 from servekit.registry import register_verified
 
 
@@ -78,7 +79,7 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
     stops that nginx (it once failed on the taken port and orphaned it for good), comes back with the snapshot's
     models behind a new proxy on the same port, and `serve stop` then leaves nothing running."""
     store, workdir = tmp_path / "store", tmp_path / "ts"
-    build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
     state = start_server(store, workdir, proxy=True)
     try:
         ServeClient(state.endpoints()).register("digits-1.0.0.mar", initial_workers=1)
@@ -86,13 +87,13 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
         spawned = [frontend, *frontend.children(recursive=True)]
         for process in spawned:
             process.kill()
-        psutil.wait_procs(spawned, timeout=10)
+        assert wait_until_exited(spawned, 10) == []
         orphan = proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir))
         assert orphan is not None
         arguments = ["serve", "start", "--resume", "--config", str(REPO / "config.properties")]
         resumed = CliRunner().invoke(cli, [*arguments, "--store", str(store), "--workdir", str(workdir)])
         assert resumed.exit_code == 0, resumed.output
-        assert not orphan.is_running()
+        assert has_exited(orphan)
         again = server.ServerState.load(workdir.resolve())
         assert again.proxy_url == state.proxy_url and again.proxy_pid != state.proxy_pid
         answer = ServeClient(again.endpoints()).predict("digits", held_out[0].path.read_bytes(), "1.0.0")
@@ -100,7 +101,7 @@ def test_a_server_killed_with_sigkill_resumes_with_its_models_and_its_orphaned_p
         master = proxy.nginx_process(again.proxy_pid, proxy.ProxyConfig.load(again.proxy_dir))
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output
-        assert not master.is_running() and server.frontends_in(workdir.resolve()) == []
+        assert has_exited(master) and server.frontends_in(workdir.resolve()) == []
     finally:
         stop_everything_from(workdir)
 
@@ -121,8 +122,7 @@ def test_serve_stop_of_a_truncated_server_json_ends_the_frontend_and_every_worke
         assert status.exit_code == 1 and "serve stop --workdir" in status.output
         stopped = CliRunner().invoke(cli, ["serve", "stop", "--workdir", str(workdir)])
         assert stopped.exit_code == 0 and "TorchServe stopped" in stopped.output, stopped.output
-        gone, alive = psutil.wait_procs(spawned, timeout=10)
-        assert not alive and not state_file.exists()
+        assert wait_until_exited(spawned, 10) == [] and not state_file.exists()
         assert server.stop(workdir) is False
     finally:
         stop_everything_from(workdir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support.processes import ctrl_c_after
-from support.servers import unregister_all
+from support.servers import ONE_WORKER, unregister_all
 
 from servekit import metrics
 from servekit.archive import build_archive
@@ -29,8 +29,8 @@ NAME = "interrupted"
 @pytest.fixture(scope="module")
 def digits_server(torchserve, model_store, trained_digits):
     """The session TorchServe with digits as NAME 1.0.0 registered; 6.6.6 is in the catalog but not registered."""
-    build_archive(NAME, "1.0.0", trained_digits, model_store)
-    build_archive(NAME, "6.6.6", trained_digits, model_store)
+    build_archive(NAME, "1.0.0", trained_digits, model_store, options=ONE_WORKER)
+    build_archive(NAME, "6.6.6", trained_digits, model_store, options=ONE_WORKER)
     client = ServeClient(torchserve.endpoints())
     register_verified(client, model_store, NAME, "1.0.0")
     try:

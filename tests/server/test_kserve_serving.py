@@ -18,7 +18,7 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from support.answers import assert_same_prediction
 from support.bodies import b64, malformed, one_per_class
 from support.handlers import in_process_handlers, plain_answer, protocol_answers
-from support.servers import worker_pids
+from support.servers import stop_everything_from, worker_pids
 
 from servekit import server
 from servekit.client import ServeClient
@@ -60,7 +60,7 @@ def wait_for_workers(client: ServeClient, timeout_s: float = 300) -> None:
         described = [client.describe(name)[0] for name in NAMES]
         if all(any(w["status"] == "READY" for w in d["workers"]) for d in described):
             return
-        time.sleep(1)
+        time.sleep(0.2)
     raise AssertionError(f"the snapshot's models are not READY after {timeout_s} s")
 
 
@@ -84,7 +84,7 @@ def kserve_server(request, all_models_store, tmp_path_factory):
         wait_for_workers(client)
         yield envelope, client
     finally:
-        server.stop(settings.workdir)
+        stop_everything_from(settings.workdir)
 
 
 @pytest.fixture(scope="module")

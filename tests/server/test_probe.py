@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from support.servers import PROXIED_VERSIONS, server_at, start_server, stop_everything_from
+from support.servers import ONE_WORKER, PROXIED_VERSIONS, server_at, start_server, stop_everything_from
 
 from servekit import probes, server, worker_dir
 from servekit.archive import build_archive
@@ -31,10 +31,10 @@ def odd_versions(split_store, trained_digits, tmp_path_factory) -> Path:
     shifted = work / "digits-shifted"
     shutil.copytree(trained_digits, shifted)
     (shifted / LABELS_FILE).write_text(json.dumps([str((i + 1) % 10) for i in range(10)]))
-    build_archive("digits", MISLABELLED, shifted, split_store)
+    build_archive("digits", MISLABELLED, shifted, split_store, options=ONE_WORKER)
     bare = work / "digits-bare"
     shutil.copytree(trained_digits, bare, ignore=shutil.ignore_patterns(HELD_OUT_DIR))
-    build_archive("digits", UNPROBED, bare, split_store)
+    build_archive("digits", UNPROBED, bare, split_store, options=ONE_WORKER)
     return split_store
 
 
@@ -119,7 +119,7 @@ def test_a_whole_model_probe_after_a_restart_without_resume_removes_the_gauges_o
     trained_digits, tmp_path
 ):
     store, workdir = tmp_path / "store", tmp_path / "ts"
-    build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
     try:
         state = start_server(store, workdir, proxy=True)
         register_verified(ServeClient(state.endpoints()), store, "digits", "1.0.0", workers=1)

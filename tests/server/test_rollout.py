@@ -17,7 +17,7 @@ from support.answers import same_prediction
 from support.handlers import FakeContext, extracted_archive, requests_for
 from support.http import ClientThreads
 from support.processes import ctrl_c_after
-from support.servers import start_server, stop_everything_from, unregister_all
+from support.servers import ONE_WORKER, start_server, stop_everything_from, unregister_all
 from support.training import trained
 
 from servekit import server
@@ -39,7 +39,7 @@ from servekit_worker.models import SimpleCNN
 pytestmark = pytest.mark.server
 # The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in
 # tests/server/test_latency_gate.py with a candidate whose handler really is slower.
-QUICK = RolloutPolicy(shadow_samples=32, watch_s=2.0)
+QUICK = RolloutPolicy(shadow_samples=32, watch_s=1.0)
 # The session server is shared: this module's versions of digits go by their own name, removed at its end.
 NAME = "rollout"
 
@@ -47,16 +47,16 @@ NAME = "rollout"
 @pytest.fixture(scope="module")
 def rollout_store(tmp_path_factory, pytestconfig, model_store, trained_digits):
     """The session store with digits as NAME 1.0.0, 1.1.0 (retrained with another seed) and 6.6.6 (untrained
-    weights: must never go live)."""
+    weights: must never go live), each with one worker."""
     store = model_store
-    build_archive(NAME, "1.0.0", trained_digits, store)
+    build_archive(NAME, "1.0.0", trained_digits, store, options=ONE_WORKER)
     retrained = trained(pytestconfig.cache, tmp_path_factory.mktemp("work") / "digits-seed1", train_digits, seed=1)
-    build_archive(NAME, "1.1.0", retrained, store)
+    build_archive(NAME, "1.1.0", retrained, store, options=ONE_WORKER)
     broken = tmp_path_factory.mktemp("work") / "digits-broken"
     shutil.copytree(trained_digits, broken)
     torch.manual_seed(3)
     torch.save(SimpleCNN().state_dict(), broken / "model.pt")
-    build_archive(NAME, "6.6.6", broken, store)
+    build_archive(NAME, "6.6.6", broken, store, options=ONE_WORKER)
     return store
 
 
@@ -260,7 +260,7 @@ def test_failover_client_loses_nothing_when_one_instance_stops(live, tmp_path, r
             time.sleep(1.5)
             server.stop(first)
             stopped_at = time.monotonic()
-            time.sleep(2)
+            time.sleep(1)
         assert traffic.failures() == []
         assert sum(1 for _, at, _ in traffic.results if at > stopped_at) > 5
         assert failover.preferred == 1

@@ -180,7 +180,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
     pngs = [sample.path.read_bytes() for sample in held_out[:40]]
-    policy = ProgressivePolicy(steps=(5, 25, 50, 100), step_s=2.0, max_p99_ratio=10.0)
+    policy = ProgressivePolicy(steps=(5, 25, 50, 100), step_s=0.5, max_p99_ratio=10.0)
     with Load(Caller(state), pngs) as load:
         splits.set_split(client, state, Split("digits", {previous: 90, candidate: 10}))
         for weight in (25, 50, 75, 10):  # four weight changes: each one an nginx reload under load
@@ -195,7 +195,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
                 "digits",
                 BROKEN_VERSION,
                 history,
-                ProgressivePolicy((25, 50, 100), 3.0, max_p99_ratio=10.0),
+                ProgressivePolicy((25, 50, 100), 1.5, max_p99_ratio=10.0),
                 QUICK_CHECKS,
             )
         time.sleep(0.5)  # answers already received but not yet recorded by their thread
@@ -231,7 +231,7 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
     state, client = server_at(proxied)
     history = DefaultHistory(Path(state.workdir))
     previous, candidate = other_version(client)
-    policy = ProgressivePolicy(steps=(10, 50, 100), step_s=1.0)
+    policy = ProgressivePolicy(steps=(10, 50, 100), step_s=0.5)
     # What a crash during the 50 % step leaves: the progress file and the split.
     Progress("digits", candidate, previous, policy.__dict__, step_index=1).save(Path(state.workdir))
     splits.set_split(client, state, Split("digits", {previous: 50, candidate: 50}))
@@ -348,7 +348,7 @@ def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
             restored = registry.versions(client, "digits")
             if len(restored) >= len(PROXIED_VERSIONS) and all(version.ready_workers for version in restored):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         answered = {client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER]}
         for _ in range(30):
             answered.add(client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER])

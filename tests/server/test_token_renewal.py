@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,15 @@ from servekit.cli import cli
 from servekit.client import Endpoints, FailoverClient, ServeClient
 from servekit.loadgen import run_load
 
-# TorchServe reads the expiry as a number of minutes and accepts fractions: 0.1 min = 6 s.
-EXPIRY_S = 6.0
+# TorchServe reads the expiry as a number of minutes, accepts fractions and keeps whole seconds: 0.05 min = 3 s,
+# longer than any one step below takes with a key it has just renewed (wrk's 1 s run with one key included).
+EXPIRY_MIN = 0.05
 
 
 @pytest.fixture
 def expiring_server(tmp_path, trained_digits):
-    """A TorchServe whose keys expire 6 s after they are issued, with digits 1.0.0 registered."""
-    with digits_server(tmp_path, trained_digits, "token_expiration_min=0.1\n") as state:
+    """A TorchServe whose keys expire 3 s after they are issued, with digits 1.0.0 registered."""
+    with digits_server(tmp_path, trained_digits, f"token_expiration_min={EXPIRY_MIN}\n") as state:
         yield state
 
 
@@ -32,10 +34,15 @@ def keys_of(state: server.ServerState) -> dict[str, str]:
 
 
 def wait_until_expired(state: server.ServerState) -> dict[str, str]:
-    """Sleeps past the expiry of the keys the file holds now; returns those (now refused) keys."""
-    keys = keys_of(state)
-    time.sleep(EXPIRY_S + 1)
-    return keys
+    """Sleeps until the inference and management keys the file holds now have expired (it records when, in UTC);
+    returns those (now refused) keys."""
+    document = json.loads(Path(state.key_file).read_text())
+    expires = max(
+        datetime.fromisoformat(document[api]["expiration time"].replace("Z", "+00:00")).timestamp()
+        for api in ("inference", "management")
+    )
+    time.sleep(max(0.0, expires - time.time()) + 0.2)
+    return {api: entry["key"] for api, entry in document.items()}
 
 
 @pytest.mark.server
@@ -59,20 +66,26 @@ def test_expired_keys_are_renewed_for_inference_management_failover_and_the_load
     for key in (*expired.values(), *renewed.values()):
         assert key not in predicted.output + listed.output
 
+    # Each step below meets keys that expired and must have renewed them itself.
     expired = wait_until_expired(state)
     assert client.predict("digits", good_png, content_type="image/png")["label"]
     assert client.describe("digits", "1.0.0")[0]["modelVersion"] == "1.0.0"
     assert client.ping()["status"] == "Healthy"
+    renewed = keys_of(state)
+    assert renewed["inference"] != expired["inference"] and renewed["management"] != expired["management"]
 
-    wait_until_expired(state)
+    expired = wait_until_expired(state)
     failover = FailoverClient([ServeClient(Endpoints(state.inference_url, "", "", client.endpoints.key_file))])
     assert failover.predict("digits", good_png, content_type="image/png")["label"]
+    assert keys_of(state)["inference"] != expired["inference"]
 
-    wait_until_expired(state)
+    expired = wait_until_expired(state)
     url = f"{state.inference_url}/predictions/digits"
     result = run_load(url, {}, [(good_png, "image/png")], 4, 2.0, keys=client.keys)
     assert result.ok > 0 and result.errors == 0, result.error_statuses
+    assert keys_of(state)["inference"] != expired["inference"]
 
-    wait_until_expired(state)  # wrk sends one set of headers for its whole run: it starts with a renewed key
+    expired = wait_until_expired(state)  # wrk sends one set of headers for its whole run: it starts with a renewed key
     by_wrk = run_load(url, {}, [(good_png, "image/png")], 2, 1.0, generator="wrk", keys=client.keys)
     assert by_wrk.generator == "wrk" and by_wrk.ok > 0 and by_wrk.errors == 0, by_wrk.error_statuses
+    assert keys_of(state)["inference"] != expired["inference"]

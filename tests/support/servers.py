@@ -6,13 +6,20 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from servekit import server
-from servekit.archive import build_archive
-from servekit.client import ServeClient
-from servekit.processes import stop_process_tree
+from servekit.archive import BuildOptions, build_archive
+from servekit.client import SERVER_STATE_FILE, ServeClient
+from servekit.processes import wait_until_exited
+from servekit.proxy import stop_masters_in
 from servekit.registry import registered_versions
 from servekit.workspace import Server
 from support import REPO
+
+# Archives for tests that need no more than one worker: a second costs seconds at each registration on 2 cores. One
+# torch thread, as each of the two default workers had there: more would fight the server and the clients for cores.
+ONE_WORKER = BuildOptions(workers=1, torch_threads=1)
 
 
 def start_server(
@@ -30,18 +37,28 @@ def start_server(
 
 
 def stop_everything_from(workdir: Path) -> None:
-    """Cleanup that works whatever a test left: the server recorded in `workdir`, then any frontend still running
-    from that folder, by PID."""
-    server.stop(workdir)
-    for process in server.frontends_in(workdir.resolve()):
-        stop_process_tree(process, 10)
+    """Cleanup that works whatever a test left, by PID: the proxy, then every frontend running from `workdir` and
+    its workers, killed at once. A graceful stop spends ~3 s in TorchServe's shutdown; the tests that stop a
+    server on purpose (and check what that leaves) call `server.stop` or `serve stop` themselves."""
+    workdir = workdir.resolve()
+    stop_masters_in(workdir / server.PROXY_DIR)
+    for frontend in server.frontends_in(workdir):
+        try:
+            spawned = [frontend, *frontend.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in spawned:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        wait_until_exited(spawned, 10)
+    (workdir / SERVER_STATE_FILE).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[server.ServerState]:
     """A TorchServe whose config.properties adds `extra_config` lines, with digits 1.0.0 registered (one worker)."""
     store = folder / "store"
-    build_archive("digits", "1.0.0", trained_digits, store)
+    build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
     base = folder / "config.properties"
     base.write_text((REPO / "config.properties").read_text() + extra_config)
     workdir = folder / "ts"
