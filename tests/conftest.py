@@ -4,6 +4,7 @@ The servers live in tests/server/conftest.py; helpers, by purpose, in tests/supp
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from servekit.workspace import HELD_OUT_DIR  # noqa: E402
 
 GPU_DESELECTED = pytest.StashKey[int]()
 LEFTOVERS = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config):
+    """Ctrl-C reaches the run as it does in a terminal, however pytest was started: a job that a non-interactive
+    shell starts in the background (`make test &`, a CI runner's script) inherits SIGINT ignored, Python then keeps
+    it ignored, and the tests that press Ctrl-C (rollout, tune, a transport call) would wait out their whole run."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
 from collections import Counter
@@ -11,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from support.processes import ctrl_c_after
 
 from servekit.server import free_port
 from servekit.transport import ConnectFailed, Retries, Session, TimedOut, TransportError
@@ -157,8 +157,7 @@ def test_a_call_interrupted_by_ctrl_c_leaves_the_next_call_a_fresh_connection(ht
     """Ctrl-C while waiting for an answer: the clean-up calls that follow must not reuse the half-used connection."""
     server, url = http_server
     session = Session(Retries())
-    ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    ctrl_c.start()
+    ctrl_c = ctrl_c_after(0.3)
     with pytest.raises(KeyboardInterrupt):
         session.request("POST", f"{url}/slow", timeout=5)
     ctrl_c.join()
