@@ -28,6 +28,9 @@ TRANSIENT_STATUSES = (503, 507)
 # The file `servekit serve start` writes beside key_file.json (servekit.server reads and writes it).
 SERVER_STATE_FILE = "server.json"
 KEY_RENEWAL_LOCK = ".key_file.lock"
+# A busy TorchServe on 2 cores left /ping unanswered for over 5 s twice in one test run (the session server, with
+# models loading and traffic beside it): a health check waits longer than that before it reports no answer.
+PING_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,8 @@ class ServeClient:
             raise ServerError(f"cannot reach TorchServe at {base}: is it running? (servekit serve status)") from None
 
     # Inference API ---------------------------------------------------------------------------------------------
-    def ping(self) -> dict:
-        return self._call("inference", "GET", "/ping", timeout_s=5).json()
+    def ping(self, timeout_s: float = PING_TIMEOUT_S) -> dict:
+        return self._call("inference", "GET", "/ping", timeout_s=timeout_s).json()
 
     def predict(
         self, name: str, body: bytes | dict | list, version: str | None = None, content_type: str | None = None

@@ -418,7 +418,7 @@ def wait_until_healthy(state: ServerState, timeout_s: float) -> None:
         if torchserve_process(state.pid, state.workdir) is None:
             raise ServerError(f"TorchServe exited during start-up: see {state.log_dir}/ts_log.log")
         try:
-            status = client.ping().get("status")
+            status = client.ping(timeout_s=5).get("status")  # polled again until the deadline
             if status == "Healthy":
                 return
             last_error = f"status {status}"
