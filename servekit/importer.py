@@ -53,6 +53,7 @@ from servekit.workspace import (
     MODEL_CODE_DIR,
     WEIGHTS_FILE,
 )
+from servekit_worker.answers import label_list
 from servekit_worker.loading import FORMATS
 from servekit_worker.models import user_callable
 from servekit_worker.tensors import DTYPES
@@ -309,12 +310,9 @@ def read_labels(path: Path) -> list[str]:
     if path.suffix != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
-        labels = json.loads(text)
-        if isinstance(labels, dict):
-            labels = [labels[str(i)] for i in range(len(labels))]
+        return label_list(json.loads(text))
     except (ValueError, KeyError) as exc:
         raise UsageError(f'--labels {path}: a JSON list of labels or {{"0": label, ...}} ({exc})') from None
-    return [str(label) for label in labels]
 
 
 # The import ------------------------------------------------------------------------------------------------------

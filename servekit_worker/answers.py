@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 CLASSIFIER_OUTPUTS = ("label", "index", "probabilities")  # the keys of an answer, the names of the v2 outputs
 
 
+def label_list(document: Any) -> list[str]:
+    """A labels.json document as the list of labels by class index: a list, or {"0": "zero", ...} as TorchServe's
+    index_to_name.json (KeyError where an index is missing)."""
+    if isinstance(document, dict):
+        document = [document[str(i)] for i in range(len(document))]
+    return [str(label) for label in document]
+
+
 def top_k(probabilities: torch.Tensor, labels: list[str], k: int) -> dict[str, float]:
     """The k most likely labels, most likely first, as {label: probability}."""
     k = min(k, probabilities.numel())

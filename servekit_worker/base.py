@@ -33,7 +33,7 @@ from servekit_worker.acceleration import (
     takes_channels_last,
     to_device,
 )
-from servekit_worker.answers import CLASSIFIER_OUTPUTS, classification, classifier_v2_outputs
+from servekit_worker.answers import CLASSIFIER_OUTPUTS, classification, classifier_v2_outputs, label_list
 from servekit_worker.errors import RequestError, model_failure
 from servekit_worker.kserve import V2Tensor, v2_tensor
 from servekit_worker.loading import format_named, refuse_wrong_device, select_device
@@ -223,10 +223,7 @@ class ServekitHandler:
         return int(self.config["max_image_pixels"])
 
     def read_labels(self, file_name: str = "labels.json") -> list[str]:
-        labels = json.loads((self.model_dir / file_name).read_text())
-        if isinstance(labels, dict):  # {"0": "zero", ...} as TorchServe's index_to_name.json
-            labels = [labels[str(i)] for i in range(len(labels))]
-        return [str(label) for label in labels]
+        return label_list(json.loads((self.model_dir / file_name).read_text()))
 
     # The batch loop -----------------------------------------------------------------------------------------------
     def answer_batch(self, requests: list[Request]) -> list[Answer]:
