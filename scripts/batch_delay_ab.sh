@@ -20,7 +20,7 @@ wrk.method = "POST"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("KEY")
 wrk.headers["Content-Type"] = "image/png"
 EOF
-port() { "$py" -c "from servekit.server import free_port; print(free_port())"; }
+port() { "$py" -c "from servekit.serve.torchserve import free_port; print(free_port())"; }
 state() { "$py" -c "import json, sys; print(json.load(open('$work/ts/' + sys.argv[1]))$2)" "$1"; }
 rps() { wrk -t2 -c"$1" -d"${3:-5}"s -s "$work/post.lua" "$2" | awk '/Requests\/sec/ {print $2}'; }
 queue_ms() {  # one client for 10 s: wrk's p50 and TorchServe's mean queue time per request

@@ -36,7 +36,7 @@ commands fit together: the [README](../README.md) and the topic pages in this fo
 
 def load_cli() -> click.Group:
     """`servekit.cli.cli`, imported with the machine's cores fixed at REFERENCE_CORES."""
-    from servekit import archive
+    from servekit.build import archive
 
     if "servekit.cli" in sys.modules:
         raise RuntimeError("servekit.cli is already imported; run this script in a fresh process")

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from servekit import server
-from servekit.archive import build_archive
-from servekit.client import ServeClient
-from servekit.registry import wait_until_ready
-from servekit.workspace import Workspace
+from servekit.build.archive import build_archive
+from servekit.serve import torchserve
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import wait_until_ready
+from servekit.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 SERVEKIT = [str(Path(sys.executable).with_name("servekit"))]
@@ -55,7 +55,7 @@ def bare_register_s(client: ServeClient, archive: str, name: str, version: str) 
 
 
 def prepare_store(store: Path, image_size: int) -> list[tuple[str, str]]:
-    from servekit.train import train_digits, train_image
+    from servekit.build.train import train_digits, train_image
 
     digits = Workspace().trained("digits")
     if not (digits / "model.pt").is_file():
@@ -78,8 +78,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="servekit-cli-speed-"))
     store, workdir = folder / "store", folder / "ts"
     models = prepare_store(store, args.image_size)
-    ports = {api: server.free_port() for api in server.DEFAULT_PORTS}
-    state = server.start(server.ServerSettings(REPO / "config.properties", store, workdir, ports=ports))
+    ports = {api: torchserve.free_port() for api in torchserve.DEFAULT_PORTS}
+    state = torchserve.start(torchserve.ServerSettings(REPO / "config.properties", store, workdir, ports=ports))
     try:
         client = ServeClient(state.endpoints())
         print(f"load before: {Path('/proc/loadavg').read_text().split()[:3]}")
@@ -110,7 +110,7 @@ def main() -> None:
             )
         print(f"load after: {Path('/proc/loadavg').read_text().split()[:3]}")
     finally:
-        server.stop(workdir)
+        torchserve.stop(workdir)
         shutil.rmtree(folder, ignore_errors=True)
 
 

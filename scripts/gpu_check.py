@@ -105,7 +105,7 @@ def image_folders(held_out: Path, work: Path, size: int = 256) -> dict[str, Path
     """The trained image model's held-out digits as RGB SIZExSIZE JPEG (quality 90) and PNG bodies."""
     from PIL import Image
 
-    from servekit.heldout import read_held_out, write_bodies
+    from servekit.store.heldout import read_held_out, write_bodies
 
     samples = read_held_out(held_out)
     folders = {}

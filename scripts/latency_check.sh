@@ -36,7 +36,7 @@ import json, sys
 from pathlib import Path
 import torch
 from servekit_worker.loading import onnx_session
-from servekit.timing import percentile, time_calls
+from servekit.core.timing import percentile, time_calls
 folder = Path(sys.argv[1])
 report = json.loads((folder / "report.json").read_text())
 row = next(r for r in report["results"] if r["name"] == "onnx_int8")

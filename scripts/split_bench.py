@@ -28,13 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit import metrics
-from servekit import split as splits
-from servekit.client import read_keys
-from servekit.proxy import Split
-from servekit.timing import CpuMonitor, machine_summary, percentile
-from servekit.transport import Session
-from servekit.workspace import DEFAULT_WORKDIR, Server
+from servekit.core.timing import CpuMonitor, machine_summary, percentile
+from servekit.core.transport import Session
+from servekit.deliver import split as splits
+from servekit.serve import metrics
+from servekit.serve.client import read_keys
+from servekit.serve.handle import Server
+from servekit.serve.proxy import Split
+from servekit.store.workspace import DEFAULT_WORKDIR
 
 WRK_SCRIPT = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb")

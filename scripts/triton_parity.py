@@ -14,15 +14,16 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from servekit import server
-from servekit.catalog import Catalog
-from servekit.client import ServeClient
-from servekit.heldout import read_held_out
-from servekit.protocols import v2_body
-from servekit.registry import register_verified
-from servekit.transport import Retries, Session
-from servekit.triton import TritonSpec, export_triton, start_triton, stop_triton
-from servekit.workspace import Workspace
+from servekit.build.triton import TritonSpec, export_triton
+from servekit.core.transport import Retries, Session
+from servekit.serve import torchserve
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified
+from servekit.serve.protocols import v2_body
+from servekit.serve.triton import start_triton, stop_triton
+from servekit.store.catalog import Catalog
+from servekit.store.heldout import read_held_out
+from servekit.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,15 +55,17 @@ def main() -> None:
     repository = Path(work) / "repository"
     for name, version in versions.items():
         export_triton(args.store, TritonSpec(name, [version], repository))
-    settings = server.ServerSettings(REPO / "config.properties", args.store, Path(work) / "torchserve",
-                                     ports={api: server.free_port() for api in server.DEFAULT_PORTS})  # fmt: skip
-    state = server.start(settings)
+    ports = {api: torchserve.free_port() for api in torchserve.DEFAULT_PORTS}
+    settings = torchserve.ServerSettings(REPO / "config.properties", args.store, Path(work) / "torchserve", ports=ports)
+    state = torchserve.start(settings)
     triton_dir = Path(work) / "triton"
     try:
         client = ServeClient(state.endpoints())
         for name, version in versions.items():
             register_verified(client, args.store, name, version, workers=1)
-        triton = start_triton(repository, triton_dir, {api: server.free_port() for api in ("http", "grpc", "metrics")})
+        triton = start_triton(
+            repository, triton_dir, {api: torchserve.free_port() for api in ("http", "grpc", "metrics")}
+        )
         columns = ["model", "version", "samples", "TorchServe correct", "Triton correct", "answers that differ",
                    "max abs prob diff"]  # fmt: skip
         print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
@@ -80,7 +83,7 @@ def main() -> None:
         print(json.dumps({"torchserve": state.inference_url, "triton": triton.url}))
     finally:
         stop_triton(triton_dir)
-        server.stop(Path(work) / "torchserve")
+        torchserve.stop(Path(work) / "torchserve")
 
 
 if __name__ == "__main__":

@@ -177,3 +177,18 @@ def instance_value(value: Any, what: str) -> Any:
     if len(keys) != 1:
         raise RequestError("invalid_input", f'{what} must be {{"data": ...}}, {{"b64": ...}}, a list or a string')
     return base64_bytes(value["b64"], what) if keys[0] == "b64" else value["data"]
+
+
+def worker_value(body: bytes, content_type: str) -> Any:
+    """A body as TorchServe's Python worker hands it to a handler: JSON decoded, text as str, the rest as bytes."""
+    if content_type == "application/json":
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):  # as TorchServe's worker: an undecodable body is passed on as bytes
+            return body
+    if content_type.startswith("text"):
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+    return body

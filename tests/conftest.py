@@ -17,10 +17,10 @@ sys.path.insert(0, str(REPO / "handlers"))
 from support.processes import stop_leftovers  # noqa: E402
 from support.training import trained  # noqa: E402
 
-from servekit.archive import BuildOptions, build_archive  # noqa: E402
-from servekit.heldout import HeldOutSample, read_held_out  # noqa: E402
-from servekit.train import train_digits, train_image, train_text  # noqa: E402
-from servekit.workspace import HELD_OUT_DIR  # noqa: E402
+from servekit.build.archive import BuildOptions, build_archive  # noqa: E402
+from servekit.build.train import train_digits, train_image, train_text  # noqa: E402
+from servekit.store.heldout import HeldOutSample, read_held_out  # noqa: E402
+from servekit.store.workspace import HELD_OUT_DIR  # noqa: E402
 
 GPU_DESELECTED = pytest.StashKey[int]()
 LEFTOVERS = pytest.StashKey[list[str]]()

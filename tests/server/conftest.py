@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from support.servers import BROKEN_VERSION, ONE_WORKER, PROXIED_VERSIONS, start_server, stop_everything_from
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.client import ServeClient
-from servekit.heldout import read_held_out, write_bodies
-from servekit.registry import register_verified
-from servekit.workspace import HELD_OUT_DIR, LABELS_FILE
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified
+from servekit.store.heldout import read_held_out, write_bodies
+from servekit.store.workspace import HELD_OUT_DIR, LABELS_FILE
 
 
 @pytest.fixture(scope="session")

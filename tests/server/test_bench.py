@@ -14,16 +14,17 @@ from click.testing import CliRunner
 from support.servers import ONE_WORKER
 
 from servekit import bench as benchmarks
-from servekit import metrics, server
 from servekit import tune as tuning
-from servekit.archive import build_archive, serving_defaults
-from servekit.catalog import Catalog
+from servekit.build.archive import build_archive, serving_defaults
 from servekit.cli import cli
-from servekit.loadgen import run_load
-from servekit.names import check_version
-from servekit.registry import register_verified
-from servekit.status import observe
-from servekit.workspace import Server
+from servekit.core.names import check_version
+from servekit.measure.loadgen import run_load
+from servekit.serve import metrics
+from servekit.serve import torchserve as server
+from servekit.serve.deployments import register_verified
+from servekit.serve.handle import Server
+from servekit.serve.status import observe
+from servekit.store.catalog import Catalog
 
 
 @pytest.mark.server

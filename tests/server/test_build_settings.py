@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from servekit.cli import cli
-from servekit.registry import register_verified, version_info
+from servekit.serve.deployments import register_verified, version_info
 
 
 def servekit(*args: str):

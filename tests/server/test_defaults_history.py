@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from support import REPO
 from support.servers import ONE_WORKER, server_at, start_server, stop_everything_from
 
-from servekit import server
-from servekit.archive import build_archive
+from servekit.build.archive import build_archive
 from servekit.cli import cli
-from servekit.client import ServeClient
-from servekit.heldout import read_held_out
-from servekit.registry import DefaultHistory, default_version, register_verified
-from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
+from servekit.deliver.rollout import RolloutFailed, RolloutPolicy, rollout
+from servekit.serve import torchserve
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import DefaultHistory, default_version, register_verified
+from servekit.store.heldout import read_held_out
 
 pytestmark = pytest.mark.server
 
@@ -102,7 +102,9 @@ def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_c
         assert not failure.value.report.promoted
         assert [step.name for step in failure.value.report.steps][-2:] == ["promote", "watch"]
 
-        resumed = server.start(server.ServerSettings(REPO / "config.properties", two_versions, workdir, resume=True))
+        resumed = torchserve.start(
+            torchserve.ServerSettings(REPO / "config.properties", two_versions, workdir, resume=True)
+        )
         client = ServeClient(resumed.endpoints())
         assert default_version(client, "digits") in ("1.0.0", "1.0.1")
         assert sorted(d["modelVersion"] for d in client.describe("digits")) == ["1.0.0", "1.0.1"]

@@ -17,13 +17,14 @@ from click.testing import CliRunner
 from support import REPO
 from support.servers import ONE_WORKER, digits_server, start_server, stop_everything_from
 
-from servekit import proxy, server
-from servekit.archive import build_archive
+from servekit.build.archive import build_archive
 from servekit.cli import cli
-from servekit.client import ServeClient
-from servekit.errors import ServerError
-from servekit.processes import has_exited, wait_until_exited
-from servekit.registry import register_verified
+from servekit.core.errors import ServerError
+from servekit.core.processes import has_exited, wait_until_exited
+from servekit.serve import proxy
+from servekit.serve import torchserve as server
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified
 
 
 @pytest.mark.server

@@ -12,9 +12,9 @@ from support.handlers import image_handler_with, plain_answer
 from support.http import post_body
 from support.servers import start_server, stop_everything_from
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.client import ServeClient
-from servekit.registry import register_verified
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified
 
 pytestmark = pytest.mark.server
 

@@ -17,9 +17,9 @@ from support.bodies import b64, rotated_jpeg
 from support.handlers import POISON, poison_trained_folder
 from support.http import post_body
 
-from servekit import server
-from servekit.archive import BuildOptions, build_archive
-from servekit.client import read_keys
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.serve import torchserve as server
+from servekit.serve.client import read_keys
 
 pytestmark = pytest.mark.server
 

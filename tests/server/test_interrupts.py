@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from support.processes import ctrl_c_after
 from support.servers import ONE_WORKER, unregister_all
 
-from servekit import metrics
-from servekit.archive import build_archive
-from servekit.catalog import Catalog
+from servekit.build.archive import build_archive
 from servekit.cli import cli
-from servekit.client import ServeClient
-from servekit.registry import register_verified, registered_versions
+from servekit.serve import metrics
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified, registered_versions
+from servekit.store.catalog import Catalog
 
 pytestmark = pytest.mark.server
 

@@ -20,10 +20,11 @@ from support.bodies import b64, malformed, one_per_class
 from support.handlers import in_process_handlers, plain_answer, protocol_answers
 from support.servers import stop_everything_from, worker_pids
 
-from servekit import server
-from servekit.client import ServeClient
-from servekit.export import SERVICE_ENVELOPES, KServeSpec, export_kserve
-from servekit.heldout import read_held_out
+from servekit.build.export import SERVICE_ENVELOPES, KServeSpec, export_kserve
+from servekit.core.properties import read_properties, write_properties
+from servekit.serve import torchserve
+from servekit.serve.client import ServeClient
+from servekit.store.heldout import read_held_out
 
 pytestmark = pytest.mark.server
 NAMES = ("digits", "image", "tensor", "text")
@@ -42,7 +43,7 @@ def kserve_layout(store: Path, protocol: str, out: Path) -> tuple[Path, Path]:
         _, properties_path, archive = export_kserve(
             store, KServeSpec(name, "1.0.0", "pvc://models", protocol=protocol), out / "exports" / name
         )
-        properties = server.read_properties(properties_path)
+        properties = read_properties(properties_path)
         models.update(json.loads(properties["model_snapshot"])["models"])
         (out / "model-store").mkdir(parents=True, exist_ok=True)
         shutil.copy2(archive, out / "model-store" / archive.name)
@@ -50,7 +51,7 @@ def kserve_layout(store: Path, protocol: str, out: Path) -> tuple[Path, Path]:
     properties["model_snapshot"] = json.dumps({"name": "startup.cfg", "modelCount": len(models), "models": models})
     properties["disable_token_authorization"] = "false"
     (out / "config").mkdir(exist_ok=True)
-    server.write_properties(properties, out / "config" / "config.properties")
+    write_properties(properties, out / "config" / "config.properties")
     return out / "config" / "config.properties", out / "model-store"
 
 
@@ -70,15 +71,15 @@ def kserve_server(request, all_models_store, tmp_path_factory):
     envelope = request.param
     out = tmp_path_factory.mktemp(f"kserve-{envelope}")
     config, store = kserve_layout(all_models_store, PROTOCOL_OF[envelope], out)
-    settings = server.ServerSettings(
+    settings = torchserve.ServerSettings(
         base_config=config,
         model_store=store,
         workdir=out / "torchserve",
-        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
+        ports={api: torchserve.free_port() for api in torchserve.DEFAULT_PORTS},
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TS_SERVICE_ENVELOPE", envelope)
-        state = server.start(settings)
+        state = torchserve.start(settings)
     try:
         client = ServeClient(state.endpoints())
         wait_for_workers(client)

@@ -9,13 +9,13 @@ import pytest
 from support import REPO
 from support.servers import ONE_WORKER, unregister_all
 
-from servekit import archive
-from servekit.archive import HandlerSpec, build_archive
-from servekit.client import ServeClient
-from servekit.heldout import read_held_out, write_bodies
-from servekit.registry import DefaultHistory, default_version, registered_versions
-from servekit.rollout import RolloutFailed, RolloutPolicy, rollout
-from servekit.workspace import HELD_OUT_DIR
+from servekit.build import archive
+from servekit.build.archive import HandlerSpec, build_archive
+from servekit.deliver.rollout import RolloutFailed, RolloutPolicy, rollout
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import DefaultHistory, default_version, registered_versions
+from servekit.store.heldout import read_held_out, write_bodies
+from servekit.store.workspace import HELD_OUT_DIR
 
 pytestmark = pytest.mark.server
 

@@ -19,10 +19,11 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from servekit import probes, proxy, server, worker_dir
-from servekit.archive import BuildOptions, build_archive
+from servekit.build.archive import BuildOptions, build_archive
 from servekit.cli import cli
-from servekit.proxy import ProxyConfig
+from servekit.serve import probe_metrics, proxy, worker_dir
+from servekit.serve import torchserve as server
+from servekit.serve.proxy import ProxyConfig
 
 pytestmark = pytest.mark.server
 OUTSIDE_ARCHIVE = "evil-6.6.6.mar"  # a real archive (the digits one, renamed) kept outside the store
@@ -168,11 +169,11 @@ def test_the_proxys_workers_drop_root_and_still_serve_everything(proxy_in_front,
     log = config.error_log.read_text()
     assert f"buffered to a temporary file {config.worker_dir}/client_body_temp/" in log and "denied" not in log
 
-    written = probes.record(tmp_path, [probes.ProbeResult("digits", "1.0.0", 32, 31, 1700000000.0)])
-    served = requests.get(f"{config.url}{probes.METRICS_PATH}", timeout=10)
+    written = probe_metrics.record(tmp_path, [probe_metrics.ProbeResult("digits", "1.0.0", 32, 31, 1700000000.0)])
+    served = requests.get(f"{config.url}{probe_metrics.METRICS_PATH}", timeout=10)
     assert served.status_code == 200 and served.text == written.read_text()
     if account:
-        copy = config.worker_dir / probes.PROBES_FILE
+        copy = config.worker_dir / probe_metrics.PROBES_FILE
         key_file = Path(served_digits.endpoints.key_file)
         assert json.loads(key_file.read_text())["management"]["key"]  # root reads it
         # as nginx's workers are: the worker user and its group, no other groups (`cat`: servekit's Python may live

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from servekit import optimize as optimizer
-from servekit.archive import build_archive
-from servekit.catalog import Catalog
-from servekit.formats import load_trained
-from servekit.registry import register_verified
+from servekit.build import optimize as optimizer
+from servekit.build.archive import build_archive
+from servekit.build.formats import load_trained
+from servekit.serve.deployments import register_verified
+from servekit.store.catalog import Catalog
 
 # Every variant is checked in tests/unit/test_optimize.py; here two that load differently (a TorchScript file, an
 # ONNX Runtime session) compete, and whichever is picked must be served with its in-process answers.

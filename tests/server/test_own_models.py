@@ -15,13 +15,13 @@ from support.answers import assert_same_answers
 from support.own_models import labelled_subset, pixel_bodies, readme_example, user_model, write_user_model
 from support.servers import unregister_all
 
+from servekit.build.handler_code import Decoder
+from servekit.build.optimize import folder_handler
 from servekit.cli import cli
-from servekit.client import ServeClient
-from servekit.handler_code import Decoder
-from servekit.heldout import read_held_out
-from servekit.inprocess import InProcessHandler
-from servekit.optimize import folder_handler
-from servekit.registry import default_version
+from servekit.measure.inprocess import InProcessHandler
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import default_version
+from servekit.store.heldout import read_held_out
 from servekit_worker.answers import classification
 
 pytestmark = pytest.mark.server
@@ -87,7 +87,7 @@ def test_a_timm_classifier_from_python(torchserve, held_out, eval_dir, tmp_path)
     """An in-memory timm model (random init), saved with its factory; timm is its requirement."""
     import timm
 
-    from servekit.importer import save_model
+    from servekit.build.importer import save_model
 
     kwargs = {"model_name": "resnet10t", "num_classes": 10}
     torch.manual_seed(0)

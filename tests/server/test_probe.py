@@ -11,14 +11,14 @@ import requests
 from click.testing import CliRunner
 from support.servers import ONE_WORKER, PROXIED_VERSIONS, server_at, start_server, stop_everything_from
 
-from servekit import probes, server, worker_dir
-from servekit.archive import build_archive
+from servekit.build.archive import build_archive
 from servekit.cli import cli
-from servekit.client import ServeClient
-from servekit.probes import AGREEMENT, METRICS_PATH, SAMPLES, TIMESTAMP
-from servekit.progressive import ProgressivePolicy
-from servekit.registry import register_verified, registered_versions
-from servekit.workspace import HELD_OUT_DIR, LABELS_FILE
+from servekit.deliver.progressive import ProgressivePolicy
+from servekit.serve import probe_metrics, torchserve, worker_dir
+from servekit.serve.client import ServeClient
+from servekit.serve.deployments import register_verified, registered_versions
+from servekit.serve.probe_metrics import AGREEMENT, METRICS_PATH, SAMPLES, TIMESTAMP
+from servekit.store.workspace import HELD_OUT_DIR, LABELS_FILE
 
 pytestmark = pytest.mark.server
 MISLABELLED = "7.0.0"  # the same weights with every label shifted by one: well-formed answers, all wrong
@@ -57,8 +57,8 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
         assert set(shown) == {*PROXIED_VERSIONS, MISLABELLED}
         assert all(shown[v]["agreement"] >= threshold and shown[v]["samples"] == 32 for v in PROXIED_VERSIONS), shown
         assert shown[MISLABELLED]["agreement"] <= 0.2 and shown[MISLABELLED]["samples"] == 32, shown
-        path = probes.probes_file(Path(state.workdir))
-        written = probes.parse(path.read_text())
+        path = probe_metrics.probes_file(Path(state.workdir))
+        written = probe_metrics.parse(path.read_text())
         assert {key: values[AGREEMENT] for key, values in written.items()} == {
             ("digits", v): shown[v]["agreement"] for v in shown
         }
@@ -69,7 +69,7 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
         before = written
         again = invoke(state.workdir, "--version", PROXIED_VERSIONS[0])
         assert again.exit_code == 0 and "written to" in again.output, again.output
-        after = probes.parse(served_metrics(state).text)
+        after = probe_metrics.parse(served_metrics(state).text)
         assert after[("digits", PROXIED_VERSIONS[0])][TIMESTAMP] > before[("digits", PROXIED_VERSIONS[0])][TIMESTAMP]
         assert {key: after[key] for key in before if key[1] != PROXIED_VERSIONS[0]} == {
             key: values for key, values in before.items() if key[1] != PROXIED_VERSIONS[0]
@@ -78,14 +78,14 @@ def test_probe_scores_good_versions_high_a_mislabelled_one_low_and_the_proxy_ser
         client.unregister("digits", MISLABELLED)
     # A whole-model probe forgets versions no longer registered.
     assert invoke(state.workdir).exit_code == 0
-    assert ("digits", MISLABELLED) not in probes.parse(served_metrics(state).text)
+    assert ("digits", MISLABELLED) not in probe_metrics.parse(served_metrics(state).text)
 
 
 def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):
     state, client = server_at(proxied)
-    path = probes.probes_file(Path(state.workdir))
+    path = probe_metrics.probes_file(Path(state.workdir))
     path.unlink(missing_ok=True)  # no probe yet: neither the file nor the copy the proxy's workers serve
-    (worker_dir.folder(Path(state.workdir)) / probes.PROBES_FILE).unlink(missing_ok=True)
+    (worker_dir.folder(Path(state.workdir)) / probe_metrics.PROBES_FILE).unlink(missing_ok=True)
     register_verified(client, odd_versions, "digits", UNPROBED, workers=1)
     try:
         cases = {
@@ -110,7 +110,7 @@ def test_bad_input_exits_2_and_writes_nothing(proxied, odd_versions):
 def test_samples_and_timestamps_are_exposed_for_every_probed_version(proxied):
     state, _ = server_at(proxied)
     assert invoke(state.workdir).exit_code == 0
-    exposed = probes.parse(served_metrics(state).text)
+    exposed = probe_metrics.parse(served_metrics(state).text)
     assert set(exposed) == {("digits", v) for v in PROXIED_VERSIONS}
     assert all(set(values) == {AGREEMENT, SAMPLES, TIMESTAMP} for values in exposed.values())
 
@@ -124,16 +124,16 @@ def test_a_whole_model_probe_after_a_restart_without_resume_removes_the_gauges_o
         state = start_server(store, workdir, proxy=True)
         register_verified(ServeClient(state.endpoints()), store, "digits", "1.0.0", workers=1)
         assert invoke(str(workdir)).exit_code == 0
-        other = probes.ProbeResult("text", "2.0.0", 10, 10, 1700000000.0)  # another model's lines stay
-        probes.record(workdir, [other])
-        server.stop(workdir)
+        other = probe_metrics.ProbeResult("text", "2.0.0", 10, 10, 1700000000.0)  # another model's lines stay
+        probe_metrics.record(workdir, [other])
+        torchserve.stop(workdir)
         state = start_server(store, workdir, proxy=True)  # `serve start` without --resume: nothing registered
-        assert set(probes.parse(served_metrics(state).text)) == {("digits", "1.0.0"), ("text", "2.0.0")}
+        assert set(probe_metrics.parse(served_metrics(state).text)) == {("digits", "1.0.0"), ("text", "2.0.0")}
 
         cleared = invoke(str(workdir))
         assert cleared.exit_code == 0 and cleared.output.count("\n") == 1, cleared.output
         assert "no registered version: removed its gauges (1.0.0)" in cleared.output, cleared.output
-        assert probes.parse(served_metrics(state).text) == probes.as_series([other])
+        assert probe_metrics.parse(served_metrics(state).text) == probe_metrics.as_series([other])
         again = invoke(str(workdir), "--json")  # nothing left to remove: a typo gets the same answer
         assert again.exit_code == 2 and "not registered" in again.output and "--version V" in again.output
     finally:

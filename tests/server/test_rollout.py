@@ -20,20 +20,20 @@ from support.processes import ctrl_c_after
 from support.servers import ONE_WORKER, start_server, stop_everything_from, unregister_all
 from support.training import trained
 
-from servekit import server
-from servekit.archive import build_archive
+from servekit.build.archive import build_archive
+from servekit.build.train import train_digits
 from servekit.cli import cli
-from servekit.client import FailoverClient, ServeClient
-from servekit.errors import ArchiveError
-from servekit.registry import (
+from servekit.core.errors import ArchiveError
+from servekit.deliver.rollout import Rollout, RolloutFailed, RolloutPolicy, rollout
+from servekit.serve import torchserve
+from servekit.serve.client import FailoverClient, ServeClient
+from servekit.serve.deployments import (
     DefaultHistory,
     default_version,
     register_verified,
     registered_versions,
     set_default,
 )
-from servekit.rollout import Rollout, RolloutFailed, RolloutPolicy, rollout
-from servekit.train import train_digits
 from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
@@ -258,7 +258,7 @@ def test_failover_client_loses_nothing_when_one_instance_stops(live, tmp_path, r
         pngs = [sample.path.read_bytes() for sample in held_out[:8]]
         with Traffic(failover, pngs, threads=4) as traffic:
             time.sleep(1.5)
-            server.stop(first)
+            torchserve.stop(first)
             stopped_at = time.monotonic()
             time.sleep(1)
         assert traffic.failures() == []

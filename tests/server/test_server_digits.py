@@ -16,9 +16,9 @@ from support.handlers import extracted_archive, plain_answer
 from support.servers import worker_pids
 
 from servekit.cli import cli
-from servekit.errors import ApiError
-from servekit.evaluate import evaluate_served
-from servekit.workspace import HELD_OUT_DIR
+from servekit.core.errors import ApiError
+from servekit.measure.evaluate import evaluate_served
+from servekit.store.workspace import HELD_OUT_DIR
 from servekit_worker.digits import image_to_tensor
 from servekit_worker.models import SimpleCNN
 

@@ -15,8 +15,8 @@ from support.handlers import HANDLER_CLASSES, in_process_handlers, plain_answer
 from support.http import post_body
 from support.servers import worker_pids
 
-from servekit.heldout import read_held_out
-from servekit.registry import register_verified
+from servekit.serve.deployments import register_verified
+from servekit.store.heldout import read_held_out
 
 pytestmark = pytest.mark.server
 MAX_REQUEST_SIZE = 16 * 1024 * 1024  # config.properties: max_request_size

@@ -10,12 +10,12 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from servekit import bench as benchmarks
-from servekit.archive import BuildOptions
+from servekit.build.archive import BuildOptions
 from servekit.cli import cli
-from servekit.loadgen import run_load
-from servekit.registry import register_verified
-from servekit.workspace import SERVING_FILE
+from servekit.measure import bench as benchmarks
+from servekit.measure.loadgen import run_load
+from servekit.serve.deployments import register_verified
+from servekit.store.workspace import SERVING_FILE
 
 
 @pytest.mark.server

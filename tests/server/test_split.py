@@ -18,17 +18,18 @@ from support.alerts import alerted_metrics
 from support.http import ClientThreads
 from support.servers import BROKEN_VERSION, PROXIED_VERSIONS, server_at
 
-from servekit import probes, progressive, proxy, registry, server
-from servekit import split as splits
 from servekit.cli import cli
-from servekit.client import ServeClient, read_keys
-from servekit.errors import ApiError, UsageError
-from servekit.metrics import scrape
-from servekit.probes import AGREEMENT, METRICS_PATH, TIMESTAMP
-from servekit.progressive import Progress, ProgressivePolicy
-from servekit.proxy import STATE_FILE, VERSION_HEADER, Split
-from servekit.registry import DefaultHistory, default_version, register_verified, registered_versions
-from servekit.rollout import RolloutFailed, RolloutPolicy
+from servekit.core.errors import ApiError, UsageError
+from servekit.deliver import progressive
+from servekit.deliver import split as splits
+from servekit.deliver.progressive import Progress, ProgressivePolicy
+from servekit.deliver.rollout import RolloutFailed, RolloutPolicy
+from servekit.serve import deployments, probe_metrics, proxy, torchserve
+from servekit.serve.client import ServeClient, read_keys
+from servekit.serve.deployments import DefaultHistory, default_version, register_verified, registered_versions
+from servekit.serve.metrics import scrape
+from servekit.serve.probe_metrics import AGREEMENT, METRICS_PATH, TIMESTAMP
+from servekit.serve.proxy import STATE_FILE, VERSION_HEADER, Split
 
 pytestmark = pytest.mark.server
 # The latency gate and p99 comparison have their own tests; on a shared 2-core machine they only add noise here.
@@ -38,7 +39,7 @@ QUICK_CHECKS = RolloutPolicy(shadow_samples=8, watch_s=0.5, max_latency_ratio=3.
 class Caller:
     """Raw HTTP calls to the proxy (no client retries, so every failure shows), one session per thread."""
 
-    def __init__(self, state: server.ServerState):
+    def __init__(self, state: torchserve.ServerState):
         self.url = f"{state.proxy_url}/predictions/digits"
         self.token = read_keys(Path(state.key_file))["inference"]
         self.local = threading.local()
@@ -241,7 +242,7 @@ def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
     report = progressive.resume(client, state, history)
     assert [s.name for s in report.steps] == ["50%", "100%", "promote"] and report.promoted
     # Each step recorded both versions' golden-probe gauges, which the alerts read (see test_probe.py).
-    recorded = probes.parse(probes.probes_file(Path(state.workdir)).read_text())
+    recorded = probe_metrics.parse(probe_metrics.probes_file(Path(state.workdir)).read_text())
     for version in (previous, candidate):
         assert recorded[("digits", version)][TIMESTAMP] >= started
         assert recorded[("digits", version)][AGREEMENT] >= policy.min_agreement
@@ -334,18 +335,18 @@ def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
     state, client = server_at(proxied)
     current, other = other_version(client)
     splits.set_split(client, state, Split("digits", {current: 50, other: 50}))
-    assert server.stop(proxied)
+    assert torchserve.stop(proxied)
     assert proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir)) is None
-    settings = server.ServerSettings(
-        REPO / "config.properties", Path(state.model_store), proxied, resume=True, proxy_port=server.free_port()
+    settings = torchserve.ServerSettings(
+        REPO / "config.properties", Path(state.model_store), proxied, resume=True, proxy_port=torchserve.free_port()
     )
-    resumed = server.start(settings)
+    resumed = torchserve.start(settings)
     try:
         assert resumed.proxy_url == state.proxy_url and resumed.proxy_pid != state.proxy_pid
         client = ServeClient(resumed.endpoints())
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            restored = registry.versions(client, "digits")
+            restored = deployments.versions(client, "digits")
             if len(restored) >= len(PROXIED_VERSIONS) and all(version.ready_workers for version in restored):
                 break
             time.sleep(0.2)

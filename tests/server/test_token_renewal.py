@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from support.servers import digits_server
 
-from servekit import server
 from servekit.cli import cli
-from servekit.client import Endpoints, FailoverClient, ServeClient
-from servekit.loadgen import run_load
+from servekit.measure.loadgen import run_load
+from servekit.serve import torchserve
+from servekit.serve.client import Endpoints, FailoverClient, ServeClient
 
 # TorchServe reads the expiry as a number of minutes, accepts fractions and keeps whole seconds: 0.05 min = 3 s,
 # longer than any one step below takes with a key it has just renewed (wrk's 1 s run with one key included).
@@ -29,11 +29,11 @@ def expiring_server(tmp_path, trained_digits):
         yield state
 
 
-def keys_of(state: server.ServerState) -> dict[str, str]:
+def keys_of(state: torchserve.ServerState) -> dict[str, str]:
     return {api: entry["key"] for api, entry in json.loads(Path(state.key_file).read_text()).items()}
 
 
-def wait_until_expired(state: server.ServerState) -> dict[str, str]:
+def wait_until_expired(state: torchserve.ServerState) -> dict[str, str]:
     """Sleeps until the inference and management keys the file holds now have expired (it records when, in UTC);
     returns those (now refused) keys."""
     document = json.loads(Path(state.key_file).read_text())

@@ -16,12 +16,13 @@ import requests
 from support.bodies import b64, png_header_bomb
 from support.processes import processes_in
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.heldout import read_held_out
-from servekit.inprocess import InProcessHandler
-from servekit.server import free_port
-from servekit.triton import TritonSpec, export_triton, start_triton, stop_triton
-from servekit.workspace import HELD_OUT_DIR
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.build.triton import TritonSpec, export_triton
+from servekit.measure.inprocess import InProcessHandler
+from servekit.serve.torchserve import free_port
+from servekit.serve.triton import start_triton, stop_triton
+from servekit.store.heldout import read_held_out
+from servekit.store.workspace import HELD_OUT_DIR
 from servekit_worker.kserve import V2
 from servekit_worker.requests import Request
 

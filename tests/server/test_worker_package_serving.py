@@ -16,8 +16,8 @@ import torch
 from support import REPO
 from support.http import post_body
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.client import ServeClient
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.serve.client import ServeClient
 
 pytestmark = pytest.mark.server
 

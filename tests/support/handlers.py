@@ -15,7 +15,7 @@ from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 from ts.context import Context, RequestProcessor
 
-from servekit.inprocess import worker_value
+from servekit.measure.inprocess import worker_value
 
 
 class FakeRequestStatus:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from servekit.heldout import HeldOutSample, write_bodies
+from servekit.store.heldout import HeldOutSample, write_bodies
 from servekit_worker.digits import image_to_tensor
 from support import REPO
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from servekit.processes import stop_process_tree
+from servekit.core.processes import stop_process_tree
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "sklearn", "torchao")
 
@@ -29,7 +29,7 @@ PROBE = "\n".join(
         "    cli(sys.argv[1:], standalone_mode=False)",
         "except SystemExit:",
         "    pass",
-        # a module servekit.lazy deferred sits in sys.modules as a _LazyModule until its first use
+        # a module servekit.core.lazy deferred sits in sys.modules as a _LazyModule until its first use
         "loaded = {m.split('.')[0] for m, module in list(sys.modules.items())",
         "          if type(module).__name__ != '_LazyModule'}",
         f"print('\\nIMPORTED=' + json.dumps(sorted(loaded & set({HEAVY + SLOW_TO_IMPORT!r}))))",

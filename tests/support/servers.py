@@ -8,13 +8,13 @@ from pathlib import Path
 
 import psutil
 
-from servekit import server
-from servekit.archive import BuildOptions, build_archive
-from servekit.client import SERVER_STATE_FILE, ServeClient
-from servekit.processes import wait_until_exited
-from servekit.proxy import stop_masters_in
-from servekit.registry import registered_versions
-from servekit.workspace import Server
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.core.processes import wait_until_exited
+from servekit.serve import torchserve
+from servekit.serve.client import SERVER_STATE_FILE, ServeClient
+from servekit.serve.deployments import registered_versions
+from servekit.serve.handle import Server
+from servekit.serve.proxy import stop_masters_in
 from support import REPO
 
 # Archives for tests that need no more than one worker: a second costs seconds at each registration on 2 cores. One
@@ -24,25 +24,25 @@ ONE_WORKER = BuildOptions(workers=1, torch_threads=1)
 
 def start_server(
     store: Path, workdir: Path, proxy: bool = False, base_config: Path = REPO / "config.properties"
-) -> server.ServerState:
+) -> torchserve.ServerState:
     """A TorchServe on free loopback ports; with `proxy`, the traffic-split nginx in front on another one."""
-    settings = server.ServerSettings(
+    settings = torchserve.ServerSettings(
         base_config=base_config,
         model_store=store,
         workdir=workdir,
-        ports={api: server.free_port() for api in server.DEFAULT_PORTS},
-        proxy_port=server.free_port() if proxy else None,
+        ports={api: torchserve.free_port() for api in torchserve.DEFAULT_PORTS},
+        proxy_port=torchserve.free_port() if proxy else None,
     )
-    return server.start(settings)
+    return torchserve.start(settings)
 
 
 def stop_everything_from(workdir: Path) -> None:
     """Cleanup that works whatever a test left, by PID: the proxy, then every frontend running from `workdir` and
     its workers, killed at once. A graceful stop spends ~3 s in TorchServe's shutdown; the tests that stop a
-    server on purpose (and check what that leaves) call `server.stop` or `serve stop` themselves."""
+    server on purpose (and check what that leaves) call `torchserve.stop` or `serve stop` themselves."""
     workdir = workdir.resolve()
-    stop_masters_in(workdir / server.PROXY_DIR)
-    for frontend in server.frontends_in(workdir):
+    stop_masters_in(workdir / torchserve.PROXY_DIR)
+    for frontend in torchserve.frontends_in(workdir):
         try:
             spawned = [frontend, *frontend.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -55,7 +55,7 @@ def stop_everything_from(workdir: Path) -> None:
 
 
 @contextlib.contextmanager
-def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[server.ServerState]:
+def digits_server(folder: Path, trained_digits: Path, extra_config: str) -> Iterator[torchserve.ServerState]:
     """A TorchServe whose config.properties adds `extra_config` lines, with digits 1.0.0 registered (one worker)."""
     store = folder / "store"
     build_archive("digits", "1.0.0", trained_digits, store, options=ONE_WORKER)
@@ -81,7 +81,7 @@ PROXIED_VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 BROKEN_VERSION = "6.0.0"
 
 
-def server_at(workdir: Path) -> tuple[server.ServerState, ServeClient]:
+def server_at(workdir: Path) -> tuple[torchserve.ServerState, ServeClient]:
     """The server as `workdir`'s server.json records it now (a test may have restarted it) and a client of it."""
     handle = Server.connect(workdir)
     return handle.state, handle.client

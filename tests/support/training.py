@@ -1,5 +1,5 @@
 """Trained models for the tests, cached across runs under pytest's cache folder and keyed by a hash of the training
-code (servekit.train and every servekit module it imports, transitively) and of the call's arguments: a change to
+code (servekit.build.train and every servekit module it imports, transitively) and of the call's arguments: a change to
 any of them trains again, and a fresh clone trains once."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def training_sources(module: str = "servekit.train") -> list[Path]:
+def training_sources(module: str = "servekit.build.train") -> list[Path]:
     """`module`'s file and the first-party files it imports, followed through their own imports."""
     seen: dict[Path, None] = {}
     pending = [module]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from servekit import config as configs
-from servekit import server
-from servekit.client import Endpoints, ServeClient
-from servekit.errors import UsageError
-from servekit.export import DOCKER_MODEL_STORE, KSERVE_MODEL_STORE, KServeSpec, export_docker, export_kserve
-from servekit.server import property_line, read_properties, store_archives_only, write_properties
+from servekit.build import torchserve_config as configs
+from servekit.build.export import DOCKER_MODEL_STORE, KSERVE_MODEL_STORE, KServeSpec, export_docker, export_kserve
+from servekit.core.errors import UsageError
+from servekit.core.properties import property_line, read_properties, store_archives_only, write_properties
+from servekit.serve import torchserve
+from servekit.serve.client import Endpoints, ServeClient
 
 
 def allows(pattern: str, url: str) -> bool:
@@ -93,8 +93,8 @@ def base_config(tmp_path: Path, extra: str = "") -> Path:
 
 
 def test_serve_start_restricts_even_a_base_config_that_allows_everything(tmp_path):
-    settings = server.ServerSettings(base_config(tmp_path, "allowed_urls=.*\n"), tmp_path / "store", tmp_path / "w")
-    properties = server.startup_properties(settings, tmp_path / "w")
+    settings = torchserve.ServerSettings(base_config(tmp_path, "allowed_urls=.*\n"), tmp_path / "store", tmp_path / "w")
+    properties = torchserve.startup_properties(settings, tmp_path / "w")
     assert properties["allowed_urls"] == store_archives_only(str((tmp_path / "store").resolve()))
 
 
@@ -111,8 +111,8 @@ def test_resume_adds_the_restriction_to_a_snapshot_written_without_it(tmp_path):
         f"model_store={tmp_path}/st\\u00f6re\n"
         f"model_snapshot={escaped}\n"
     )
-    settings = server.ServerSettings(base_config(tmp_path), tmp_path / "ignored", workdir, resume=True)
-    properties = server.startup_properties(settings, workdir)
+    settings = torchserve.ServerSettings(base_config(tmp_path), tmp_path / "ignored", workdir, resume=True)
+    properties = torchserve.startup_properties(settings, workdir)
     assert properties["inference_address"] == "http://127.0.0.1:18080"
     assert json.loads(properties["model_snapshot"]) == snapshot
     assert properties["allowed_urls"] == store_archives_only(f"{tmp_path}/störe")

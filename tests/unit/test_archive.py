@@ -9,10 +9,10 @@ import zipfile
 import pytest
 import yaml
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.catalog import Catalog, sha256_file, verify_archive, version_key
-from servekit.errors import ArchiveError, UsageError
-from servekit.heldout import read_held_out
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.core.errors import ArchiveError, UsageError
+from servekit.store.catalog import Catalog, sha256_file, verify_archive, version_key
+from servekit.store.heldout import read_held_out
 
 
 def test_archive_holds_handler_model_weights_labels_and_config(model_store):

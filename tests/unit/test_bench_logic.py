@@ -9,7 +9,7 @@ import pytest
 from digits import DigitsHandler
 from support.handlers import extracted_archive, requests_for
 
-from servekit.loadgen import summarize
+from servekit.measure.loadgen import summarize
 
 
 def test_load_summary_counts_add_up_and_only_2xx_count_as_success():
@@ -50,7 +50,7 @@ def test_servekit_profile_writes_a_chrome_trace_for_n_batches(model_store, tmp_p
 
 def test_durations_and_levels_are_validated():
     from servekit.cli import levels_option, seconds_option
-    from servekit.errors import UsageError
+    from servekit.core.errors import UsageError
 
     assert levels_option("1,4,16") == [1, 4, 16] and seconds_option("20s") == 20.0
     for bad in ("1,x", "0,4", ""):

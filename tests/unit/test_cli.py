@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from servekit import server
 from servekit.cli import cli, seconds_option
-from servekit.errors import ServerError, UsageError
+from servekit.core.errors import ServerError, UsageError
+from servekit.serve import torchserve
 
 
 def run(*args: str):
@@ -43,23 +43,23 @@ def test_commands_without_a_running_server_say_how_to_start_one(tmp_path):
 
 
 def test_missing_or_old_java_is_reported_with_the_fix(monkeypatch):
-    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torchserve.shutil, "which", lambda name: None)
     with pytest.raises(ServerError, match="Java not found.*Java 11"):
-        server.require_java()
-    monkeypatch.setattr(server, "java_major_version", lambda: 8)
+        torchserve.require_java()
+    monkeypatch.setattr(torchserve, "java_major_version", lambda: 8)
     with pytest.raises(ServerError, match="Java 8 found, TorchServe needs Java 11"):
-        server.require_java()
+        torchserve.require_java()
 
 
 def test_java_version_strings_are_parsed(monkeypatch):
     class Result:
         stderr = 'openjdk version "1.8.0_392"'
 
-    monkeypatch.setattr(server.subprocess, "run", lambda *a, **k: Result())
-    monkeypatch.setattr(server.shutil, "which", lambda name: "/usr/bin/java")
-    assert server.java_major_version() == 8
+    monkeypatch.setattr(torchserve.subprocess, "run", lambda *a, **k: Result())
+    monkeypatch.setattr(torchserve.shutil, "which", lambda name: "/usr/bin/java")
+    assert torchserve.java_major_version() == 8
     Result.stderr = 'openjdk version "17.0.15" 2025-04-15'
-    assert server.java_major_version() == 17
+    assert torchserve.java_major_version() == 17
 
 
 def test_durations_are_seconds_and_a_warm_up_may_be_zero():

@@ -8,7 +8,7 @@ import shutil
 from click.testing import CliRunner
 
 from servekit.cli import cli
-from servekit.server import free_port
+from servekit.serve.torchserve import free_port
 
 
 def run(*args: str):

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from servekit.client import FailoverClient, error_message, read_keys
-from servekit.errors import ApiError, ServerError
-from servekit.registry import DefaultHistory
-from servekit.rollout import answer_key
-from servekit.transport import Response
+from servekit.core.errors import ApiError, ServerError
+from servekit.core.transport import Response
+from servekit.deliver.rollout import answer_key
+from servekit.serve.client import FailoverClient, error_message, read_keys
+from servekit.serve.deployments import DefaultHistory
 
 
 class FakeClient:

@@ -7,7 +7,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from servekit.catalog import Catalog, sha256_file
+from servekit.store.catalog import Catalog, sha256_file
 
 SERVEKIT = Path(sys.executable).with_name("servekit")
 

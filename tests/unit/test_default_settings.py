@@ -10,8 +10,9 @@ import time
 import psutil
 from support.handlers import poison_trained_folder
 
-from servekit import archive, timing
-from servekit.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, BuildOptions, batch_size_for, build_archive
+from servekit.build import archive
+from servekit.build.archive import BATCH_BUDGET_MS, DEFAULT_MAX_BATCH, BuildOptions, batch_size_for, build_archive
+from servekit.core import timing
 
 
 def test_defaults_use_every_core_without_oversubscribing(monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from servekit.errors import ServekitError
-from servekit.registry import DefaultHistory
+from servekit.core.errors import ServekitError
+from servekit.serve.deployments import DefaultHistory
 
 
 def test_a_corrupt_defaults_history_is_one_line_naming_the_file(tmp_path):

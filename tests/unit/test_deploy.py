@@ -11,12 +11,12 @@ import yaml
 from click.testing import CliRunner
 from support import REPO
 
-from servekit import config as configs
-from servekit.catalog import sha256_file
+from servekit.build import torchserve_config as configs
+from servekit.build.export import KServeSpec, export_docker, export_kserve
 from servekit.cli import cli
-from servekit.errors import UsageError
-from servekit.export import KServeSpec, export_docker, export_kserve
-from servekit.server import read_properties
+from servekit.core.errors import UsageError
+from servekit.core.properties import read_properties
+from servekit.store.catalog import sha256_file
 
 GOLDEN = REPO / "tests" / "golden"
 
@@ -162,7 +162,7 @@ def test_docker_export_serves_the_archive_on_the_official_image(tmp_path, model_
 def test_tune_keeps_a_gpu_plans_devices_and_varies_the_rest(tmp_path, monkeypatch):
     """`servekit tune --model-config` puts every trial on the plan's GPUs; workers, threads, batch and delay stay
     the trial's own."""
-    from servekit.archive import placement
+    from servekit.build.archive import placement
 
     monkeypatch.setattr(configs.os, "cpu_count", lambda: 16)
     written = configs.write(configs.make_plan("2", 2, ["image"], batch_size=32, max_batch_delay_ms=2), tmp_path)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from servekit.devices import resolve_device
-from servekit.errors import UsageError
-from servekit.train import train_digits
+from servekit.build.train import train_digits
+from servekit.core.devices import resolve_device
+from servekit.core.errors import UsageError
 
 
 def test_auto_picks_the_gpu_only_when_torch_sees_one(monkeypatch):

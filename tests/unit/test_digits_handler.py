@@ -11,7 +11,7 @@ from PIL import Image
 from support.bodies import bad_inputs, png_bytes
 from support.handlers import FakeContext, answer_batch, extracted_archive, requests_for
 
-from servekit.datasets import digits_split
+from servekit.build.datasets import digits_split
 from servekit_worker.answers import classification
 from servekit_worker.digits import image_to_tensor, json_to_decoded
 from servekit_worker.errors import RequestError

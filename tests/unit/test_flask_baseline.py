@@ -8,8 +8,8 @@ import json
 import torch
 from PIL import Image
 
-from servekit.baseline import create_app
-from servekit.workspace import FORMAT_FILES, HANDLER_FILE
+from servekit.measure.flask_peer import create_app
+from servekit.store.workspace import FORMAT_FILES, HANDLER_FILE
 from servekit_worker.models import build_model
 
 

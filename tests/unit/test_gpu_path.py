@@ -17,10 +17,11 @@ from support.answers import assert_same_answers
 from support.bodies import batched_test_images, corrupt_jpeg, jpeg_bytes, png_bytes, png_header_bomb, rotated_rgb_jpeg
 from support.handlers import answer_batch, extracted_archive, image_handler_with
 
-from servekit import archive, timing
-from servekit.archive import BuildOptions
-from servekit.optimize import Builder
-from servekit.workspace import HANDLER_FILE
+from servekit.build import archive
+from servekit.build.archive import BuildOptions
+from servekit.build.optimize import Builder
+from servekit.core import timing
+from servekit.store.workspace import HANDLER_FILE
 from servekit_worker.acceleration import (
     BucketedModel,
     StaticBatch,

@@ -16,9 +16,9 @@ from support.handlers import FakeContext, answer_batch, extracted_archive, in_pr
 from tensor_handler import TensorHandler
 from text_classifier import TextClassifierHandler
 
-from servekit.archive import BuildOptions, build_archive
-from servekit.formats import load_trained
-from servekit.heldout import read_held_out
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.build.formats import load_trained
+from servekit.store.heldout import read_held_out
 from servekit_worker.base import ServekitHandler
 from servekit_worker.errors import RequestError
 from servekit_worker.models import Tokenizer, image_transform, pad_batch

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from support.own_models import export_formats, labelled_subset, user_model, write_user_model
 
-from servekit.catalog import Catalog, sha256_file
+from servekit.build.importer import save_model
 from servekit.cli import cli
-from servekit.errors import UsageError
-from servekit.importer import save_model
-from servekit.inprocess import InProcessHandler
-from servekit.requirements import check, check_serving_environment, parse_requirements
+from servekit.core.errors import UsageError
+from servekit.core.requirements import check, check_serving_environment, parse_requirements
+from servekit.measure.inprocess import InProcessHandler
+from servekit.store.catalog import Catalog, sha256_file
 from servekit_worker.digits import image_to_tensor
 
 

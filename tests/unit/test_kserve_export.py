@@ -10,12 +10,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from servekit.build.export import KServeSpec, export_kserve
 from servekit.cli import cli
-from servekit.client import error_message
-from servekit.errors import UsageError
-from servekit.export import KServeSpec, export_kserve
-from servekit.server import read_properties
-from servekit.transport import Response
+from servekit.core.errors import UsageError
+from servekit.core.properties import read_properties
+from servekit.core.transport import Response
+from servekit.serve.client import error_message
 
 
 @pytest.mark.parametrize(("protocol", "envelope"), [("v1", "kserve"), ("v2", "kservev2")])

@@ -29,9 +29,9 @@ from tensor_handler import TensorHandler
 from ts.model_loader import TsModelLoader
 from ts.service import Service
 
-from servekit.archive import build_archive
-from servekit.export import SERVICE_ENVELOPES
-from servekit.heldout import read_held_out
+from servekit.build.archive import build_archive
+from servekit.build.export import SERVICE_ENVELOPES
+from servekit.store.heldout import read_held_out
 from servekit_worker.digits import image_to_tensor
 from servekit_worker.kserve import v2_request
 from servekit_worker.torchserve import request_protocol

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from servekit import catalog
-from servekit.errors import ArchiveError, ServerError
-from servekit.locks import file_lock
+from servekit.core.errors import ArchiveError, ServerError
+from servekit.core.locks import file_lock
+from servekit.store import catalog
 
 HOLD = """import sys, time
 from filelock import FileLock

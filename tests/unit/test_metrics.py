@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from servekit import metrics
-from servekit.client import Endpoints, ServeClient
-from servekit.metrics import VersionFigures
+from servekit.serve import metrics
+from servekit.serve.client import Endpoints, ServeClient
+from servekit.serve.metrics import VersionFigures
 
 SCRAPED = """# HELP Requests2XX Torchserve prometheus counter metric with unit: Count
 # TYPE Requests2XX counter

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from servekit import optimize as optimizer
-from servekit.archive import build_archive
-from servekit.catalog import Catalog, CatalogEntry, verify_archive
-from servekit.client import Endpoints, ServeClient
-from servekit.errors import UsageError
-from servekit.names import check_name, check_segment, check_version
+from servekit.build import optimize as optimizer
+from servekit.build.archive import build_archive
+from servekit.core.errors import UsageError
+from servekit.core.names import check_name, check_segment, check_version
+from servekit.serve.client import Endpoints, ServeClient
+from servekit.store.catalog import Catalog, CatalogEntry, verify_archive
 
 BAD_NAMES = [
     "digits\n",

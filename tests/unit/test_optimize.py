@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from servekit import optimize as optimizer
-from servekit.catalog import Catalog
-from servekit.errors import UsageError
+from servekit.build import optimize as optimizer
+from servekit.core.errors import UsageError
+from servekit.store.catalog import Catalog
 
 FAST = dict(budget_s=0.1)
 # Per variant: the largest |logit| difference from eager fp32 allowed on the held-out set. Static int8 through
@@ -85,7 +85,7 @@ def test_bad_arguments_get_one_clear_error(trained_digits, tmp_path):
 
 
 def test_distilled_student_is_measured_beside_the_variants(trained_digits, tmp_path):
-    from servekit.train import distill_digits
+    from servekit.build.train import distill_digits
 
     student = distill_digits(trained_digits, tmp_path / "student", epochs=3)
     assert student.accuracy > 0.5

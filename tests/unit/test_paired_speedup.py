@@ -6,7 +6,7 @@ import itertools
 import statistics
 import time
 
-from servekit.optimize import paired_speedup
+from servekit.build.optimize import paired_speedup
 
 
 def machine_slowing_down(base_ms: float, step_ms: float):

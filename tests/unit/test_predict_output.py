@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from servekit import protocols
 from servekit.cli import cli
-from servekit.workspace import Server
+from servekit.serve import protocols
+from servekit.serve.handle import Server
 
 LABELS = [str(i) for i in range(10)]
 LOGITS = [-5.68, -3.1, 0.25, -1.5, -2.0, -4.75, -6.0, 7.5, -0.5, 1.25]  # one tensor-model answer: 10 logits
@@ -139,7 +139,7 @@ def test_v2_answers_split_every_output_per_instance_and_go_back_to_their_files(s
 
 
 def test_a_v2_answer_without_outputs_or_with_mismatched_rows_is_a_server_error():
-    from servekit.errors import ServerError
+    from servekit.core.errors import ServerError
 
     with pytest.raises(ServerError, match="no outputs"):
         protocols.v2_answers({"outputs": []})

@@ -1,4 +1,4 @@
-"""servekit/probes.py's exposition file on its own: format, label escaping, merging, atomic replacement."""
+"""servekit/deliver/probes.py's exposition file on its own: format, label escaping, merging, atomic replacement."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from servekit import probes
-from servekit.errors import UsageError
-from servekit.heldout import HeldOutSample
-from servekit.probes import AGREEMENT, SAMPLES, TIMESTAMP, ProbeResult
+from servekit.core.errors import UsageError
+from servekit.deliver import probes
+from servekit.serve import probe_metrics
+from servekit.serve.probe_metrics import AGREEMENT, SAMPLES, TIMESTAMP, ProbeResult
+from servekit.store.heldout import HeldOutSample
 from servekit_worker.answers import answer_label
 
 # The text exposition format's sample line: name, optional labels, a float (no timestamp: node_exporter refuses them).
@@ -22,7 +23,7 @@ def result(name: str, version: str, samples: int = 32, agreeing: int = 32, at: f
 
 
 def test_the_file_is_valid_text_exposition_with_help_and_type_once_per_metric():
-    text = probes.render(probes.as_series([result("digits", "1.0.0"), result("digits", "6.0.0", 32, 8)]))
+    text = probe_metrics.render(probe_metrics.as_series([result("digits", "1.0.0"), result("digits", "6.0.0", 32, 8)]))
     lines = text.splitlines()
     for metric in (AGREEMENT, SAMPLES, TIMESTAMP):
         assert lines.count(f"# TYPE {metric} gauge") == 1
@@ -38,31 +39,33 @@ def test_the_file_is_valid_text_exposition_with_help_and_type_once_per_metric():
 
 def test_label_values_are_escaped_and_read_back():
     odd = 'a"b\\c\nd'
-    text = probes.render(probes.as_series([result(odd, "1.0.0", 4, 3)]))
+    text = probe_metrics.render(probe_metrics.as_series([result(odd, "1.0.0", 4, 3)]))
     assert f'{AGREEMENT}{{model_name="a\\"b\\\\c\\nd",model_version="1.0.0"}} 0.75' in text.splitlines()
-    assert probes.parse(text) == {(odd, "1.0.0"): {AGREEMENT: 0.75, SAMPLES: 4.0, TIMESTAMP: 1700000000.25}}
+    assert probe_metrics.parse(text) == {(odd, "1.0.0"): {AGREEMENT: 0.75, SAMPLES: 4.0, TIMESTAMP: 1700000000.25}}
 
 
 def test_probing_one_model_keeps_the_other_models_lines():
-    before = probes.render(probes.as_series([result("digits", "1.0.0"), result("text", "1.0.0", 10, 9)]))
-    after = probes.parse(probes.merge(before, [result("digits", "1.0.0", 32, 16, at=1700000100.0)]))
+    before = probe_metrics.render(probe_metrics.as_series([result("digits", "1.0.0"), result("text", "1.0.0", 10, 9)]))
+    after = probe_metrics.parse(probe_metrics.merge(before, [result("digits", "1.0.0", 32, 16, at=1700000100.0)]))
     assert after[("text", "1.0.0")][AGREEMENT] == 0.9
     assert after[("digits", "1.0.0")] == {AGREEMENT: 0.5, SAMPLES: 32.0, TIMESTAMP: 1700000100.0}
 
 
 def test_a_full_probe_of_a_model_forgets_its_versions_no_longer_registered():
-    before = probes.render(probes.as_series([result("digits", "1.0.0"), result("digits", "0.9.0"), result("t", "1")]))
-    one_version = probes.parse(probes.merge(before, [result("digits", "1.0.0")]))
+    before = probe_metrics.render(
+        probe_metrics.as_series([result("digits", "1.0.0"), result("digits", "0.9.0"), result("t", "1")])
+    )
+    one_version = probe_metrics.parse(probe_metrics.merge(before, [result("digits", "1.0.0")]))
     assert set(one_version) == {("digits", "1.0.0"), ("digits", "0.9.0"), ("t", "1")}
-    whole_model = probes.parse(probes.merge(before, [result("digits", "1.0.0")], replace_model="digits"))
+    whole_model = probe_metrics.parse(probe_metrics.merge(before, [result("digits", "1.0.0")], replace_model="digits"))
     assert set(whole_model) == {("digits", "1.0.0"), ("t", "1")}
 
 
 def test_record_replaces_the_file_atomically_and_leaves_no_temporary(tmp_path):
-    path = probes.record(tmp_path, [result("digits", "1.0.0", 32, 31)])
-    probes.record(tmp_path, [result("text", "2.0.0", 10, 10)])
-    assert path == tmp_path / probes.PROBES_FILE and not list(tmp_path.glob("*.tmp"))
-    assert set(probes.parse(path.read_text())) == {("digits", "1.0.0"), ("text", "2.0.0")}
+    path = probe_metrics.record(tmp_path, [result("digits", "1.0.0", 32, 31)])
+    probe_metrics.record(tmp_path, [result("text", "2.0.0", 10, 10)])
+    assert path == tmp_path / probe_metrics.PROBES_FILE and not list(tmp_path.glob("*.tmp"))
+    assert set(probe_metrics.parse(path.read_text())) == {("digits", "1.0.0"), ("text", "2.0.0")}
 
 
 @pytest.mark.parametrize(
@@ -96,18 +99,20 @@ def test_every_probes_and_records_each_round_until_ctrl_c(tmp_path, monkeypatch)
     last = probes.probe_every(None, tmp_path, tmp_path, "digits", None, 60.0, shown.append)
     assert [r[0].agreement for r in shown] == [1.0, 0.5] and last == shown[-1]
     assert all(0 < nap <= 60.0 for nap in naps)
-    assert probes.parse(probes.probes_file(tmp_path).read_text())[("digits", "1.0.0")][AGREEMENT] == 0.5
+    assert probe_metrics.parse(probe_metrics.probes_file(tmp_path).read_text())[("digits", "1.0.0")][AGREEMENT] == 0.5
 
 
 def test_probing_a_model_with_no_registered_version_removes_its_lines_and_only_those(tmp_path, monkeypatch):
-    path = probes.record(tmp_path, [result("digits", "1.0.0"), result("digits", "1.1.0"), result("text", "1.0.0")])
+    path = probe_metrics.record(
+        tmp_path, [result("digits", "1.0.0"), result("digits", "1.1.0"), result("text", "1.0.0")]
+    )
     monkeypatch.setattr(probes, "registered_versions", lambda client, name: [])  # a restart without --resume
     removed = []
     assert probes.probe_every(None, tmp_path, tmp_path, "digits", None, None, on_forget=removed.append) == []
     assert removed == [["1.0.0", "1.1.0"]]
-    assert set(probes.parse(path.read_text())) == {("text", "1.0.0")}
+    assert set(probe_metrics.parse(path.read_text())) == {("text", "1.0.0")}
     with pytest.raises(UsageError, match=r"digits is not registered .* `servekit register digits --version V` first"):
         probes.probe_every(None, tmp_path, tmp_path, "digits", None, None)  # nothing left: a typo, say
     with pytest.raises(UsageError, match=r"`servekit register digits --version 1\.0\.0` first"):
         probes.probe_every(None, tmp_path, tmp_path, "digits", "1.0.0", None)
-    assert set(probes.parse(path.read_text())) == {("text", "1.0.0")}
+    assert set(probe_metrics.parse(path.read_text())) == {("text", "1.0.0")}

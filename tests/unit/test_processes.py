@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from servekit.processes import stop_process_tree, wait_until_exited
+from servekit.core.processes import stop_process_tree, wait_until_exited
 
 # Starts a child, prints its PID and sleeps without ever reaping it: once the child exits it stays a zombie, as a
 # stopped server's orphans do until an init that reaps late gets to them. With "wait", the child waits for its

@@ -13,10 +13,10 @@ import psutil
 import pytest
 import requests
 
-from servekit import probes, proxy, worker_dir
-from servekit.errors import ServerError, UsageError
-from servekit.proxy import ProxyConfig, Split
-from servekit.server import free_port
+from servekit.core.errors import ServerError, UsageError
+from servekit.serve import probe_metrics, proxy, worker_dir
+from servekit.serve.proxy import ProxyConfig, Split
+from servekit.serve.torchserve import free_port
 
 
 class EchoPath(BaseHTTPRequestHandler):
@@ -162,9 +162,11 @@ def test_the_proxy_splits_sticks_passes_through_and_stops_by_pid(running):
 
 def test_the_proxy_serves_the_golden_probe_file_once_written(running):
     _, config, _ = running
-    url = f"{config.url}{probes.METRICS_PATH}"
+    url = f"{config.url}{probe_metrics.METRICS_PATH}"
     assert requests.get(url, timeout=10).status_code == 404  # no probe yet: Prometheus marks the target down
-    path = probes.record(config.directory.parent, [probes.ProbeResult("digits", "1.0.0", 32, 31, 1700000000.0)])
+    path = probe_metrics.record(
+        config.directory.parent, [probe_metrics.ProbeResult("digits", "1.0.0", 32, 31, 1700000000.0)]
+    )
     served = requests.get(url, timeout=10)
     assert served.status_code == 200 and served.headers["Content-Type"] == "text/plain; version=0.0.4"
     assert served.text == path.read_text() and 'model_version="1.0.0"} 0.96875' in served.text
@@ -222,9 +224,9 @@ def test_a_worker_folder_someone_else_made_first_is_never_used(tmp_path):
     try:
         with pytest.raises(ServerError, match="not a folder of this user: remove it"):
             worker_dir.prepare(tmp_path)
-        worker_dir.publish(tmp_path, probes.PROBES_FILE, "x 1\n")
+        worker_dir.publish(tmp_path, probe_metrics.PROBES_FILE, "x 1\n")
         worker_dir.remove(tmp_path)
-        assert squatted.is_symlink() and not (tmp_path / probes.PROBES_FILE).exists()
+        assert squatted.is_symlink() and not (tmp_path / probe_metrics.PROBES_FILE).exists()
     finally:
         squatted.unlink()
 

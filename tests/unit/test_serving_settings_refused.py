@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from servekit import tune as tuning
-from servekit.archive import BuildOptions
+from servekit.build.archive import BuildOptions
 from servekit.cli import cli
-from servekit.errors import UsageError
+from servekit.core.errors import UsageError
+from servekit.measure import tune as tuning
 
 
 def servekit(*args: str):

@@ -1,4 +1,4 @@
-"""servekit.transport against a real HTTP/1.1 server on loopback: keep-alive, retries, stale connections, timeouts."""
+"""core.transport against a real HTTP/1.1 server on loopback: keep-alive, retries, stale connections, timeouts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from support.processes import ctrl_c_after
 
-from servekit.server import free_port
-from servekit.transport import ConnectFailed, Retries, Session, TimedOut, TransportError
+from servekit.core.transport import ConnectFailed, Retries, Session, TimedOut, TransportError
+from servekit.serve.torchserve import free_port
 
 RETRY_503 = Retries(connect=1, read=1, status=3, statuses=(503,), methods=frozenset({"GET", "POST"}))
 

@@ -9,10 +9,10 @@ import zipfile
 import pytest
 from click.testing import CliRunner
 
-from servekit.archive import BuildOptions, build_archive
+from servekit.build.archive import BuildOptions, build_archive
+from servekit.build.triton import TritonSpec, export_triton
 from servekit.cli import cli
-from servekit.errors import ArchiveError, UsageError
-from servekit.triton import TritonSpec, export_triton
+from servekit.core.errors import ArchiveError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_a_tampered_archive_is_refused_and_nothing_is_written(store, tmp_path):
 def test_bench_asks_triton_the_exported_version_in_v2_documents(store, tmp_path, held_out):
     import base64
 
-    from servekit.bench import triton_peer
-    from servekit.triton import TritonState
+    from servekit.measure.bench import triton_peer
+    from servekit.serve.triton import TritonState
 
     export_triton(store, TritonSpec("digits", ["1.1.0"], tmp_path))
     export_triton(store, TritonSpec("digits", ["1.0.0"], tmp_path))
@@ -94,7 +94,7 @@ def test_bench_asks_triton_the_exported_version_in_v2_documents(store, tmp_path,
 
 
 def test_an_archive_built_before_the_triton_adapter_is_refused_with_the_fix(store, tmp_path, monkeypatch):
-    from servekit import triton
+    from servekit.build import triton
 
     monkeypatch.setattr(triton, "ADAPTER", "servekit_worker/not_there.py")
     with pytest.raises(UsageError, match="build it again with this servekit"):

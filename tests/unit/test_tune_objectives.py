@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from servekit import tune as tuning
 from servekit.cli import cli
-from servekit.errors import UsageError
-from servekit.loadgen import LoadResult
+from servekit.core.errors import UsageError
+from servekit.measure import tune as tuning
+from servekit.measure.loadgen import LoadResult
 
 
 def result(concurrency: int, throughput: float, p50: float, p99: float, errors: int = 0) -> LoadResult:

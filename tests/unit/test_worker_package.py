@@ -68,7 +68,7 @@ def test_worker_modules_import_only_what_every_runtime_has(path):
 def test_the_import_check_finds_a_forbidden_import(tmp_path):
     """The check above can fail: servekit itself, numpy, and `ts` outside the adapter are caught."""
     module = tmp_path / "acceleration.py"
-    module.write_text("import numpy\n\ndef f():\n    import ts\n    from servekit.errors import UsageError\n")
+    module.write_text("import numpy\n\ndef f():\n    import ts\n    from servekit.core.errors import UsageError\n")
     top, inside = imports(module)
     assert top == {"numpy"} and inside == {"ts", "servekit"}
 

@@ -1,0 +1,30 @@
+"""`Server`: the one handle on a running TorchServe that every library call on a server takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from servekit.serve.client import ServeClient
+from servekit.serve.torchserve import ServerState
+
+
+@dataclass
+class Server:
+    """One running TorchServe as servekit recorded it: state, an authorized client, its model store."""
+
+    state: ServerState
+    client: ServeClient
+
+    @classmethod
+    def connect(cls, workdir: Path) -> Server:
+        state = ServerState.load(Path(workdir).resolve())
+        return cls(state, ServeClient(state.endpoints()))
+
+    @property
+    def store(self) -> Path:
+        return Path(self.state.model_store)
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.state.workdir)
