@@ -53,6 +53,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check servekit servekit_worker handlers tests scripts
 	$(BIN)/ruff format --check servekit servekit_worker handlers tests scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf .servekit model_store/work model_store/*.mar model_store/catalog.json

@@ -56,7 +56,7 @@ end
 
 
 def accuracy(server: Server, name: str, old: str, new: str, body: bytes, token: str, keys: int) -> dict:
-    splits.set_split(server.client, server.state, Split(name, {old: 90, new: 10}, sticky_header="X-Request-Key"))
+    splits.set_split(server, Split(name, {old: 90, new: 10}, sticky_header="X-Request-Key"))
     before = metrics.scrape(server.client)
     url = f"{server.state.proxy_url}/predictions/{name}"
     session = Session()  # kept-alive connections per thread
@@ -76,7 +76,7 @@ def accuracy(server: Server, name: str, old: str, new: str, body: bytes, token: 
 
 def overhead(server: Server, name: str, version: str, body: bytes, token: str, rounds: int) -> dict:
     """The same request to /predictions/NAME/VERSION directly and through the proxy (passthrough), alternated."""
-    splits.remove_split(server.state, name)
+    splits.remove_split(server, name)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
     targets = {"direct": server.state.inference_url, "proxy": server.state.proxy_url}
     times: dict[str, list[float]] = {key: [] for key in targets}
@@ -176,7 +176,7 @@ def proxy_runs(
         "direct": (direct, Mix(f"{model_path}/{old}", f"{model_path}/{new}", 0.1)),
         "proxy": (f"{server.state.proxy_url}{model_path}", Mix(model_path, model_path, 0.0)),
     }
-    splits.set_split(server.client, server.state, Split(name, {old: 90, new: 10}))
+    splits.set_split(server, Split(name, {old: 90, new: 10}))
     # TorchServe's frontend is Java: until its JIT has compiled the request path, every run is faster than the one
     # before it (digits, 16 clients: 324 req/s in the first 5 s, ~590 from 30 s on).
     for url, mix in (*split_sides.values(), (passthrough, None)):
@@ -228,7 +228,7 @@ def main() -> None:
         }
     finally:
         wrk.close()
-        splits.remove_split(server.state, args.name)
+        splits.remove_split(server, args.name)
     print(json.dumps(report, indent=2))
 
 

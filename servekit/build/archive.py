@@ -272,6 +272,16 @@ def stage_worker_package(staging: Path) -> Path:
     return stage_folder(staging, Path(servekit_worker.__file__).resolve().parent, WORKER_PACKAGE)
 
 
+def packed_folder(store: Path, name: str, source_dir: Path | None, variant: str | None) -> Path:
+    """The folder `servekit build` packs: --from, an optimized variant `optimize --pick` recorded ('best'), or
+    STORE/work/NAME."""
+    if variant and source_dir:
+        raise UsageError("--variant and --from both name the folder to pack: give one")
+    if variant:
+        return Catalog.load(store).variant_dir(name, variant)
+    return source_dir or Workspace(store).trained(name)
+
+
 def recorded_handler(source_dir: Path) -> str | None:
     """The handler a trained folder records (`servekit import` writes it), None when it records none."""
     path = source_dir / HANDLER_FILE

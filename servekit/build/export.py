@@ -50,9 +50,12 @@ class KServeSpec:
     canary_traffic_percent: int | None = None
     cpu: str = "2"
     memory: str = "4Gi"
-    protocol: str = "v1"
+    protocol: str | None = None  # [TorchServe: v1, Triton: v2, its only one]
     runtime: str = "torchserve"  # or "triton"
     image: str | None = None  # the predictor's image (Triton: one from `export docker --runtime triton`)
+
+    def __post_init__(self) -> None:
+        self.protocol = self.protocol or ("v2" if self.runtime == "triton" else "v1")
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:

@@ -321,6 +321,8 @@ def import_model(plan: ImportPlan) -> Imported:
     check_name(plan.name)
     if not plan.examples:
         raise UsageError("give at least one --example: a request body the model will be asked with")
+    if plan.preprocess and plan.handler != "image":
+        raise UsageError("--resize and --crop are the image handler's: pass --handler image")
     if plan.out.exists() and not plan.force:
         raise UsageError(f"{plan.out} already exists: pass --force to replace it, or --out another folder")
     kind = model_kind(plan.model)

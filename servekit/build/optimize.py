@@ -23,7 +23,7 @@ import torch
 
 from servekit.build.formats import dynamic_shapes, example_batch, export_model, load_format, load_trained
 from servekit.build.handler_code import Decoder, HandlerChoice, parse_handler
-from servekit.core.choices import CPU_ONLY_VARIANTS, CUDA_GRAPH_BUCKETS, QUICK_VARIANTS, VARIANTS
+from servekit.core.choices import CPU_ONLY_VARIANTS, CUDA_GRAPH_BUCKETS, QUICK_VARIANTS, VARIANTS, variants_named
 from servekit.core.errors import UsageError
 from servekit.core.names import check_name
 from servekit.core.timing import (
@@ -501,21 +501,29 @@ class Report:
         return next(r for r in self.results if r.name == name)
 
 
-def optimize(
-    name: str,
-    source_dir: Path,
-    out_dir: Path,
-    variants: tuple[str, ...] = QUICK_VARIANTS,
-    max_accuracy_drop: float = 1.0,
-    threads: int | None = None,
-    budget_s: float = 2.0,
-    student_dir: Path | None = None,
-    on_result: Callable[[Result], None] | None = None,
-    device: torch.device = CPU,
-) -> Report:
-    """Builds and measures every variant of the model trained in `source_dir` on `device`; writes report files to
-    out_dir. On the CPU the fastest accepted variant at batch 1 is the best; on CUDA the one with the highest
-    throughput at batch 64 (a GPU worker serves batches)."""
+@dataclass
+class OptimizePlan:
+    """What `servekit optimize` makes and measures: the variants of the model trained in `source_dir`, on `device`,
+    each timed for `budget_s` per batch size and gated at `max_accuracy_drop` points below eager fp32."""
+
+    name: str
+    source_dir: Path
+    out_dir: Path
+    variants: tuple[str, ...] | str = QUICK_VARIANTS  # or "quick" (the device's quick set), "all", "a,b,c"
+    max_accuracy_drop: float = 1.0
+    threads: int | None = None  # torch/ONNX Runtime threads [all cores]
+    budget_s: float = 2.0
+    student_dir: Path | None = None  # a distilled student, measured beside the variants
+    device: torch.device = CPU
+
+
+def optimize(plan: OptimizePlan, on_result: Callable[[Result], None] | None = None) -> Report:
+    """Builds and measures every variant of the plan; writes report files to its out_dir. On the CPU the fastest
+    accepted variant at batch 1 is the best; on CUDA the one with the highest throughput at batch 64 (a GPU worker
+    serves batches)."""
+    name, source_dir, out_dir = plan.name, plan.source_dir, plan.out_dir
+    variants = variants_named(plan.variants, plan.device.type)
+    max_accuracy_drop, threads, budget_s, device = plan.max_accuracy_drop, plan.threads, plan.budget_s, plan.device
     check_name(name)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -533,8 +541,8 @@ def optimize(
     ordered = ("eager", *[v for v in variants if v != "eager"])
     baseline, results = None, []
     jobs: list[tuple[str, Callable[[], Built]]] = [(v, lambda v=v: builder.build(v)) for v in ordered]
-    if student_dir is not None:
-        jobs.append(("distilled", lambda: student_variant(student_dir, builder)))
+    if plan.student_dir is not None:
+        jobs.append(("distilled", lambda: student_variant(plan.student_dir, builder)))
     for variant, build in jobs:
         started = time.perf_counter()
         try:

@@ -26,4 +26,17 @@ QUICK_CUDA_VARIANTS = ("eager", "fp16", "bf16", "cuda_graphs")
 CPU_ONLY_VARIANTS = ("dynamic_int8", "pt2e_int8", "onnx_int8", "onnx_dynamic_int8")
 CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
+
+def variants_named(value: str | tuple[str, ...], device_type: str = "cpu") -> tuple[str, ...]:
+    """`quick` (the quick set of the device), `all`, or a comma list of variant names."""
+    if not isinstance(value, str):
+        return tuple(value)
+    if value == "all":
+        return VARIANTS
+    if value == "quick":
+        return QUICK_CUDA_VARIANTS if device_type == "cuda" else QUICK_VARIANTS
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 GENERATORS = ("auto", "python", "wrk")  # load generators: auto = wrk when installed and the loop is closed
+PEERS = ("flask", "triton")  # what `servekit bench --baseline` runs beside the served model

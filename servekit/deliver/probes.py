@@ -18,6 +18,7 @@ from typing import Any
 from servekit.core.errors import ServekitError, UsageError
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import registered_versions
+from servekit.serve.handle import Server
 from servekit.serve.probe_metrics import ProbeResult, forget, record
 from servekit.store.catalog import Catalog
 from servekit.store.heldout import HeldOutSample, read_held_out
@@ -68,9 +69,7 @@ def probe_model(client: ServeClient, store: Path, name: str, version: str | None
 
 
 def probe_every(
-    client: ServeClient,
-    store: Path,
-    workdir: Path,
+    server: Server,
     name: str,
     version: str | None,
     every_s: float | None,
@@ -83,6 +82,7 @@ def probe_every(
     tells `on_forget` which versions it removed; a first round with none to remove is a UsageError (a typo, say)."""
     if every_s is not None and not every_s > 0:
         raise UsageError(f"--every must be > 0 seconds, got {every_s:g}")
+    client, store, workdir = server.client, server.store, server.workdir
     results: list[ProbeResult] = []
     first = True
     try:

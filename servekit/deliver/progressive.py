@@ -27,10 +27,9 @@ from servekit.deliver import split as splits
 from servekit.deliver.rollout import Rollout, RolloutFailed, RolloutPolicy, RolloutReport, Step, answer_key
 from servekit.serve import probe_metrics, proxy
 from servekit.serve.client import RetryPolicy, ServeClient
-from servekit.serve.deployments import DefaultHistory, default_version, set_default
+from servekit.serve.deployments import default_version, set_default
 from servekit.serve.handle import Server
 from servekit.serve.proxy import Split
-from servekit.serve.torchserve import ServerState
 from servekit.store.catalog import verify_archive, write_atomically
 from servekit.store.heldout import HeldOutSample
 
@@ -152,11 +151,9 @@ def probe(
 
 
 def progressive_rollout(
-    client: ServeClient,
-    state: ServerState,
+    server: Server,
     name: str,
     version: str,
-    history: DefaultHistory,
     policy: ProgressivePolicy,
     checks: RolloutPolicy | None = None,
     samples: list[HeldOutSample] | None = None,
@@ -164,55 +161,48 @@ def progressive_rollout(
 ) -> RolloutReport:
     """The rollout's own checks (register, smoke, shadow, latency), then the steps; RolloutFailed if any fails."""
     policy.validate()
-    splits.running_proxy(state)
-    if Progress.path(Path(state.workdir)).is_file():
+    splits.running_proxy(server.state)
+    if Progress.path(server.workdir).is_file():
         raise UsageError("a progressive rollout is unfinished: `servekit rollout --resume`, or `servekit split` it")
-    checked = Rollout(client, Path(state.model_store), name, version, history, samples, checks, on_step)
+    checked = Rollout(server.client, server.store, name, version, server.history, samples, checks, on_step)
     if checked.previous is None:
         raise UsageError(f"{name} has no default version yet: deploy one with `servekit rollout {name} --version V`")
     checked.register()
     checked.smoke()
     checked.latency(checked.shadow())
     progress = Progress(name, version, checked.previous, asdict(policy))
-    return run_steps(client, state, history, progress, checked.report, on_step)
+    return run_steps(server, progress, checked.report, on_step)
 
 
-def resume(
-    client: ServeClient, state: ServerState, history: DefaultHistory, on_step: Callable[[Step], None] | None = None
-) -> RolloutReport:
+def resume(server: Server, on_step: Callable[[Step], None] | None = None) -> RolloutReport:
     """Goes on with the progressive rollout recorded in WORKDIR, from the step it was in."""
-    progress = Progress.load(Path(state.workdir))
-    default = default_version(client, progress.name)
+    progress = Progress.load(server.workdir)
+    default = default_version(server.client, progress.name)
     report = RolloutReport(progress.name, progress.version, progress.previous)
     if default == progress.version:  # it stopped between set-default and removing the split
-        splits.remove_split(state, progress.name)
-        Progress.path(Path(state.workdir)).unlink(missing_ok=True)
+        splits.remove_split(server, progress.name)
+        Progress.path(server.workdir).unlink(missing_ok=True)
         report.promoted = True
         report.steps.append(Step("promote", True, f"default was already {default}; split removed"))
         return report
     if default != progress.previous:
         raise ServerError(
             f"{progress.name}'s default is {default}, not {progress.previous} as when the rollout started: "
-            f"delete {Progress.path(Path(state.workdir))} and start again"
+            f"delete {Progress.path(server.workdir)} and start again"
         )
-    return run_steps(client, state, history, progress, report, on_step)
+    return run_steps(server, progress, report, on_step)
 
 
 def run_steps(
-    client: ServeClient,
-    state: ServerState,
-    history: DefaultHistory,
-    progress: Progress,
-    report: RolloutReport,
-    on_step: Callable[[Step], None] | None,
+    server: Server, progress: Progress, report: RolloutReport, on_step: Callable[[Step], None] | None
 ) -> RolloutReport:
     policy = ProgressivePolicy(**progress.policy)
     name, version, previous = progress.name, progress.version, progress.previous
-    workdir = Path(state.workdir)
-    verify_archive(Path(state.model_store), name, version)
-    golden = probes.golden_samples(Path(state.model_store), name, version)
-    prober = ServeClient(client.endpoints, timeout_s=10, retry=RetryPolicy(unavailable=0))
-    config = splits.running_proxy(state)[1]
+    workdir = server.workdir
+    verify_archive(server.store, name, version)
+    golden = probes.golden_samples(server.store, name, version)
+    prober = ServeClient(server.client.endpoints, timeout_s=10, retry=RetryPolicy(unavailable=0))
+    config = splits.running_proxy(server.state)[1]
     previous_p99: float | None = None  # the current version's last measured p99, for the 100 % step
 
     def record(step: Step) -> None:
@@ -224,7 +214,7 @@ def run_steps(
         share = policy.steps[index]
         progress.step_index = index
         progress.save(workdir)
-        splits.set_split(client, state, Split(name, {previous: 100 - share, version: share}, policy.sticky_header))
+        splits.set_split(server, Split(name, {previous: 100 - share, version: share}, policy.sticky_header))
         offset, started = proxy.log_size(config), time.time()
         probed = probe(prober, name, previous, version, golden, policy.step_s)
         probe_metrics.record(workdir, probed.results(name))  # the same gauges as `servekit probe`, for the alerts
@@ -270,14 +260,14 @@ def run_steps(
             f"probes {probed.agreeing}/{probed.asked} agree"
         )
         if failed:
-            splits.remove_split(state, name)  # all traffic back to the default, which is still `previous`
+            splits.remove_split(server, name)  # all traffic back to the default, which is still `previous`
             Progress.path(workdir).unlink(missing_ok=True)
             record(Step(f"{share}%", False, "; ".join(failed) + f"; {version} back to 0 %, {previous} kept", numbers))
             raise RolloutFailed(report)
         record(Step(f"{share}%", True, detail, numbers))
 
-    set_default(client, history, name, version)
-    splits.remove_split(state, name)
+    set_default(server.client, server.history, name, version)
+    splits.remove_split(server, name)
     Progress.path(workdir).unlink(missing_ok=True)
     report.promoted = True
     record(Step("promote", True, f"default {previous} -> {version}, split removed"))
@@ -300,47 +290,30 @@ def abandon(workdir: Path, name: str) -> Progress | None:
     return progress
 
 
-# What `servekit rollout --steps/--resume` asks for ---------------------------------------------------------------
-@dataclass
-class ProgressiveArgs:
-    steps: str | None
-    step_seconds: float
-    max_p99_ratio: float
-    sticky_header: str | None
-    resume: bool
-
-    @property
-    def wanted(self) -> bool:
-        return bool(self.steps) or self.resume
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--steps {text!r} is not a comma list of percentages like 5,25,50,100") from None
+def set_by_hand(server: Server, name: str, split: Split | None) -> tuple[bool, Progress | None]:
+    """`servekit split`: sets NAME's split (None removes it). A split set by hand ends NAME's unfinished progressive
+    rollout (its default stays the old version). Returns (whether a split was set or removed, the rollout ended)."""
+    changed = splits.set_split(server, split) is not None if split is not None else splits.remove_split(server, name)
+    return changed, abandon(server.workdir, name)
 
 
 def run_requested(
     server: Server,
     name: str | None,
     version: str | None,
-    args: ProgressiveArgs,
+    policy: ProgressivePolicy | None,
     checks: RolloutPolicy,
-    samples: list[HeldOutSample] | None,
-    show: Callable[[Step], None],
+    samples: list[HeldOutSample] | None = None,
+    show: Callable[[Step], None] | None = None,
 ) -> RolloutReport:
-    """`servekit rollout --steps ...` or `--resume`; Ctrl-C says how to go on or give up."""
-    history = DefaultHistory(server.workdir)
+    """`servekit rollout --steps ...` (the steps in `policy`), or `--resume` (policy None); Ctrl-C says how to go on
+    or give up."""
     try:
-        if args.resume:
-            return resume(server.client, server.state, history, show)
+        if policy is None:
+            return resume(server, show)
         if not name or not version:
             raise UsageError("give NAME and --version (or --resume)")
-        policy = ProgressivePolicy.from_checks(checks, parse_steps(args.steps), args.step_seconds, args.max_p99_ratio,
-                                               args.sticky_header)  # fmt: skip
-        return progressive_rollout(server.client, server.state, name, version, history, policy, checks, samples,
-                                   show)  # fmt: skip
+        return progressive_rollout(server, name, version, policy, checks, samples, show)
     except KeyboardInterrupt:
         raise UsageError(
             "interrupted: `servekit rollout --resume` goes on from this step; "

@@ -29,6 +29,7 @@ from servekit.serve.deployments import (
     set_default,
     version_info,
 )
+from servekit.serve.handle import Server
 from servekit.store.catalog import Catalog, CatalogEntry, verify_archive
 from servekit.store.heldout import HeldOutSample, read_held_out
 from servekit_worker.answers import answer_index, answer_label
@@ -379,9 +380,15 @@ class Rollout:
         return probes, failures
 
 
-def rollout(*args, **kwargs) -> RolloutReport:
+def rollout(
+    server: Server,
+    name: str,
+    version: str,
+    samples: list[HeldOutSample] | None = None,
+    policy: RolloutPolicy | None = None,
+    on_step: Callable[[Step], None] | None = None,
+) -> RolloutReport:
     """Moves NAME's default to VERSION only if every check passes; raises RolloutFailed (default kept) if not.
 
-    Takes Rollout's arguments: client, store, name, version, history, samples, policy, on_step.
-    """
-    return Rollout(*args, **kwargs).run()
+    samples: the shadow step's labelled samples [default: the archive's golden samples]."""
+    return Rollout(server.client, server.store, name, version, server.history, samples, policy, on_step).run()

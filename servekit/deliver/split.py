@@ -18,6 +18,7 @@ from servekit.core.timing import percentile
 from servekit.serve import metrics, proxy
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import default_version, registered_versions, retire
+from servekit.serve.handle import Server
 from servekit.serve.proxy import ProxyConfig, Split
 from servekit.serve.torchserve import ServerState
 from servekit.store.catalog import write_atomically
@@ -98,27 +99,27 @@ def apply(state: ServerState, splits: dict[str, Split]) -> ProxyConfig:
     return config
 
 
-def set_split(client: ServeClient, state: ServerState, split: Split) -> Split:
+def set_split(server: Server, split: Split) -> Split:
     """Validates SPLIT (arguments, then the server), applies it and starts counting from now."""
     split.validate()
-    validate_against(client, split)
-    _, config, _ = running_proxy(state)
-    config = apply(state, {**config.splits, split.name: split})
-    Marks(state.proxy_dir).record(split.name, config, client)
+    validate_against(server.client, split)
+    _, config, _ = running_proxy(server.state)
+    config = apply(server.state, {**config.splits, split.name: split})
+    Marks(server.state.proxy_dir).record(split.name, config, server.client)
     return split
 
 
-def current_split(state: ServerState, name: str) -> Split | None:
-    return ProxyConfig.load(state.proxy_dir).splits.get(name)
+def current_split(server: Server, name: str) -> Split | None:
+    return ProxyConfig.load(server.state.proxy_dir).splits.get(name)
 
 
-def remove_split(state: ServerState, name: str) -> bool:
+def remove_split(server: Server, name: str) -> bool:
     """Sends all of NAME's traffic to its default version again; False if NAME had no split."""
-    _, config, _ = running_proxy(state)
+    _, config, _ = running_proxy(server.state)
     if name not in config.splits:
         return False
-    apply(state, {key: split for key, split in config.splits.items() if key != name})
-    Marks(state.proxy_dir).forget(name)
+    apply(server.state, {key: split for key, split in config.splits.items() if key != name})
+    Marks(server.state.proxy_dir).forget(name)
     return True
 
 
@@ -150,14 +151,14 @@ def window_figures(answered: list[proxy.Answered], name: str, version: str) -> t
     return len(mine), sum(a.status >= 500 for a in mine), latencies
 
 
-def figures(client: ServeClient, state: ServerState, name: str) -> tuple[Split, list[BranchFigures], float]:
+def figures(server: Server, name: str) -> tuple[Split, list[BranchFigures], float]:
     """NAME's split, each version's figures since it was set, and when it was set (epoch seconds)."""
-    split = current_split(state, name)
+    state, split = server.state, current_split(server, name)
     if split is None:
         raise UsageError(f"{name} has no traffic split: set one with `servekit split {name} 1.0.0=90 1.1.0=10`")
     mark = Marks(state.proxy_dir).read().get(name, {"set_at": 0.0, "log_offset": 0, "served": {}})
     answered = proxy.read_access_log(ProxyConfig.load(state.proxy_dir), mark["log_offset"], mark["set_at"])
-    now = metrics.scrape(client)
+    now = metrics.scrape(server.client)
     rows = []
     for version in [*split.branches, *([split.mirror_version] if split.mirror_version else [])]:
         proxied, errors, latencies = window_figures(answered, name, version)
@@ -243,14 +244,13 @@ def wait_idle(client: ServeClient, name: str, version: str, timeout_s: float, qu
         time.sleep(0.1)
 
 
-def retire_drained(
-    client: ServeClient, state: ServerState, name: str, version: str, timeout_s: float = 120.0
-) -> Drained:
+def retire_drained(server: Server, name: str, version: str, timeout_s: float = 120.0) -> Drained:
     """Moves VERSION's share to 0, waits until it has answered everything it was given, then unregisters it.
 
     TorchServe 0.12 never answers requests still queued for a version it unregisters; draining first means
     retiring under load loses nothing.
     """
+    client, state = server.client, server.state
     registered = registered_versions(client, name)
     if version not in registered:
         raise UsageError(f"{name} {version} is not registered; registered: {', '.join(registered) or 'none'}")
@@ -258,7 +258,7 @@ def retire_drained(
     if default == version:
         raise UsageError(f"{name} {version} is the default: roll back or promote another version before retiring it")
     started = time.monotonic()
-    split = current_split(state, name) if state.proxy_pid is not None else None
+    split = current_split(server, name) if state.proxy_pid is not None else None
     moved_to = None
     if split is not None and (version in split.branches or split.mirror_version == version):
         smaller = without_version(split, version, default)
@@ -292,6 +292,14 @@ def kserve_canary(split: Split, default: str | None) -> tuple[str, int, list[str
 # What `servekit split NAME` prints ----------------------------------------------------------------------------------
 TABLE_HEADERS = ["version", "share", "proxied", "5xx", "err", "p50", "p99", "served", "mean", "queue"]
 TABLE_CAPTION = "proxied/5xx/p50/p99 (ms): nginx access log; served/mean/queue (ms): TorchServe's counters"
+
+
+def kserve_canary_of(server: Server, name: str) -> tuple[str, int, list[str]]:
+    """`kserve_canary` of NAME's split on this server; UsageError when it has none."""
+    split = current_split(server, name)
+    if split is None:
+        raise UsageError(f"{name} has no traffic split on this server")
+    return kserve_canary(split, default_version(server.client, name))
 
 
 def describe(split: Split) -> str:

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from servekit.core.choices import PEERS
 from servekit.core.errors import ServekitError, ServerError, UsageError
 from servekit.core.timing import CpuUse, Figure, machine_summary, percentile, time_calls
 from servekit.core.transport import Session, TransportError
@@ -32,8 +33,11 @@ from servekit.measure.loadgen import LoadResult, LoadRun, measure_load, run_load
 from servekit.serve import metrics
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import default_version, registered_versions, version_info
+from servekit.serve.handle import Server
+from servekit.serve.torchserve import free_port
 from servekit.store.catalog import Catalog
 from servekit.store.heldout import HeldOutSample, read_held_out
+from servekit.store.workspace import DEFAULT_TRITON_WORKDIR
 
 # Flask has no JIT to warm: a short warm-up only opens its connections.
 BASELINE_WARMUP_S = 2.0
@@ -206,38 +210,57 @@ class FlaskBaseline:
             self.process.wait(5)
 
 
-def bench(
-    client: ServeClient,
-    store: Path,
-    name: str,
-    version: str,
-    bodies: list[tuple[bytes, str]],
-    concurrency: list[int],
-    duration_s: float,
-    rate: float | None = None,
-    baseline_model_dir: Path | None = None,
-    baseline_port: int | None = None,
-    on_level=None,
-    repeats: int = 1,
-    server_pid: int | None = None,
-    generator: str = "python",
-    warmup_s: float = 0.0,
-    triton=None,
-) -> BenchReport:
-    """Runs every concurrency level against the served model (and the baseline), then the handler in process.
+@dataclass
+class BenchPlan:
+    """What `servekit bench` runs: NAME VERSION under each concurrency level, and optionally a peer beside it.
 
-    server_pid: TorchServe's frontend, whose process tree's CPU is reported as the server's.
-    warmup_s: load at the highest level before measuring, unrecorded (the Flask baseline gets up to 2 s of it).
-    triton: a running Triton (servekit.build.triton.TritonState) serving the same archive: each level is run against it
-    too, and TorchServe is then asked on its KServe v2 route with the same v2 documents (like for like).
+    bodies: the request bodies [the --input file, the --held-out folder, or else the archive's golden samples].
+    peer: "flask" (the Flask app serving `peer_model_dir`, started here) or "triton" (the Triton that
+    `servekit serve triton` recorded in `triton_workdir`, asked in v2 like TorchServe then is).
+    warmup_s: load at the highest level before measuring, unrecorded (a started peer gets up to 2 s of it).
+    """
+
+    name: str
+    version: str | None = None  # [the server's default version]
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    duration_s: float = 10.0
+    rate: float | None = None  # open loop: requests per second
+    repeats: int = 1
+    warmup_s: float = 0.0
+    generator: str = "python"
+    bodies: list[tuple[bytes, str]] | None = None
+    held_out: Path | None = None
+    input_file: Path | None = None
+    peer: str | None = None
+    peer_model_dir: Path | None = None
+    triton_workdir: Path | None = None
+
+
+def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
+    """Runs every concurrency level against the served model (and the peer), then the handler in process.
+
+    TorchServe's frontend process tree's CPU is reported as the server's. With a Triton peer, TorchServe is asked
+    on its KServe v2 route with the same v2 documents (like for like).
     """
     from servekit.store.catalog import verify_archive
 
+    concurrency, duration_s, rate, repeats = plan.concurrency, plan.duration_s, plan.rate, plan.repeats
+    generator, warmup_s, client, store, name = plan.generator, plan.warmup_s, server.client, server.store, plan.name
     if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1 or warmup_s < 0:
         raise UsageError("concurrency levels and repeats must be >= 1, the duration > 0 and the warm-up >= 0")
+    if plan.peer not in (None, *PEERS):
+        raise UsageError(f"unknown peer {plan.peer!r}: one of {', '.join(PEERS)}")
+    if plan.peer == "flask" and plan.peer_model_dir is None:
+        raise UsageError("the Flask peer serves a trained folder: give its path (--baseline-model)")
+    version, bodies = bench_target(client, store, name, plan.version, plan.held_out, plan.input_file)
+    bodies = plan.bodies or bodies
     entry = verify_archive(store, name, version)
     url, served_bodies = f"{client.endpoints.inference_url}/predictions/{name}/{version}", bodies
-    peer = triton_peer(triton, name, version, bodies) if triton is not None else None
+    peer = None
+    if plan.peer == "triton":
+        from servekit.serve.triton import TritonState
+
+        peer = triton_peer(TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR), name, version, bodies)
     if peer is not None:  # TorchServe's v2 route serves the default version only
         if default_version(client, name) != version:
             raise UsageError(f"{name} {version} is not the default version: TorchServe's v2 route serves the default")
@@ -247,7 +270,7 @@ def bench(
     levels = []
     for level in concurrency:
         before = metrics.scrape(client).version(name, version)
-        run = measure_load(url, {}, served_bodies, level, duration_s, repeats, server_pid, rate, generator,
+        run = measure_load(url, {}, served_bodies, level, duration_s, repeats, server.state.pid, rate, generator,
                            client.keys)  # fmt: skip
         after = metrics.scrape(client)
         figures = after.version(name, version) - before
@@ -260,8 +283,8 @@ def bench(
             on_level("served", levels[-1])
     if peer is not None:
         run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
-    elif baseline_model_dir is not None:
-        with FlaskBaseline(baseline_model_dir, baseline_port) as flask:
+    elif plan.peer == "flask":
+        with FlaskBaseline(plan.peer_model_dir, free_port()) as flask:
             peer = flask.peer(bodies)
             run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
     gpu_id = workers_gpu(client, name, version)

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.core.errors import ServerError
-from servekit.serve.client import ServeClient
+from servekit.serve.handle import Server
 from servekit.store.heldout import HeldOutSample, read_held_out
+from servekit.store.workspace import Workspace
 from servekit_worker.answers import answer_label
 
 
@@ -26,18 +27,20 @@ class Evaluation:
 
 
 def evaluate_served(
-    client: ServeClient,
+    server: Server,
     name: str,
-    folder: Path,
+    folder: Path | None = None,
     version: str | None = None,
     concurrency: int = 4,
     on_answer: Callable[[], None] | None = None,
 ) -> Evaluation:
-    """Sends every sample of `folder` (written by `servekit train`) and compares the answers with the labels.
+    """Sends every sample of `folder` (a labelled folder; by default the held-out set `servekit train` wrote in the
+    server's store) and compares the answers with the labels.
 
     Requests go out from `concurrency` threads so that TorchServe can batch them.
     """
-    samples = read_held_out(folder)
+    client = server.client
+    samples = read_held_out(folder or Workspace(server.store).held_out(name))
 
     def ask(sample: HeldOutSample) -> tuple[Path, str, str]:
         answer = client.predict(name, sample.path.read_bytes(), version=version, content_type=sample.content_type)

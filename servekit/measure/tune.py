@@ -31,6 +31,7 @@ from servekit.core.properties import check_max_batch_delay
 from servekit.measure.loadgen import LoadResult, run_load
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import register_verified
+from servekit.serve.handle import Server
 from servekit.store.catalog import Catalog
 from servekit.store.workspace import SERVING_FILE
 
@@ -146,26 +147,31 @@ def choose(trials: list[Trial]) -> tuple[Trial | None, Trial | None]:
     return None, min(trials, key=lambda t: (t.worst_ratio(), -t.throughput_per_s), default=None)
 
 
-def tune(
-    client: ServeClient,
-    store: Path,
-    name: str,
-    handler: str,
-    source_dir: Path,
-    settings: list[Setting],
-    bodies: list[tuple[bytes, str]],
-    objectives: list[Objective],
-    duration_s: float,
-    on_trial: Callable[[Trial], None] | None = None,
-    generator: str = "python",
-    placement: dict | None = None,
-    warmup_s: float = 0.0,
-) -> list[Trial]:
-    """Runs every setting at every concurrency the objectives name (lowest first); returns the trials.
+@dataclass
+class TunePlan:
+    """What `servekit tune` tries: each setting as a throw-away archive of the model in `source_dir`, loaded with
+    `bodies` at every concurrency the objectives name for `duration_s`.
 
     `placement`: model-config settings every trial archive carries (GPU workers: deviceType, deviceIds).
     `warmup_s`: unmeasured load on each setting first, at the highest concurrency, so neither the frontend's JIT
     nor the new workers' first batches are charged to the settings measured early."""
+
+    name: str
+    handler: str
+    source_dir: Path
+    settings: list[Setting]
+    bodies: list[tuple[bytes, str]]
+    objectives: list[Objective]
+    duration_s: float = 5.0
+    generator: str = "python"
+    placement: dict | None = None
+    warmup_s: float = 0.0
+
+
+def tune(server: Server, plan: TunePlan, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
+    """Runs every setting of the plan at every concurrency its objectives name (lowest first); returns the trials."""
+    client, store, name, objectives = server.client, server.store, plan.name, plan.objectives
+    settings, bodies, generator = plan.settings, plan.bodies, plan.generator
     if not objectives:
         raise UsageError(f"give at least one objective, e.g. {SLO_EXAMPLE}")
     levels = sorted({objective.concurrency for objective in objectives})
@@ -174,19 +180,19 @@ def tune(
     for index, setting in enumerate(settings):
         version = f"0.0.0-tune.{run}.{index}"
         options = BuildOptions(setting.batch_size, setting.max_batch_delay_ms, setting.workers, setting.torch_threads,
-                               model_config=dict(placement or {}))  # fmt: skip
+                               model_config=dict(plan.placement or {}))  # fmt: skip
         try:
             try:
-                build_archive(name, version, source_dir, store, handler=handler, options=options, force=True,
+                build_archive(name, version, plan.source_dir, store, handler=plan.handler, options=options, force=True,
                               parent_version="")  # fmt: skip
                 try:
                     with held_interrupt(f"the registration of {name} {version}"):
                         register_verified(client, store, name, version, setting.workers)
                     url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
-                    if warmup_s:
-                        run_load(url, {}, bodies, levels[-1], warmup_s, generator=generator, keys=client.keys)
+                    if plan.warmup_s:
+                        run_load(url, {}, bodies, levels[-1], plan.warmup_s, generator=generator, keys=client.keys)
                     results = {
-                        c: run_load(url, {}, bodies, c, duration_s, generator=generator, keys=client.keys)
+                        c: run_load(url, {}, bodies, c, plan.duration_s, generator=generator, keys=client.keys)
                         for c in levels
                     }
                 finally:  # a trial that fails or is interrupted must not leave its throw-away version on the server

@@ -14,11 +14,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from servekit.core.errors import ApiError, ServekitError, UsageError
 from servekit.core.requirements import check_serving_environment
 from servekit.serve.client import ServeClient
 from servekit.store.catalog import CatalogEntry, verify_archive, version_key
+
+if TYPE_CHECKING:
+    from servekit.serve.handle import Server
 
 HISTORY_FILE = "defaults.json"
 READY_POLL_START_S = 0.02
@@ -169,11 +173,12 @@ def set_default(client: ServeClient, history: DefaultHistory, name: str, version
     history.record(name, version)
 
 
-def rollback(client: ServeClient, history: DefaultHistory, name: str) -> tuple[str, str]:
+def rollback(server: Server, name: str) -> tuple[str, str]:
     """Makes the default before the current one (still registered) the default again; returns (from, to).
 
     Rolling back undoes: the current default leaves the history, so a second rollback goes one further back.
     """
+    client, history = server.client, server.history
     current = observe_default(client, history, name)
     if current is None:
         raise UsageError(f"{name} is not registered on this server")
@@ -191,6 +196,12 @@ def rollback(client: ServeClient, history: DefaultHistory, name: str) -> tuple[s
 class Registration:
     info: VersionInfo
     timings_ms: dict[str, float]  # verify, register (upload and the synchronous worker start), ready (until READY)
+
+
+def register(server: Server, name: str, version: str, workers: int | None = None) -> Registration:
+    """`servekit register`: NAME VERSION from the server's store, verified, registered and READY; the first version
+    of a model becomes its default and enters the server's default history."""
+    return register_verified(server.client, server.store, name, version, workers, server.history)
 
 
 def register_verified(
@@ -248,10 +259,14 @@ def wait_until_ready(
         interval = min(interval * 2, READY_POLL_MAX_S)
 
 
-def scale(client: ServeClient, name: str, version: str, min_workers: int, max_workers: int) -> VersionInfo:
-    """Resizes a version and waits until `min_workers` workers are READY."""
+def scale(server: Server, name: str, version: str | None, min_workers: int, max_workers: int) -> VersionInfo:
+    """Resizes a version (None: the default) and waits until `min_workers` workers are READY."""
     if min_workers > max_workers:
         raise UsageError(f"min workers {min_workers} is above max workers {max_workers}")
+    client = server.client
+    version = version or default_version(client, name)
+    if version is None:
+        raise UsageError(f"{name} is not registered on this server")
     version_info(client, name, version)
     client.scale(name, version, min_workers, max_workers, synchronous=False)
     return wait_until_ready(client, name, version, min_workers)

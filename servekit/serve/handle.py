@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from servekit.serve.client import ServeClient
 from servekit.serve.torchserve import ServerState
+
+if TYPE_CHECKING:
+    from servekit.serve.deployments import DefaultHistory
 
 
 @dataclass
@@ -28,3 +32,10 @@ class Server:
     @property
     def workdir(self) -> Path:
         return Path(self.state.workdir)
+
+    @property
+    def history(self) -> DefaultHistory:
+        """The defaults this server had, newest last (what `rollback` goes back through)."""
+        from servekit.serve.deployments import DefaultHistory
+
+        return DefaultHistory(self.workdir)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from servekit.core.errors import ServekitError
 from servekit.serve import metrics
 from servekit.serve.deployments import all_versions
 from servekit.serve.handle import Server
+from servekit.serve.torchserve import running_state
 
 
 def observe(server: Server) -> dict:
-    """What `servekit status` shows, as data."""
+    """What `servekit status` shows, as data; ServekitError when no TorchServe runs from the server's workdir."""
     client, state = server.client, server.state
+    if running_state(server.workdir.resolve()) is None:
+        raise ServekitError(f"no TorchServe is running from {server.workdir}: servekit serve start")
     scrape = metrics.scrape(client)
     models = []
     for info in all_versions(client):

@@ -13,6 +13,7 @@ from servekit_worker.loading import FORMAT_FILES
 
 DEFAULT_STORE = Path("model_store")
 DEFAULT_WORKDIR = Path(".servekit")
+DEFAULT_TRITON_WORKDIR = Path(".servekit-triton")  # where `servekit serve triton` records its Triton
 
 # The files of a trained folder (`servekit train --out DIR`), which `build` packs and `optimize` reads; each
 # serialized format's file (in a trained folder, a variant folder and an archive) is the worker's FORMAT_FILES.

@@ -13,14 +13,13 @@ import yaml
 from click.testing import CliRunner
 from support.servers import ONE_WORKER
 
-from servekit import bench as benchmarks
-from servekit import tune as tuning
 from servekit.build.archive import build_archive, serving_defaults
 from servekit.cli import cli
 from servekit.core.names import check_version
+from servekit.measure import bench as benchmarks
+from servekit.measure import tune as tuning
 from servekit.measure.loadgen import run_load
 from servekit.serve import metrics
-from servekit.serve import torchserve as server
 from servekit.serve.deployments import register_verified
 from servekit.serve.handle import Server
 from servekit.serve.status import observe
@@ -29,22 +28,13 @@ from servekit.store.catalog import Catalog
 
 @pytest.mark.server
 def test_bench_reports_every_level_with_efficiency_and_the_flask_ratio(
-    served_digits, model_store, trained_digits, held_out, tmp_path
+    torchserve, served_digits, model_store, trained_digits, held_out, tmp_path
 ):
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:32]]
     answered_before = metrics.scrape(served_digits).version("digits", "1.0.0").requests
-    report = benchmarks.bench(
-        served_digits,
-        model_store,
-        "digits",
-        "1.0.0",
-        bodies,
-        [1, 4],
-        1.0,
-        baseline_model_dir=trained_digits,
-        baseline_port=server.free_port(),
-        warmup_s=0.5,
-    )
+    plan = benchmarks.BenchPlan("digits", "1.0.0", [1, 4], 1.0, bodies=bodies, peer="flask",
+                                peer_model_dir=trained_digits, warmup_s=0.5)  # fmt: skip
+    report = benchmarks.bench(Server(torchserve, served_digits), plan)
     answered = metrics.scrape(served_digits).version("digits", "1.0.0").requests - answered_before
     measured = sum(level.served.requests for level in report.levels)
     assert answered > measured + 10, "the warm-up's requests are answered by the server but not measured"
@@ -97,7 +87,7 @@ def test_bench_counts_errors_when_the_model_goes_away_mid_run(served_digits, mod
 
 @pytest.mark.server
 def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
-    served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
+    torchserve, served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
 ):
     source = tmp_path / "digits"
     shutil.copytree(trained_digits, source)
@@ -113,9 +103,8 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
             loads.append((url.rsplit("/", 1)[1], c, seconds)) or real_run_load(url, h, b, c, seconds, **kw)
         ),
     )
-    trials = tuning.tune(
-        served_digits, model_store, "digits", "digits", source, settings, bodies, goals, 1.0, warmup_s=0.5
-    )
+    plan = tuning.TunePlan("digits", "digits", source, settings, bodies, goals, 1.0, warmup_s=0.5)
+    trials = tuning.tune(Server(torchserve, served_digits), plan)
     # each setting: a warm-up at the highest concurrency, then every level measured, lowest first; the versions
     # are unique to this run, so a leftover of another run can never collide with them
     run = loads[0][0].rsplit(".", 1)[0]
@@ -138,7 +127,7 @@ def test_tune_tries_each_setting_writes_serving_json_and_leaves_nothing_behind(
 
 @pytest.mark.server
 def test_a_trial_that_fails_leaves_no_version_registered(
-    served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
+    torchserve, served_digits, model_store, trained_digits, held_out, tmp_path, monkeypatch
 ):
     def fail(*args, **kwargs):
         raise RuntimeError("the load generator crashed")
@@ -147,9 +136,9 @@ def test_a_trial_that_fails_leaves_no_version_registered(
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:4]]
     try:
         with pytest.raises(RuntimeError, match="crashed"):
-            tuning.tune(served_digits, model_store, "digits", "digits", trained_digits,
-                        tuning.grid([(1, 1)], [1], [5]), bodies, [tuning.parse_objective("p99=100000ms@1")],
-                        0.5)  # fmt: skip
+            plan = tuning.TunePlan("digits", "digits", trained_digits, tuning.grid([(1, 1)], [1], [5]), bodies,
+                                   [tuning.parse_objective("p99=100000ms@1")], 0.5)  # fmt: skip
+            tuning.tune(Server(torchserve, served_digits), plan)
         assert tune_versions(served_digits) == []
         assert not list(model_store.glob("digits-0.0.0-tune*"))
     finally:

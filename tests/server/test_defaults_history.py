@@ -21,6 +21,7 @@ from servekit.deliver.rollout import RolloutFailed, RolloutPolicy, rollout
 from servekit.serve import torchserve
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import DefaultHistory, default_version, register_verified
+from servekit.serve.handle import Server
 from servekit.store.heldout import read_held_out
 
 pytestmark = pytest.mark.server
@@ -95,7 +96,7 @@ def test_killing_the_frontend_during_the_watch_fails_the_rollout_and_resume_is_c
                 promoted.set()
 
         with pytest.raises(RolloutFailed) as failure:
-            rollout(client, two_versions, "digits", "1.0.1", history, policy=RolloutPolicy(watch_s=2), on_step=on_step)
+            rollout(Server(state, client), "digits", "1.0.1", policy=RolloutPolicy(watch_s=2), on_step=on_step)
         assert promoted.is_set()
         message = str(failure.value)
         assert "lost the server while watching" in message and "--resume" in message and "\n" not in message

@@ -13,7 +13,8 @@ from servekit.build import archive
 from servekit.build.archive import HandlerSpec, build_archive
 from servekit.deliver.rollout import RolloutFailed, RolloutPolicy, rollout
 from servekit.serve.client import ServeClient
-from servekit.serve.deployments import DefaultHistory, default_version, registered_versions
+from servekit.serve.deployments import default_version, registered_versions
+from servekit.serve.handle import Server
 from servekit.store.heldout import read_held_out, write_bodies
 from servekit.store.workspace import HELD_OUT_DIR
 
@@ -45,13 +46,13 @@ def slow_candidate_store(tmp_path, model_store, trained_digits, monkeypatch):
 
 
 def test_the_latency_gate_stops_a_slower_candidate(torchserve, slow_candidate_store):
-    store = slow_candidate_store
-    client, history = ServeClient(torchserve.endpoints()), DefaultHistory(Path(torchserve.workdir))
+    assert slow_candidate_store == Path(torchserve.model_store)  # both versions in the server's own store
+    client = ServeClient(torchserve.endpoints())
     try:
-        assert rollout(client, store, NAME, "1.0.0", history, policy=RolloutPolicy(watch_s=0.5)).promoted
+        assert rollout(Server(torchserve, client), NAME, "1.0.0", policy=RolloutPolicy(watch_s=0.5)).promoted
         policy = RolloutPolicy(shadow_samples=SHADOW_SAMPLES, watch_s=0.5)
         with pytest.raises(RolloutFailed, match="ratio") as info:
-            rollout(client, store, NAME, "1.2.0-slow", history, policy=policy)
+            rollout(Server(torchserve, client), NAME, "1.2.0-slow", policy=policy)
         report = info.value.report
         assert [step.name for step in report.steps][-2:] == ["shadow", "latency"] and not report.promoted
         assert report.steps[-2].numbers["agreement"] == 1.0  # the same weights: only the speed differs

@@ -23,7 +23,7 @@ def test_the_fastest_variant_is_built_and_served_with_the_answers_measured_in_pr
     trained_digits, model_store, served_digits, held_out, tmp_path
 ):
     out = tmp_path / "optimized"
-    report = optimizer.optimize("digitsfast", trained_digits, out, VARIANTS, budget_s=0.1)
+    report = optimizer.optimize(optimizer.OptimizePlan("digitsfast", trained_digits, out, VARIANTS, budget_s=0.1))
     optimizer.record_best(model_store, report, out)
     assert Catalog.load(model_store).optimizations["digitsfast"]["best"] == report.best
     folder = Catalog.load(model_store).variant_dir("digitsfast", "best")

@@ -34,6 +34,7 @@ from servekit.serve.deployments import (
     registered_versions,
     set_default,
 )
+from servekit.serve.handle import Server
 from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
@@ -65,7 +66,7 @@ def live(torchserve, rollout_store):
     """The session TorchServe with NAME 1.0.0 deployed as default through a first rollout; NAME goes at the end."""
     client = ServeClient(torchserve.endpoints())
     history = DefaultHistory(Path(torchserve.workdir))
-    report = rollout(client, rollout_store, NAME, "1.0.0", history, policy=RolloutPolicy(watch_s=0.5))
+    report = rollout(Server(torchserve, client), NAME, "1.0.0", policy=RolloutPolicy(watch_s=0.5))
     assert report.promoted and report.previous is None
     try:
         yield torchserve, client, history
@@ -123,7 +124,7 @@ def test_zero_failure_rollout_under_live_traffic(live, rollout_store, held_out, 
     assert any(a != b for a, b in zip(v1, v2, strict=True)), "the two versions must be told apart by their answers"
     with Traffic(client, pngs) as traffic:
         time.sleep(1)
-        report = rollout(client, rollout_store, NAME, "1.1.0", history, policy=QUICK)
+        report = rollout(Server(state, client), NAME, "1.1.0", policy=QUICK)
         promoted_at = time.monotonic()
         time.sleep(1)
     assert report.promoted and [s.name for s in report.steps] == [
@@ -152,7 +153,7 @@ def test_a_bad_version_is_never_promoted_and_leaves_no_trace(live, rollout_store
     state, client, history = live
     before = default_version(client, NAME)
     with pytest.raises(RolloutFailed) as info:
-        rollout(client, rollout_store, NAME, "6.6.6", history, policy=QUICK)
+        rollout(Server(state, client), NAME, "6.6.6", policy=QUICK)
     report = info.value.report
     assert [s.name for s in report.steps][-1] == "shadow" and not report.promoted
     assert "agreement" in str(info.value) and report.steps[-1].numbers["agreement"] < 0.95

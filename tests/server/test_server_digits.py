@@ -18,6 +18,7 @@ from support.servers import worker_pids
 from servekit.cli import cli
 from servekit.core.errors import ApiError
 from servekit.measure.evaluate import evaluate_served
+from servekit.serve.handle import Server
 from servekit.store.workspace import HELD_OUT_DIR
 from servekit_worker.digits import image_to_tensor
 from servekit_worker.models import SimpleCNN
@@ -35,8 +36,10 @@ def in_process_labels(trained_digits, held_out) -> dict[str, str]:
     return {sample.path.name: str(index) for sample, index in zip(held_out, indices, strict=True)}
 
 
-def test_served_accuracy_and_answers_match_the_in_process_model(served_digits, trained_digits, held_out):
-    evaluation = evaluate_served(served_digits, "digits", trained_digits / HELD_OUT_DIR, concurrency=8)
+def test_served_accuracy_and_answers_match_the_in_process_model(torchserve, served_digits, trained_digits, held_out):
+    evaluation = evaluate_served(
+        Server(torchserve, served_digits), "digits", trained_digits / HELD_OUT_DIR, concurrency=8
+    )
     assert evaluation.total == len(held_out) >= 0.2 * 1797
     assert evaluation.accuracy >= 0.95
     assert evaluation.predictions == in_process_labels(trained_digits, held_out)

@@ -15,6 +15,7 @@ from servekit.cli import cli
 from servekit.measure import bench as benchmarks
 from servekit.measure.loadgen import run_load
 from servekit.serve.deployments import register_verified
+from servekit.serve.handle import Server
 from servekit.store.workspace import SERVING_FILE
 
 
@@ -58,8 +59,8 @@ def test_tune_with_an_unmeetable_slo_names_the_closest_setting_and_exits_1(torch
 def test_bench_states_client_and_server_cpu_and_the_generator_of_each_row(torchserve, served_digits, model_store,
                                                                           held_out, tmp_path):  # fmt: skip
     bodies = [(s.path.read_bytes(), "image/png") for s in held_out[:16]]
-    report = benchmarks.bench(served_digits, model_store, "digits", "1.0.0", bodies, [4], 1.0, repeats=2,
-                              server_pid=torchserve.pid)  # fmt: skip
+    plan = benchmarks.BenchPlan("digits", "1.0.0", [4], 1.0, repeats=2, bodies=bodies)
+    report = benchmarks.bench(Server(torchserve, served_digits), plan)
     level = report.levels[0]
     assert level.served.generator == "python" and len(level.throughput.repeats) == 2
     assert level.cpu.measured_cores["server"] > 0.05 and level.cpu.measured_cores["client"] > 0.05

@@ -26,7 +26,8 @@ from servekit.deliver.progressive import Progress, ProgressivePolicy
 from servekit.deliver.rollout import RolloutFailed, RolloutPolicy
 from servekit.serve import deployments, probe_metrics, proxy, torchserve
 from servekit.serve.client import ServeClient, read_keys
-from servekit.serve.deployments import DefaultHistory, default_version, register_verified, registered_versions
+from servekit.serve.deployments import default_version, register_verified, registered_versions
+from servekit.serve.handle import Server
 from servekit.serve.metrics import scrape
 from servekit.serve.probe_metrics import AGREEMENT, METRICS_PATH, TIMESTAMP
 from servekit.serve.proxy import STATE_FILE, VERSION_HEADER, Split
@@ -62,7 +63,8 @@ def served_since(client: ServeClient, before) -> dict[str, int]:
 
 def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(proxied, good_png):
     state, client = server_at(proxied)
-    splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}, sticky_header="X-Request-Key"))
+    server = Server(state, client)
+    splits.set_split(server, Split("digits", {"1.0.0": 90, "1.1.0": 10}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     before = scrape(client)
     with ThreadPoolExecutor(8) as pool:
@@ -72,7 +74,7 @@ def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(
     assert served["1.0.0"] + served["1.1.0"] == 2000 and served["1.2.0"] == 0
     assert 9.0 <= served["1.1.0"] / 20 <= 11.0, served
     assert Counter(version for _, version in outcomes) == {"1.0.0": served["1.0.0"], "1.1.0": served["1.1.0"]}
-    _, rows, _ = splits.figures(client, state, "digits")
+    _, rows, _ = splits.figures(server, "digits")
     shown = {row.version: row for row in rows}
     assert shown["1.1.0"].served == served["1.1.0"] and shown["1.1.0"].proxied == served["1.1.0"]
     assert shown["1.0.0"].errors == 0 and shown["1.0.0"].p99_ms is not None and shown["1.0.0"].mean_ms > 0
@@ -80,7 +82,8 @@ def test_ninety_ten_split_sends_ten_percent_of_distinct_keys_to_the_new_version(
 
 def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
     state, client = server_at(proxied)
-    splits.set_split(client, state, Split("digits", {"1.0.0": 50, "1.1.0": 50}, sticky_header="X-Request-Key"))
+    server = Server(state, client)
+    splits.set_split(server, Split("digits", {"1.0.0": 50, "1.1.0": 50}, sticky_header="X-Request-Key"))
     caller = Caller(state)
     keys = [f"sticky-{i}" for i in range(100)] * 4
     with ThreadPoolExecutor(8) as pool:
@@ -95,8 +98,9 @@ def test_each_key_is_answered_by_one_version_every_time(proxied, good_png):
 
 def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied, good_png):
     state, client = server_at(proxied)
+    server = Server(state, client)
     split = Split("digits", {"1.0.0": 70, "1.1.0": 30}, mirror_version="1.2.0", mirror_percent=20)
-    splits.set_split(client, state, split)
+    splits.set_split(server, split)
     caller = Caller(state)
     before = scrape(client)
     with ThreadPoolExecutor(8) as pool:
@@ -110,7 +114,8 @@ def test_requests_without_a_key_are_spread_and_the_mirror_gets_its_share(proxied
 
 def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_png):
     state, client = server_at(proxied)
-    splits.set_split(client, state, Split("digits", {"1.0.0": 90, "1.1.0": 10}))
+    server = Server(state, client)
+    splits.set_split(server, Split("digits", {"1.0.0": 90, "1.1.0": 10}))
     assert client.ping()["status"] == "Healthy"  # through the proxy
     token = read_keys(Path(state.key_file))["inference"]
     versioned = requests.post(
@@ -122,9 +127,9 @@ def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_p
     assert versioned.status_code == 200 and VERSION_HEADER not in versioned.headers
     anonymous = requests.post(f"{state.proxy_url}/predictions/digits", data=good_png, timeout=30)
     assert anonymous.status_code in (400, 401, 403) and anonymous.json()["type"] == "InvalidKeyException"
-    assert splits.remove_split(state, "digits")
+    assert splits.remove_split(server, "digits")
     after = client.predict_response("digits", good_png, content_type="image/png")
-    assert VERSION_HEADER not in after.headers and splits.current_split(state, "digits") is None
+    assert VERSION_HEADER not in after.headers and splits.current_split(server, "digits") is None
 
 
 @pytest.mark.parametrize(
@@ -139,10 +144,11 @@ def test_other_routes_pass_through_and_authorization_is_enforced(proxied, good_p
 )
 def test_bad_splits_are_refused_and_leave_the_proxy_untouched(proxied, split, message):
     state, client = server_at(proxied)
-    splits.set_split(client, state, Split("digits", {"1.0.0": 80, "1.1.0": 20}))
+    server = Server(state, client)
+    splits.set_split(server, Split("digits", {"1.0.0": 80, "1.1.0": 20}))
     conf, saved = (state.proxy_dir / "nginx.conf").read_bytes(), (state.proxy_dir / STATE_FILE).read_bytes()
     with pytest.raises(UsageError, match=message):
-        splits.set_split(client, state, split)
+        splits.set_split(server, split)
     assert (state.proxy_dir / "nginx.conf").read_bytes() == conf
     assert (state.proxy_dir / STATE_FILE).read_bytes() == saved
 
@@ -178,31 +184,29 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
     proxied, held_out
 ):
     state, client = server_at(proxied)
-    history = DefaultHistory(Path(state.workdir))
+    server = Server(state, client)
     previous, candidate = other_version(client)
     pngs = [sample.path.read_bytes() for sample in held_out[:40]]
     policy = ProgressivePolicy(steps=(5, 25, 50, 100), step_s=0.5, max_p99_ratio=10.0)
     with Load(Caller(state), pngs) as load:
-        splits.set_split(client, state, Split("digits", {previous: 90, candidate: 10}))
+        splits.set_split(server, Split("digits", {previous: 90, candidate: 10}))
         for weight in (25, 50, 75, 10):  # four weight changes: each one an nginx reload under load
-            splits.set_split(client, state, Split("digits", {previous: 100 - weight, candidate: weight}))
-        splits.remove_split(state, "digits")
-        report = progressive.progressive_rollout(client, state, "digits", candidate, history, policy, QUICK_CHECKS)
+            splits.set_split(server, Split("digits", {previous: 100 - weight, candidate: weight}))
+        splits.remove_split(server, "digits")
+        report = progressive.progressive_rollout(server, "digits", candidate, policy, QUICK_CHECKS)
         promoted_at = len(load.outcomes)
         with pytest.raises(RolloutFailed) as aborted:
             progressive.progressive_rollout(
-                client,
-                state,
+                server,
                 "digits",
                 BROKEN_VERSION,
-                history,
                 ProgressivePolicy((25, 50, 100), 1.5, max_p99_ratio=10.0),
                 QUICK_CHECKS,
             )
         time.sleep(0.5)  # answers already received but not yet recorded by their thread
         after_abort = len(load.outcomes)
-        splits.set_split(client, state, Split("digits", {candidate: 50, "1.2.0": 50}))
-        drained = splits.retire_drained(client, state, "digits", "1.2.0")
+        splits.set_split(server, Split("digits", {candidate: 50, "1.2.0": 50}))
+        drained = splits.retire_drained(server, "digits", "1.2.0")
         time.sleep(1)
     try:
         assert report.promoted and [s.name for s in report.steps][-5:] == ["5%", "25%", "50%", "100%", "promote"]
@@ -213,7 +217,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
         assert failed.numbers["errors"] > 0 and failed.numbers["error_rate"] > 0.01
         assert f"{BROKEN_VERSION} back to 0 %" in str(aborted.value) and default_version(client, "digits") == candidate
         assert drained.moved_to == candidate and "1.2.0" not in registered_versions(client, "digits")
-        assert splits.current_split(state, "digits") == Split("digits", {candidate: 100})
+        assert splits.current_split(server, "digits") == Split("digits", {candidate: 100})
         # The only failures: the broken candidate's own answers, during its one step.
         assert load.failures(excluding=BROKEN_VERSION) == [] and len(load.outcomes) > 300, load.errors
         assert all(
@@ -221,7 +225,7 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
         )
         assert {version for _, version in load.outcomes} >= {previous, candidate, BROKEN_VERSION, "1.2.0"}
     finally:  # as found: the proxied server is shared with test_probe.py, which counts its versions
-        splits.remove_split(state, "digits")
+        splits.remove_split(server, "digits")
         if BROKEN_VERSION in registered_versions(client, "digits"):  # an aborted candidate stays registered at 0 %
             client.unregister("digits", BROKEN_VERSION)
         if "1.2.0" not in registered_versions(client, "digits"):
@@ -230,30 +234,30 @@ def test_sixteen_clients_lose_nothing_across_splits_a_progressive_rollout_an_abo
 
 def test_an_interrupted_progressive_rollout_resumes_from_its_step(proxied):
     state, client = server_at(proxied)
-    history = DefaultHistory(Path(state.workdir))
+    server = Server(state, client)
     previous, candidate = other_version(client)
     policy = ProgressivePolicy(steps=(10, 50, 100), step_s=0.5)
     # What a crash during the 50 % step leaves: the progress file and the split.
     Progress("digits", candidate, previous, policy.__dict__, step_index=1).save(Path(state.workdir))
-    splits.set_split(client, state, Split("digits", {previous: 50, candidate: 50}))
+    splits.set_split(server, Split("digits", {previous: 50, candidate: 50}))
     with pytest.raises(UsageError, match="unfinished"):
-        progressive.progressive_rollout(client, state, "digits", candidate, history, policy, QUICK_CHECKS)
+        progressive.progressive_rollout(server, "digits", candidate, policy, QUICK_CHECKS)
     started = time.time()
-    report = progressive.resume(client, state, history)
+    report = progressive.resume(server)
     assert [s.name for s in report.steps] == ["50%", "100%", "promote"] and report.promoted
     # Each step recorded both versions' golden-probe gauges, which the alerts read (see test_probe.py).
     recorded = probe_metrics.parse(probe_metrics.probes_file(Path(state.workdir)).read_text())
     for version in (previous, candidate):
         assert recorded[("digits", version)][TIMESTAMP] >= started
         assert recorded[("digits", version)][AGREEMENT] >= policy.min_agreement
-    assert default_version(client, "digits") == candidate and splits.current_split(state, "digits") is None
+    assert default_version(client, "digits") == candidate and splits.current_split(server, "digits") is None
     assert not Progress.path(Path(state.workdir)).exists()
     # A crash between set-default and removing the split: resuming only removes the split.
     Progress("digits", candidate, previous, policy.__dict__, step_index=2).save(Path(state.workdir))
-    splits.set_split(client, state, Split("digits", {previous: 0, candidate: 100}))
-    finished = progressive.resume(client, state, history)
+    splits.set_split(server, Split("digits", {previous: 0, candidate: 100}))
+    finished = progressive.resume(server)
     assert finished.promoted and [s.name for s in finished.steps] == ["promote"]
-    assert splits.current_split(state, "digits") is None and not Progress.path(Path(state.workdir)).exists()
+    assert splits.current_split(server, "digits") is None and not Progress.path(Path(state.workdir)).exists()
 
 
 def test_split_by_hand_abandons_an_unfinished_rollout_and_bad_input_exits_2(proxied):
@@ -304,8 +308,9 @@ def test_every_metric_the_alerts_use_is_exposed_by_torchserve_or_the_proxy(proxi
 
 def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
     state, client = server_at(proxied)
+    server = Server(state, client)
     current, other = other_version(client)
-    splits.set_split(client, state, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
+    splits.set_split(server, Split("digits", {current: 85, other: 15}, sticky_header="X-Request-Key"))
     export = [
         "export",
         "kserve",
@@ -324,17 +329,18 @@ def test_a_two_version_split_exports_as_a_kserve_canary(proxied, tmp_path):
         assert manifest["spec"]["predictor"]["canaryTrafficPercent"] == 15
         assert manifest["metadata"]["labels"]["servekit/version"] == other
         assert "cannot carry stickiness on X-Request-Key" in result.output
-        splits.set_split(client, state, Split("digits", {current: 80, other: 10, "1.2.0": 10}))
+        splits.set_split(server, Split("digits", {current: 80, other: 10, "1.2.0": 10}))
         three = CliRunner().invoke(cli, arguments)
         assert three.exit_code == 2 and "two revisions" in three.output
     finally:
-        splits.remove_split(state, "digits")
+        splits.remove_split(server, "digits")
 
 
 def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
     state, client = server_at(proxied)
+    server = Server(state, client)
     current, other = other_version(client)
-    splits.set_split(client, state, Split("digits", {current: 50, other: 50}))
+    splits.set_split(server, Split("digits", {current: 50, other: 50}))
     assert torchserve.stop(proxied)
     assert proxy.nginx_process(state.proxy_pid, proxy.ProxyConfig.load(state.proxy_dir)) is None
     settings = torchserve.ServerSettings(
@@ -355,4 +361,4 @@ def test_stop_and_resume_bring_the_proxy_back_with_its_split(proxied, good_png):
             answered.add(client.predict_response("digits", good_png, content_type="image/png").headers[VERSION_HEADER])
         assert answered == {current, other}
     finally:
-        splits.remove_split(resumed, "digits")
+        splits.remove_split(Server(resumed, client), "digits")

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 from support.alerts import ALERTS, alert_rules, alerted_metrics
 
-from servekit.serve.probe_metrics import AGREEMENT
 from servekit.deliver.progressive import ProgressivePolicy
+from servekit.serve.probe_metrics import AGREEMENT
 
 
 def test_alerts_use_the_progressive_rollouts_thresholds():

@@ -48,13 +48,14 @@ def test_servekit_profile_writes_a_chrome_trace_for_n_batches(model_store, tmp_p
     assert json.loads(traces[0].read_text())["traceEvents"]
 
 
-def test_durations_and_levels_are_validated():
-    from servekit.cli import levels_option, seconds_option
-    from servekit.core.errors import UsageError
+def test_concurrency_levels_are_a_comma_list_of_clients_each_at_least_one():
+    from click.testing import CliRunner
 
-    assert levels_option("1,4,16") == [1, 4, 16] and seconds_option("20s") == 20.0
-    for bad in ("1,x", "0,4", ""):
-        with pytest.raises(UsageError):
-            levels_option(bad)
-    with pytest.raises(UsageError):
-        seconds_option("-3s")
+    from servekit.cli import cli
+    from servekit.cli.base import LEVELS
+
+    assert LEVELS.convert("1,4,16", None, None) == [1, 4, 16]
+    for bad, message in (("1,x", "is not a comma list"), ("0,4", "must be >= 1"), ("", "give at least one")):
+        result = CliRunner().invoke(cli, ["bench", "digits", "--concurrency", bad, "--workdir", "/nonexistent"])
+        assert result.exit_code == 2 and "Invalid value for '--concurrency'" in result.output, result.output
+        assert message in result.output

@@ -7,8 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from servekit.cli import cli, seconds_option
-from servekit.core.errors import ServerError, UsageError
+from servekit.cli import cli
+from servekit.cli.base import SECONDS, SECONDS_OR_ZERO
+from servekit.core.errors import ServerError
 from servekit.serve import torchserve
 
 
@@ -63,16 +64,17 @@ def test_java_version_strings_are_parsed(monkeypatch):
 
 
 def test_durations_are_seconds_and_a_warm_up_may_be_zero():
-    assert seconds_option("20s") == 20.0 and seconds_option("0.5") == 0.5
-    assert seconds_option("0", allow_zero=True) == 0.0 and seconds_option("3s", allow_zero=True) == 3.0
-    for text, allow_zero, message in (
-        ("0s", False, "must be positive"),
-        ("-1s", True, "must be 0 or more"),
-        ("nan", True, "must be 0 or more"),
-        ("ten", True, "is not seconds like 20 or 20s"),
+    assert SECONDS.convert("20s", None, None) == 20.0 and SECONDS.convert("0.5", None, None) == 0.5
+    assert SECONDS_OR_ZERO.convert("0", None, None) == 0.0 and SECONDS_OR_ZERO.convert("3s", None, None) == 3.0
+    for option, text, message in (
+        ("--duration", "0s", "must be positive"),
+        ("--warmup", "-1s", "must be 0 or more"),
+        ("--warmup", "nan", "must be 0 or more"),
+        ("--duration", "ten", "is not seconds like 20 or 20s"),
     ):
-        with pytest.raises(UsageError, match=message):
-            seconds_option(text, allow_zero)
+        result = run("bench", "digits", option, text, "--workdir", "/nonexistent")  # refused before any server
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+        assert message in result.output
 
 
 def test_tables_and_lines_piped_into_a_file_are_printed_whole(model_store):

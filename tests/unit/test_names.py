@@ -78,7 +78,7 @@ def test_library_entry_points_refuse_before_touching_disk(tmp_path, name, versio
     with pytest.raises(UsageError):
         verify_archive(store, name, version)
     with pytest.raises(UsageError):
-        optimizer.optimize(name, tmp_path / "trained", tmp_path / "out")
+        optimizer.optimize(optimizer.OptimizePlan(name, tmp_path / "trained", tmp_path / "out"))
     with pytest.raises(UsageError):
         Catalog(store / "catalog.json").variant_dir(name, "best")
     entry = CatalogEntry(name, version, f"{name}-{version}.mar", "0" * 64, 1, "now", "digits")

@@ -20,7 +20,7 @@ TOLERANCES = {"torchscript": 1e-3, "export": 1e-3, "onnx": 1e-3, "dynamic_int8":
 @pytest.fixture(scope="module")
 def digits_report(trained_digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("optimized")
-    report = optimizer.optimize("digitsfast", trained_digits, out, tuple(TOLERANCES), **FAST)
+    report = optimizer.optimize(optimizer.OptimizePlan("digitsfast", trained_digits, out, tuple(TOLERANCES), **FAST))
     return report, out
 
 
@@ -51,7 +51,9 @@ def test_reports_are_written_as_json_markdown_and_png(digits_report):
 def test_the_accuracy_gate_rejects_a_broken_variant(trained_digits, tmp_path, monkeypatch):
     real_pruned = optimizer.pruned
     monkeypatch.setattr(optimizer, "pruned", lambda model, amount: real_pruned(model, 0.995))
-    report = optimizer.optimize("digits", trained_digits, tmp_path, ("pruned_l1_50",), max_accuracy_drop=1.0, **FAST)
+    report = optimizer.optimize(
+        optimizer.OptimizePlan("digits", trained_digits, tmp_path, ("pruned_l1_50",), max_accuracy_drop=1.0, **FAST)
+    )
     broken = report.by_name("pruned_l1_50")
     assert broken.status == "rejected" and "accuracy drop" in broken.reason
     assert report.best == "eager"
@@ -62,16 +64,16 @@ def test_a_variant_that_cannot_be_built_is_reported_as_skipped(trained_digits, t
         raise RuntimeError("Input partition has more than one output node")
 
     monkeypatch.setattr(optimizer.Builder, "pt2e", fail)
-    report = optimizer.optimize("digits", trained_digits, tmp_path, ("pt2e_int8",), **FAST)
+    report = optimizer.optimize(optimizer.OptimizePlan("digits", trained_digits, tmp_path, ("pt2e_int8",), **FAST))
     skipped = report.by_name("pt2e_int8")
     assert skipped.status == "skipped" and "more than one output node" in skipped.reason
 
 
 def test_bad_arguments_get_one_clear_error(trained_digits, tmp_path):
     with pytest.raises(UsageError, match="unknown variant.*fp8"):
-        optimizer.optimize("digits", trained_digits, tmp_path, ("fp8",))
+        optimizer.optimize(optimizer.OptimizePlan("digits", trained_digits, tmp_path, ("fp8",)))
     with pytest.raises(UsageError, match="handler.json not found"):
-        optimizer.optimize("digits", tmp_path / "missing", tmp_path / "out")
+        optimizer.optimize(optimizer.OptimizePlan("digits", tmp_path / "missing", tmp_path / "out"))
     thin = tmp_path / "thin"
     thin.mkdir()
     for name in ("model.pt", "handler.json", "labels.json"):
@@ -79,7 +81,7 @@ def test_bad_arguments_get_one_clear_error(trained_digits, tmp_path):
     (thin / "heldout").mkdir()
     (thin / "heldout" / "index.csv").write_text("file,label\n")
     with pytest.raises(UsageError, match="optimize needs more than"):
-        optimizer.optimize("digits", thin, tmp_path / "out")
+        optimizer.optimize(optimizer.OptimizePlan("digits", thin, tmp_path / "out"))
     with pytest.raises(UsageError, match="no optimization of digits"):
         Catalog.load(tmp_path).variant_dir("digits", "best")
 
@@ -90,7 +92,9 @@ def test_distilled_student_is_measured_beside_the_variants(trained_digits, tmp_p
     student = distill_digits(trained_digits, tmp_path / "student", epochs=3)
     assert student.accuracy > 0.5
     report = optimizer.optimize(
-        "digits", trained_digits, tmp_path / "out", ("onnx",), student_dir=tmp_path / "student", **FAST
+        optimizer.OptimizePlan(
+            "digits", trained_digits, tmp_path / "out", ("onnx",), student_dir=tmp_path / "student", **FAST
+        )
     )
     distilled = report.by_name("distilled")
     # As docs/measurements/optimize-2core.md says: the SmallCNN student loses more than the 1-point gate allows.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +17,11 @@ from servekit_worker.answers import answer_label
 
 # The text exposition format's sample line: name, optional labels, a float (no timestamp: node_exporter refuses them).
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\} -?[0-9.e+-]+$')
+
+
+def offline(folder: Path) -> SimpleNamespace:
+    """A server handle whose client is never called (probe_model is replaced): the store and workdir are `folder`."""
+    return SimpleNamespace(client=None, store=folder, workdir=folder)
 
 
 def result(name: str, version: str, samples: int = 32, agreeing: int = 32, at: float = 1700000000.25) -> ProbeResult:
@@ -80,7 +86,7 @@ def test_top_label_reads_a_classifiers_answer(answer, label):
 @pytest.mark.parametrize("every", [0, -5])
 def test_a_non_positive_interval_is_refused_before_anything_runs(tmp_path, every):
     with pytest.raises(UsageError, match="--every must be > 0"):
-        probes.probe_every(None, tmp_path, tmp_path, "digits", None, every)
+        probes.probe_every(offline(tmp_path), "digits", None, every)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,7 +102,9 @@ def test_every_probes_and_records_each_round_until_ctrl_c(tmp_path, monkeypatch)
 
     monkeypatch.setattr(probes.time, "sleep", sleep)
     shown = []
-    last = probes.probe_every(None, tmp_path, tmp_path, "digits", None, 60.0, shown.append)
+    last = probes.probe_every(
+        SimpleNamespace(client=None, store=tmp_path, workdir=tmp_path), "digits", None, 60.0, shown.append
+    )
     assert [r[0].agreement for r in shown] == [1.0, 0.5] and last == shown[-1]
     assert all(0 < nap <= 60.0 for nap in naps)
     assert probe_metrics.parse(probe_metrics.probes_file(tmp_path).read_text())[("digits", "1.0.0")][AGREEMENT] == 0.5
@@ -108,11 +116,22 @@ def test_probing_a_model_with_no_registered_version_removes_its_lines_and_only_t
     )
     monkeypatch.setattr(probes, "registered_versions", lambda client, name: [])  # a restart without --resume
     removed = []
-    assert probes.probe_every(None, tmp_path, tmp_path, "digits", None, None, on_forget=removed.append) == []
+    assert (
+        probes.probe_every(
+            SimpleNamespace(client=None, store=tmp_path, workdir=tmp_path),
+            "digits",
+            None,
+            None,
+            on_forget=removed.append,
+        )
+        == []
+    )
     assert removed == [["1.0.0", "1.1.0"]]
     assert set(probe_metrics.parse(path.read_text())) == {("text", "1.0.0")}
     with pytest.raises(UsageError, match=r"digits is not registered .* `servekit register digits --version V` first"):
-        probes.probe_every(None, tmp_path, tmp_path, "digits", None, None)  # nothing left: a typo, say
+        probes.probe_every(
+            SimpleNamespace(client=None, store=tmp_path, workdir=tmp_path), "digits", None, None
+        )  # nothing left: a typo, say
     with pytest.raises(UsageError, match=r"`servekit register digits --version 1\.0\.0` first"):
-        probes.probe_every(None, tmp_path, tmp_path, "digits", "1.0.0", None)
+        probes.probe_every(offline(tmp_path), "digits", "1.0.0", None)
     assert set(probe_metrics.parse(path.read_text())) == {("text", "1.0.0")}
