@@ -41,11 +41,12 @@ from servekit.store.workspace import DEFAULT_TRITON_WORKDIR, HELD_OUT_DIR, Works
 @path_option("--input", "input_file", help="Send this one file.")
 @path_option("--held-out", "held_out", help="Send a labelled folder [default: the archive's golden samples].")
 @click.option("--baseline", "peer", type=click.Choice(PEERS), default=None,
-              help="Also bench the Flask baseline, or the Triton of --triton-workdir (both asked in v2).")  # fmt: skip
+              help="Also bench a peer on --baseline-model (Flask, LitServe, TorchServe as its examples document it; "
+                   "pip install 'servekit[peers]'), or the Triton of --triton-workdir (both in v2).")  # fmt: skip
 @path_option("--triton-workdir", default=DEFAULT_TRITON_WORKDIR, show_default=True,
              help="Where `servekit serve triton` recorded the Triton to compare with.")  # fmt: skip
 @path_option("--baseline-model", "peer_model_dir", default=DEFAULTS.trained("digits"), show_default=True,
-             help="Trained folder (digits or image) the Flask baseline serves eager.")  # fmt: skip
+             help="Trained folder (digits or image) the peer serves eager.")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: work/NAME-bench]")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per level.")
 @click.option("--warmup", "warmup_s", type=SECONDS_OR_ZERO, default="10s", show_default=True,

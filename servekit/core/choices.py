@@ -39,4 +39,4 @@ def variants_named(value: str | tuple[str, ...], device_type: str = "cpu") -> tu
 
 
 GENERATORS = ("auto", "python", "wrk")  # load generators: auto = wrk when installed and the loop is closed
-PEERS = ("flask", "triton")  # what `servekit bench --baseline` runs beside the served model
+PEERS = ("flask", "litserve", "torchserve", "triton")  # what `servekit bench --baseline` runs beside it

@@ -19,17 +19,14 @@ frontend is Java, and until its JIT has compiled the request path a cold server'
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from servekit.core.choices import PEERS
-from servekit.core.errors import ServekitError, ServerError, UsageError
+from servekit.core.errors import ServekitError, UsageError
 from servekit.core.timing import CpuUse, Figure, machine_summary, percentile, time_calls
-from servekit.core.transport import Session, TransportError
 from servekit.measure.loadgen import LoadResult, LoadRun, measure_load, run_load
+from servekit.measure.peers import STARTED_PEERS, Peer
 from servekit.serve import metrics
 from servekit.serve.client import ServeClient
 from servekit.serve.deployments import default_version, registered_versions, version_info
@@ -38,9 +35,6 @@ from servekit.serve.torchserve import free_port
 from servekit.store.catalog import Catalog
 from servekit.store.heldout import HeldOutSample, read_held_out
 from servekit.store.workspace import DEFAULT_TRITON_WORKDIR
-
-# Flask has no JIT to warm: a short warm-up only opens its connections.
-BASELINE_WARMUP_S = 2.0
 
 
 @dataclass
@@ -80,7 +74,7 @@ class BenchReport:
     baseline: str = ""
     machine: str = ""
     repeats: int = 1
-    warmup_s: float = 0.0  # unmeasured load before the first level (the Flask baseline: up to BASELINE_WARMUP_S)
+    warmup_s: float = 0.0  # unmeasured load before the first level (a started peer: up to its own warm-up)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,17 +136,6 @@ def measure_in_process(
     return InProcess(size, size * 1000 / batch_p50, percentile(singles, 50), batch_p50, device)
 
 
-@dataclass
-class Peer:
-    """What each level is also run against, with the same bodies: the Flask baseline, or a running Triton."""
-
-    label: str  # "flask" | "triton", the column names of the report
-    url: str  # its inference route for this model
-    pid: int  # the process whose tree's CPU is the peer's
-    bodies: list[tuple[bytes, str]]
-    warmup_s: float  # at most this much of the run's warm-up
-
-
 def triton_peer(triton, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Peer:
     """A running Triton (servekit serve triton) serving NAME VERSION, asked with the v2 documents of `bodies`."""
     from servekit.build.triton import VERSIONS_FILE
@@ -168,55 +151,13 @@ def triton_peer(triton, name: str, version: str, bodies: list[tuple[bytes, str]]
     return Peer("triton", url, triton.pid, [v2_body(body, content_type) for body, content_type in bodies], float("inf"))
 
 
-class FlaskBaseline:
-    """The Flask app of `servekit.measure.flask_peer` in a subprocess on a free port; stopped by PID on exit."""
-
-    def __init__(self, model_dir: Path, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable,
-            "-m",
-            "servekit.measure.flask_peer",
-            "--model-dir",
-            str(model_dir),
-            "--port",
-            str(port),
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def peer(self, bodies: list[tuple[bytes, str]]) -> Peer:
-        return Peer("flask", f"{self.url}/predict", self.process.pid, bodies, BASELINE_WARMUP_S)
-
-    def __enter__(self) -> FlaskBaseline:
-        deadline, session = time.monotonic() + 60, Session()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"the Flask baseline exited with {self.process.returncode}")
-            try:
-                if session.get(f"{self.url}/health", timeout=1).ok:
-                    return self
-            except TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise ServerError("the Flask baseline did not answer /health within 60 s")
-
-    def __exit__(self, *exc_info) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-
 @dataclass
 class BenchPlan:
     """What `servekit bench` runs: NAME VERSION under each concurrency level, and optionally a peer beside it.
 
     bodies: the request bodies [the --input file, the --held-out folder, or else the archive's golden samples].
-    peer: "flask" (the Flask app serving `peer_model_dir`, started here) or "triton" (the Triton that
-    `servekit serve triton` recorded in `triton_workdir`, asked in v2 like TorchServe then is).
+    peer: "flask", "litserve" or "torchserve" (servekit.measure.peers: started here on `peer_model_dir`), or
+    "triton" (the Triton `servekit serve triton` recorded in `triton_workdir`, asked in v2 as TorchServe then is).
     warmup_s: load at the highest level before measuring, unrecorded (a started peer gets up to 2 s of it).
     """
 
@@ -236,6 +177,14 @@ class BenchPlan:
     triton_workdir: Path | None = None
 
 
+PEER_LABELS = {
+    "flask": "Flask baseline",
+    "litserve": "LitServe",
+    "torchserve": "TorchServe's example",
+    "triton": "Triton",
+}
+
+
 def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
     """Runs every concurrency level against the served model (and the peer), then the handler in process.
 
@@ -250,8 +199,8 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
         raise UsageError("concurrency levels and repeats must be >= 1, the duration > 0 and the warm-up >= 0")
     if plan.peer not in (None, *PEERS):
         raise UsageError(f"unknown peer {plan.peer!r}: one of {', '.join(PEERS)}")
-    if plan.peer == "flask" and plan.peer_model_dir is None:
-        raise UsageError("the Flask peer serves a trained folder: give its path (--baseline-model)")
+    if plan.peer in STARTED_PEERS and plan.peer_model_dir is None:
+        raise UsageError(f"the {plan.peer} peer serves a trained folder: give its path (--baseline-model)")
     version, bodies = bench_target(client, store, name, plan.version, plan.held_out, plan.input_file)
     bodies = plan.bodies or bodies
     entry = verify_archive(store, name, version)
@@ -283,9 +232,9 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
             on_level("served", levels[-1])
     if peer is not None:
         run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
-    elif plan.peer == "flask":
-        with FlaskBaseline(plan.peer_model_dir, free_port()) as flask:
-            peer = flask.peer(bodies)
+    elif plan.peer in STARTED_PEERS:
+        with STARTED_PEERS[plan.peer](plan.peer_model_dir, free_port()) as started:
+            peer = started.peer(bodies)
             run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
     gpu_id = workers_gpu(client, name, version)
     in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0), gpu_id)
@@ -447,7 +396,7 @@ def plot(report: BenchReport, path: Path) -> None:
     left.axhline(report.in_process.throughput_per_s, color="gray", linestyle="--", label="handler in process")
     right.plot(levels, [lv.served.p95_ms for lv in report.levels], "o-", label="TorchServe p95")
     if report.baseline:
-        peer = {"flask": "Flask baseline", "triton": "Triton"}.get(report.baseline, report.baseline)
+        peer = PEER_LABELS.get(report.baseline, report.baseline)
         left.plot(levels, [lv.baseline.throughput_per_s for lv in report.levels], "s-", label=peer)
         right.plot(levels, [lv.baseline.p95_ms for lv in report.levels], "s-", label=f"{peer} p95")
     left.set(xlabel="concurrent clients", ylabel="requests/s", title="throughput", xscale="log")

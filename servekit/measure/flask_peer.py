@@ -23,17 +23,15 @@ from servekit.build.formats import load_trained
 from servekit_worker.models import image_transform
 
 
-def digits_input(body: bytes, is_json: bool) -> torch.Tensor:
-    if is_json:
-        return torch.tensor(request.get_json()["input"], dtype=torch.float32).reshape(1, 1, 28, 28)
+def digits_image(body: bytes) -> torch.Tensor:
     image = Image.open(io.BytesIO(body)).convert("L").resize((28, 28))
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255).reshape(1, 1, 28, 28)
 
 
-def image_input(trained: dict) -> Callable[[bytes, bool], torch.Tensor]:
+def image_decoder(trained: dict) -> Callable[[bytes], torch.Tensor]:
     transform = image_transform(**trained.get("preprocess", {}))
 
-    def decode(body: bytes, is_json: bool) -> torch.Tensor:
+    def decode(body: bytes) -> torch.Tensor:
         image = Image.open(io.BytesIO(body)).convert("RGB")
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return transform(pixels.reshape(image.height, image.width, 3).permute(2, 0, 1)).unsqueeze(0)
@@ -41,9 +39,18 @@ def image_input(trained: dict) -> Callable[[bytes, bool], torch.Tensor]:
     return decode
 
 
+def bytes_decoder(trained: dict) -> Callable[[bytes], torch.Tensor]:
+    """Image bytes -> the model's 1-sample input, as this app decodes them (the LitServe peer decodes the same way)."""
+    return image_decoder(trained) if is_image_model(trained) else digits_image
+
+
+def is_image_model(trained: dict) -> bool:
+    return trained["model_class"].startswith("torchvision:")
+
+
 def create_app(model_dir: Path) -> Flask:
     model, trained = load_trained(model_dir)
-    decode = image_input(trained) if trained["model_class"].startswith("torchvision:") else digits_input
+    decode, takes_json = bytes_decoder(trained), not is_image_model(trained)
     labels = [str(i) for i in range(10)]
     app = Flask("servekit-flask-baseline")
 
@@ -54,7 +61,10 @@ def create_app(model_dir: Path) -> Flask:
     @app.post("/predict")
     def predict():
         try:
-            pixels = decode(request.get_data(), request.is_json)
+            if takes_json and request.is_json:
+                pixels = torch.tensor(request.get_json()["input"], dtype=torch.float32).reshape(1, 1, 28, 28)
+            else:
+                pixels = decode(request.get_data())
         except Exception as exc:  # the baseline answers 400 like the handler does
             return jsonify({"error": str(exc)}), 400
         with torch.inference_mode():
