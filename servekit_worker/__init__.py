@@ -14,7 +14,7 @@ module, lowest first:
     loading           one registry of model formats (file, loader, layout rules) and the device rules
     acceleration      pinned copies, channels_last, CUDA graphs
     telemetry         metrics, answer headers and the batch log line as observers of a batch; profiling
-    models            the model definitions every archive ships (and servekit trains)
+    architectures     the model definitions every archive ships (and servekit trains)
     base              ServekitHandler (the batch loop, start-up in named steps) and ClassifierHandler
     digits, image_classifier, text_classifier, tensor_handler   the handlers of the models servekit serves
     torchserve        TorchServeHandler: TorchServe's worker API on any of them

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from servekit_worker.acceleration import to_device
+from servekit_worker.architectures import image_transform
 from servekit_worker.base import ClassifierHandler
 from servekit_worker.errors import RequestError
-from servekit_worker.models import image_transform
 from servekit_worker.requests import Decoded, as_bytes, base64_bytes, instance_value, json_items, parse_json
 from servekit_worker.vision import batchable_jpeg, decode_image, decode_jpegs
 

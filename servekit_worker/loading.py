@@ -40,11 +40,11 @@ class CompiledModel:
 
 
 def load_state_dict(path: Path, device: torch.device, settings: dict) -> torch.nn.Module:
-    """An eager model: `settings["model_class"]` of servekit_worker.models (or torchvision, or the user's own class,
+    """An eager model: `settings["model_class"]` of `architectures` (or torchvision, or the user's own class,
     from the `model_code` folder beside the weights when its code travels with the model), with the weights."""
     import torch
 
-    from servekit_worker.models import build_model
+    from servekit_worker.architectures import build_model
 
     code = settings.get("model_code")
     model = build_model(

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from servekit_worker.architectures import Tokenizer, pad_batch
 from servekit_worker.base import ClassifierHandler
 from servekit_worker.errors import RequestError
-from servekit_worker.models import Tokenizer, pad_batch
 from servekit_worker.requests import Decoded, as_text, instance_value, json_items, parse_json
 
 JSON_FORMAT = '{"text": "..."} or {"texts": ["...", ...]}'

@@ -54,8 +54,8 @@ from servekit.store.workspace import (
     WEIGHTS_FILE,
 )
 from servekit_worker.answers import label_list
+from servekit_worker.architectures import user_callable
 from servekit_worker.loading import FORMATS
-from servekit_worker.models import user_callable
 from servekit_worker.tensors import DTYPES
 
 # What a brought file is, by its suffix: the formats that carry their own graph.
@@ -413,7 +413,7 @@ def stage(plan: ImportPlan, kind: str, requirements: list[str], folder: Path) ->
 
 def stage_eager(staging: Staging) -> tuple[torch.nn.Module, Path, list[str]]:
     """The user's class built from its copy in model_code/ (what every worker runs), with the weights fitted."""
-    from servekit_worker.models import build_model
+    from servekit_worker.architectures import build_model
 
     plan, folder = staging.plan, staging.folder
     model_class, code_files = capture_code(plan.model, folder)
@@ -549,7 +549,7 @@ def example_input(batch: torch.Tensor, choice: HandlerChoice) -> dict:
     dtype = str(batch.dtype).removeprefix("torch.")
     spec = {"shape": list(batch.shape[1:]), "dtype": dtype}
     if choice.name == "text":
-        from servekit_worker.models import Tokenizer
+        from servekit_worker.architectures import Tokenizer
 
         spec.update(variable_dims=[0], fill=Tokenizer.UNK)
     return spec

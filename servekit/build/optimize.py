@@ -1,7 +1,7 @@
 """`servekit optimize`: one trained model -> measured variants, an accuracy gate, and the fastest one to archive.
 
 Every variant is built, loaded and timed in this one process with the same threads and inputs: latency p50/p95
-at batch 1 and 8, throughput, file size, load time, held-out accuracy, and agreement with the eager fp32 baseline
+at batch 1 and 8, throughput, file size, load time, held-out accuracy, and agreement with the eager fp32 reference
 (top-1 agreement, max |logit diff|). A variant that torch or ONNX Runtime cannot produce here is reported as
 skipped with the error, never dropped silently.
 
@@ -270,7 +270,7 @@ class Builder:
         raise UsageError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
     def from_brought(self, name: str) -> Built:
-        """A variant of a brought file: the file itself ("eager", the baseline), or what can be made from its format
+        """A variant of a brought file: the file itself ("eager", the reference), or what can be made from its format
         without the eager class (AOTInductor and ONNX from a torch.export program, int8 from an ONNX model)."""
         makes = BROUGHT_VARIANTS[self.source_format]
         if name not in makes:
@@ -388,7 +388,7 @@ def pruned(model: torch.nn.Module, amount: float) -> torch.nn.Module:
 @dataclass
 class Result:
     name: str
-    status: str  # baseline | accepted | rejected | skipped
+    status: str  # reference (eager fp32) | accepted | rejected | skipped
     reason: str = ""
     size_bytes: int = 0
     load_ms: float = 0.0
@@ -419,15 +419,15 @@ def measure(
     name: str,
     built: Built,
     eval_set: EvalSet,
-    baseline: dict | None,
+    reference: dict | None,
     budget_s: float,
     big_batches: bool = False,
     place: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
 ) -> tuple[Result, dict]:
-    """Times and scores one built variant; returns its result and its logits (the baseline's are the reference;
-    with them comes eager itself, which the variant's speedup is timed against). `big_batches` (on CUDA) also times
-    batches of 64, and the throughput is theirs; `place` puts each timing batch where the worker has it when the
-    model runs."""
+    """Times and scores one built variant; returns its result and its logits. `reference` is eager's (None while
+    eager itself is measured): the logits the variant is compared with, and the model its speedup is timed against.
+    `big_batches` (on CUDA) also times batches of 64, and the throughput is theirs; `place` puts each timing batch
+    where the worker has it when the model runs."""
     with torch.inference_mode():
         logits = torch.cat([built.run(batch).float() for batch in eval_set.batches(64)])
     predictions = logits.argmax(dim=1)
@@ -450,7 +450,7 @@ def measure(
         bs64 = time_calls(built.run, sixty_fours, budget_s, 10, max_iterations=200) if big_batches else []
     result = Result(
         name=name,
-        status="baseline" if baseline is None else "accepted",
+        status="reference" if reference is None else "accepted",
         size_bytes=sum(path.stat().st_size for path in built.files),
         bs1_p95_ms=percentile(bs1, 95),
         bs8_p50_ms=percentile(bs8, 50),
@@ -461,13 +461,13 @@ def measure(
     )
     result.set_timing(bs1_figure)
     result.speedup_bs1 = 1.0
-    if baseline is not None:
+    if reference is not None:
         with torch.inference_mode():
-            eager = baseline["built"].run, baseline["result"].bs1_p50_ms
+            eager = reference["built"].run, reference["result"].bs1_p50_ms
             result.speedup_bs1 = paired_speedup(eager, (built.run, result.bs1_p50_ms), singles, budget_s)
-    reference = baseline or {"logits": logits, "predictions": predictions}
-    result.agreement = float((predictions == reference["predictions"]).float().mean())
-    result.max_logit_diff = float((logits - reference["logits"]).abs().max())
+    compared = reference or {"logits": logits, "predictions": predictions}
+    result.agreement = float((predictions == compared["predictions"]).float().mean())
+    result.max_logit_diff = float((logits - compared["logits"]).abs().max())
     return result, {"logits": logits, "predictions": predictions, "built": built}
 
 
@@ -539,7 +539,7 @@ def optimize(plan: OptimizePlan, on_result: Callable[[Result], None] | None = No
     builder = Builder(model, handler, eval_set, out_dir / "variants", threads, device, source)
     on_cuda = device.type == "cuda"
     ordered = ("eager", *[v for v in variants if v != "eager"])
-    baseline, results = None, []
+    reference, results = None, []
     jobs: list[tuple[str, Callable[[], Built]]] = [(v, lambda v=v: builder.build(v)) for v in ordered]
     if plan.student_dir is not None:
         jobs.append(("distilled", lambda: student_variant(plan.student_dir, builder)))
@@ -551,15 +551,15 @@ def optimize(plan: OptimizePlan, on_result: Callable[[Result], None] | None = No
             result = Result(variant, "skipped", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         else:
             load_ms = (time.perf_counter() - started) * 1000
-            result, outputs = measure(variant, built, eval_set, baseline, budget_s, on_cuda, builder.place)
+            result, outputs = measure(variant, built, eval_set, reference, budget_s, on_cuda, builder.place)
             result.load_ms = load_ms
-            if baseline is None:
-                baseline = {**outputs, "result": result}
+            if reference is None:
+                reference = {**outputs, "result": result}
             if result.speedup_bs1 < 1:
                 result.reason = f"slower than eager ({result.speedup_bs1:.2f}x)"
-            result.size_ratio = result.size_bytes / baseline["result"].size_bytes if result.size_bytes else 0.0
-            drop = (baseline["result"].accuracy - result.accuracy) * 100
-            if result.status != "baseline" and drop > max_accuracy_drop:
+            result.size_ratio = result.size_bytes / reference["result"].size_bytes if result.size_bytes else 0.0
+            drop = (reference["result"].accuracy - result.accuracy) * 100
+            if result.status != "reference" and drop > max_accuracy_drop:
                 result.status = "rejected"
                 result.reason = "; ".join(filter(None, [f"accuracy drop {drop:.2f} points > {max_accuracy_drop}",
                                                         result.reason]))  # fmt: skip
@@ -571,7 +571,7 @@ def optimize(plan: OptimizePlan, on_result: Callable[[Result], None] | None = No
         if on_result:
             on_result(result)
     report = Report(name, str(source_dir), threads, max_accuracy_drop, results, machine=machine_summary())
-    accepted = [r for r in results if r.status in ("baseline", "accepted") and r.archive_dir]
+    accepted = [r for r in results if r.status in ("reference", "accepted") and r.archive_dir]
     report.best = min(accepted, key=lambda r: r.bs1_p50_ms).name
     if on_cuda:
         report.device, report.picked_by = f"cuda ({torch.cuda.get_device_name(device)})", "throughput at batch 64"
@@ -695,7 +695,7 @@ def chart(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    colors = {"baseline": "black", "accepted": "tab:green", "rejected": "tab:red"}
+    colors = {"reference": "black", "accepted": "tab:green", "rejected": "tab:red"}
     plotted = [result for result in report.results if result.status in colors]
     for rank, result in enumerate(sorted(plotted, key=lambda r: r.bs1_p50_ms)):
         axes.scatter(result.bs1_p50_ms, result.accuracy * 100, color=colors[result.status])

@@ -28,7 +28,7 @@ from servekit.build.datasets import (
 from servekit.core.choices import IMAGE_ARCHITECTURES
 from servekit.store.catalog import sha256_file
 from servekit.store.workspace import HANDLER_FILE, HELD_OUT_DIR, LABELS_FILE, METRICS_FILE, VOCAB_FILE, WEIGHTS_FILE
-from servekit_worker.models import Tokenizer, build_model, image_transform, pad_batch
+from servekit_worker.architectures import Tokenizer, build_model, image_transform, pad_batch
 
 DIGIT_LABELS = [str(i) for i in range(10)]
 CPU = torch.device("cpu")
@@ -193,7 +193,7 @@ def train_image(
     """A torchvision classifier from scratch on the digits as RGB images of `image_size` pixels.
 
     `epochs=0` writes the random initialisation (for latency work where accuracy does not matter). Preprocessing
-    is the image handler's own (`servekit_worker.models.image_transform`), so served inputs equal training inputs.
+    is the image handler's own (`architectures.image_transform` of the worker), so served inputs equal training inputs.
     """
     if architecture not in IMAGE_ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(IMAGE_ARCHITECTURES)}")

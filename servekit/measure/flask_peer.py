@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from PIL import Image
 
 from servekit.build.formats import load_trained
-from servekit_worker.models import image_transform
+from servekit_worker.architectures import image_transform
 
 
 def digits_image(body: bytes) -> torch.Tensor:

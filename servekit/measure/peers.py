@@ -357,9 +357,9 @@ class TorchServePeer(PeerServer):
 
     def mnist_example_files(self, files: Path) -> list[str]:
         """examples/image_classifier/mnist: the model class in a file, its state_dict, the ImageClassifier subclass."""
-        from servekit_worker import models
+        from servekit_worker import architectures
 
-        (files / "model.py").write_text(model_file(getattr(models, self.trained["model_class"])))
+        (files / "model.py").write_text(model_file(getattr(architectures, self.trained["model_class"])))
         (files / "mnist_handler.py").write_text(MNIST_HANDLER)
         return ["--model-file", str(files / "model.py"), "--serialized-file", str(self.model_dir / "model.pt"),
                 "--handler", str(files / "mnist_handler.py")]  # fmt: skip

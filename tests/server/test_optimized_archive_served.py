@@ -1,4 +1,4 @@
-"""servekit optimize: variants load, run and match the baseline; the accuracy gate; reports; the served variant."""
+"""servekit optimize: variants load, run and match eager fp32; the accuracy gate; reports; the served variant."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from servekit.serve.deployments import (
     set_default,
 )
 from servekit.serve.handle import Server
-from servekit_worker.models import SimpleCNN
+from servekit_worker.architectures import SimpleCNN
 
 pytestmark = pytest.mark.server
 # The default latency gate (1.5): both archives hold the same architecture. The gate failing is exercised in

@@ -20,8 +20,8 @@ from servekit.core.errors import ApiError
 from servekit.measure.evaluate import evaluate_served
 from servekit.serve.handle import Server
 from servekit.store.workspace import HELD_OUT_DIR
+from servekit_worker.architectures import SimpleCNN
 from servekit_worker.digits import image_to_tensor
-from servekit_worker.models import SimpleCNN
 
 pytestmark = pytest.mark.server
 

@@ -53,7 +53,7 @@ def write_user_model(folder: Path) -> Path:
 
 def user_model(file: Path, **kwargs) -> torch.nn.Module:
     """The user's class, imported as the user would (from its own folder), seeded, in eval mode."""
-    from servekit_worker.models import user_callable
+    from servekit_worker.architectures import user_callable
 
     torch.manual_seed(0)
     return user_callable("tinynet:TinyNet", file.parent)(**kwargs).eval()

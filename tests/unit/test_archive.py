@@ -21,7 +21,8 @@ def test_archive_holds_handler_model_weights_labels_and_config(model_store):
         names = set(mar.namelist())
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(mar.read("model-config.yaml"))
-    assert {"digits.py", "servekit_worker/base.py", "servekit_worker/models.py", "model.pt", "labels.json"} <= names
+    shipped = {"digits.py", "servekit_worker/base.py", "servekit_worker/architectures.py", "model.pt", "labels.json"}
+    assert shipped <= names
     assert "model-config.yaml" in names and not any("__pycache__" in name for name in names)
     assert manifest["model"]["modelVersion"] == "1.0.0" and manifest["model"]["handler"] == "digits.py"
     assert config["batchSize"] == 4 and config["handler"]["model_class"] == "SimpleCNN"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from servekit.measure.flask_peer import create_app
 from servekit.store.workspace import FORMAT_FILES, HANDLER_FILE
-from servekit_worker.models import build_model
+from servekit_worker.architectures import build_model
 
 
 def test_flask_baseline_answers_an_image_model_and_refuses_junk_with_400(tmp_path):

@@ -272,11 +272,11 @@ def test_a_cpu_worker_runs_an_eager_model_channels_last_with_the_nchw_answers(al
 
 def viewing_archive(all_models_store, folder, monkeypatch):
     """The image archive extracted to `folder`, its model flattened with `.view` first (NCHW-only code): the
-    model definitions the worker builds it from (servekit_worker.models, in this process) wrap its forward."""
-    from servekit_worker import models
+    model definitions the worker builds it from (servekit_worker.architectures, in this process) wrap its forward."""
+    from servekit_worker import architectures
 
     context = extracted_archive(all_models_store / "image-1.0.0.mar", folder)
-    build_model = models.build_model
+    build_model = architectures.build_model
 
     def viewing_model(model_class, model_kwargs=None, code_dir=None):
         model = build_model(model_class, model_kwargs, code_dir)
@@ -284,7 +284,7 @@ def viewing_archive(all_models_store, folder, monkeypatch):
         model.forward = lambda x: forward(x.view(x.size(0), -1).view(x.shape))
         return model
 
-    monkeypatch.setattr(models, "build_model", viewing_model)
+    monkeypatch.setattr(architectures, "build_model", viewing_model)
     context.model_yaml_config["handler"].update(image_decode="pil")
     return context
 

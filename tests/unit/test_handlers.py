@@ -19,9 +19,9 @@ from text_classifier import TextClassifierHandler
 from servekit.build.archive import BuildOptions, build_archive
 from servekit.build.formats import load_trained
 from servekit.store.heldout import read_held_out
+from servekit_worker.architectures import Tokenizer, image_transform, pad_batch
 from servekit_worker.base import ServekitHandler
 from servekit_worker.errors import RequestError
-from servekit_worker.models import Tokenizer, image_transform, pad_batch
 from servekit_worker.tensors import finite_tensor
 from servekit_worker.vision import decode_image
 

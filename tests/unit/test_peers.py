@@ -19,7 +19,7 @@ from servekit.core.errors import UsageError
 from servekit.core.processes import has_exited
 from servekit.measure import peers
 from servekit.measure.flask_peer import create_app, digits_image
-from servekit_worker.models import SimpleCNN
+from servekit_worker.architectures import SimpleCNN
 
 
 def load_file(path, name):
