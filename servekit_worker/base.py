@@ -95,7 +95,8 @@ class ServekitHandler:
         if self.config.get("torch_threads"):
             torch.set_num_threads(int(self.config["torch_threads"]))
         self.handler_metrics = worker.metrics
-        self.batch_observers = [MetricsObserver(worker.metrics), add_timing_headers, log_batch]
+        metrics = MetricsObserver(worker.metrics, float(self.config["metrics_interval_ms"]) / 1000)
+        self.batch_observers = [metrics, add_timing_headers, *([log_batch] if self.config["log_batches"] else [])]
         self.graphs: BucketedModel | None = None
 
     def place(self, gpu_id: int | None) -> None:

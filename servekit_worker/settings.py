@@ -24,6 +24,11 @@ DEFAULTS = {
     # Image handlers: "batched" decodes a batch's JPEGs in one torchvision call on the worker's device, "pil" one
     # by one with Pillow on the CPU, "auto" batched on CUDA workers and pil on CPU workers.
     "image_decode": "auto",
+    # Milliseconds between two emissions of a worker's batch gauges (ServekitInferenceMs, ...); 0: every batch.
+    "metrics_interval_ms": 1000,
+    # One JSON line per batch in model_log.log (event "servekit_batch", with the request ids): off by default, as
+    # every line a worker prints is read and parsed by TorchServe's frontend on the served path.
+    "log_batches": False,
 }
 
 

@@ -1,6 +1,6 @@
 """What a worker tells about each batch, through observers of the batch's report: custom metrics (to whatever sink
-the runtime keeps them in), two answer headers, and one JSON log line; and torch.profiler traces of the first
-batches when asked for. Standard library only (torch loads when a trace is asked for).
+the runtime keeps them in), two answer headers, and one JSON log line when asked for; and torch.profiler traces of
+the first batches when asked for. Standard library only (torch loads when a trace is asked for).
 
 The names below are read by servekit's library (metrics, rollout), deploy/alerts.yml and the Grafana dashboard.
 """
@@ -75,16 +75,28 @@ class MetricSink:
 
 
 class MetricsObserver:
-    """Each batch's timings and sample count as gauges, its rejected requests (when any) as a counter."""
+    """A batch's timings and sample count as gauges, at most once every `interval_s` (the first batch always), and
+    its rejected requests (when any) as a counter, every time.
 
-    def __init__(self, sink: MetricSink):
+    Each gauge is one metric line the worker prints and TorchServe's frontend parses; a gauge holds one batch's
+    figures whatever the rate, so sampling them keeps what a scrape reads while a busy worker prints a few lines a
+    second instead of four a batch.
+    """
+
+    def __init__(self, sink: MetricSink, interval_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.sink = sink
+        self.interval_s = interval_s
+        self.clock = clock
+        self.last_s: float | None = None
 
     def __call__(self, report: BatchReport, answers: list[Answer]) -> None:
-        self.sink.record(PREPROCESS_MS, report.preprocess_ms)
-        self.sink.record(INFERENCE_MS, report.inference_ms)
-        self.sink.record(POSTPROCESS_MS, report.postprocess_ms)
-        self.sink.record(BATCH_SIZE, report.samples)
+        now = self.clock()
+        if self.last_s is None or now - self.last_s >= self.interval_s:
+            self.last_s = now
+            self.sink.record(PREPROCESS_MS, report.preprocess_ms)
+            self.sink.record(INFERENCE_MS, report.inference_ms)
+            self.sink.record(POSTPROCESS_MS, report.postprocess_ms)
+            self.sink.record(BATCH_SIZE, report.samples)
         if report.rejected:
             self.sink.record(REJECTED_REQUESTS, report.rejected)
 

@@ -2,8 +2,8 @@
 process and, optionally, the original design's Flask baseline.
 
 Per level: throughput, latency p50/p95/p99, errors, and the server's own view from its Prometheus metrics (queue
-wait and service time per request; the handler's last batch size and stage times). In the same run: the handler
-in process on the same bodies at the archive's batch size, giving
+wait and service time per request; the batch size and stage times of the last batch whose gauges the handler
+emitted, once a second). In the same run: the handler in process on the same bodies at the archive's batch size, giving
     serving efficiency = served throughput / in-process throughput
     added latency      = served p50 - in-process p50 (one request).
 Each level is repeated (`repeats`): throughput is the median with the spread of the repeats, and the CPU the client

@@ -20,14 +20,20 @@ def test_load_summary_counts_add_up_and_only_2xx_count_as_success():
     assert result.throughput_per_s == 1.5 and result.p50_ms == 20.0 and result.p99_ms == pytest.approx(29.8)
 
 
-def test_each_batch_logs_one_structured_line(model_store, tmp_path, good_png, caplog):
+@pytest.mark.parametrize("log_batches", [None, True])
+def test_each_batch_logs_one_structured_line_when_asked(model_store, tmp_path, good_png, caplog, log_batches):
     handler = DigitsHandler()
     context = extracted_archive(model_store / "digits-1.0.0.mar", tmp_path)
+    if log_batches is not None:
+        context.model_yaml_config["handler"]["log_batches"] = log_batches
     handler.initialize(context)
     context.request_ids = {0: "req-a", 1: "req-b"}
     with caplog.at_level(logging.INFO, logger="servekit_worker.telemetry"):
         handler.handle(requests_for([(good_png, "image/png"), (b"x", "image/png")], context), context)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event"')]
+    if not log_batches:  # the default: no line per batch on the served path
+        assert lines == []
+        return
     assert len(lines) == 1
     line = lines[0]
     assert line["event"] == "servekit_batch" and line["model"] == "digits" and line["version"] == "1.0.0"

@@ -22,6 +22,18 @@ from servekit.store.heldout import read_held_out
 from servekit_worker.architectures import Tokenizer, image_transform, pad_batch
 from servekit_worker.base import ServekitHandler
 from servekit_worker.errors import RequestError
+from servekit_worker.telemetry import (
+    BATCH_SIZE,
+    INFERENCE_MS,
+    POSTPROCESS_MS,
+    PREPROCESS_MS,
+    REJECTED_REQUESTS,
+    BatchReport,
+    MetricSink,
+    MetricsObserver,
+    add_timing_headers,
+    log_batch,
+)
 from servekit_worker.tensors import finite_tensor
 from servekit_worker.vision import decode_image
 
@@ -236,6 +248,51 @@ def test_each_batch_records_timings_batch_size_and_rejections(all_models_store, 
     assert recorded["ServekitBatchSize"] == (2, ["digits"])
     assert recorded["ServekitRejectedRequests"] == (1, ["digits"])
     assert all(recorded[f"Servekit{stage}Ms"][0] >= 0 for stage in ("Preprocess", "Inference", "Postprocess"))
+
+
+def test_batch_gauges_are_sampled_once_an_interval_and_rejections_always_counted():
+    class Sink(MetricSink):
+        def __init__(self):
+            self.records: list[tuple[str, float]] = []
+
+        def record(self, name, value):
+            self.records.append((name, value))
+
+    now = [100.0]
+    sink = Sink()
+    observe = MetricsObserver(sink, interval_s=1.0, clock=lambda: now[0])
+
+    def batch(samples: int, rejected: int, at: float) -> list[tuple[str, float]]:
+        now[0], before = at, len(sink.records)
+        ids = [f"r{i}" for i in range(samples + rejected)]
+        observe(BatchReport("digits", "1.0.0", ids, list(range(samples)), samples, 0.5, 0.9, 0.1), [])
+        return sink.records[before:]
+
+    first = batch(2, 0, at=100.0)
+    assert [name for name, _ in first] == [PREPROCESS_MS, INFERENCE_MS, POSTPROCESS_MS, BATCH_SIZE]
+    assert dict(first)[BATCH_SIZE] == 2
+    assert batch(3, 1, at=100.5) == [(REJECTED_REQUESTS, 1)]  # within the interval: the counter alone
+    assert batch(4, 0, at=100.9) == []
+    later = batch(5, 2, at=101.0)
+    assert dict(later)[BATCH_SIZE] == 5 and dict(later)[REJECTED_REQUESTS] == 2
+    every = MetricsObserver(sink, interval_s=0.0, clock=lambda: 7.0)  # 0: every batch, even at one instant
+    before = len(sink.records)
+    for _ in range(3):
+        every(BatchReport("digits", "1.0.0", ["a"], [0], 1, 0.5, 0.9, 0.1), [])
+    assert [name for name, _ in sink.records[before:]].count(BATCH_SIZE) == 3
+
+
+def test_handler_settings_pick_the_metric_interval_and_the_batch_log_line(all_models_store, tmp_path, good_png):
+    context = extracted_archive(all_models_store / "digits-1.0.0.mar", tmp_path)
+    context.model_yaml_config["handler"].update(metrics_interval_ms=60_000, log_batches=False)
+    context.metrics = RecordingMetrics()
+    handler = DigitsHandler()
+    handler.initialize(context)
+    for bodies in ([(good_png, "image/png")], [(good_png, "image/png"), (b"x", "image/png")]):
+        handler.handle(requests_for(bodies, context), context)
+    names = [name for name, _, _ in context.metrics.values]
+    assert names.count(BATCH_SIZE) == 1 and names.count(REJECTED_REQUESTS) == 1
+    assert log_batch not in handler.batch_observers and add_timing_headers in handler.batch_observers
 
 
 def test_warmup_runs_forward_passes_at_initialisation(all_models_store, tmp_path, monkeypatch):
