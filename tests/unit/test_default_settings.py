@@ -32,7 +32,8 @@ def test_batch_size_follows_the_models_cost():
     assert batch_size_for(0.2) == DEFAULT_MAX_BATCH == 8  # digits: a batch of 8 costs ~2 ms
     assert batch_size_for(BATCH_BUDGET_MS / 4) == 4
     assert batch_size_for(BATCH_BUDGET_MS / 3) == 2
-    assert batch_size_for(30.0) == 1  # resnet18 at 224 px on one thread: batching only adds waiting
+    assert batch_size_for(45.0) == 4  # resnet18 at 224 px on one thread: batch 4 served 1.3x batch 1 at c=16
+    assert batch_size_for(BATCH_BUDGET_MS / 1.5) == 1  # a sample this heavy: batching only adds waiting
 
 
 def test_a_variant_without_eager_weights_gets_its_batch_size_from_its_own_file(tmp_path):
