@@ -293,7 +293,11 @@ def abandon(workdir: Path, name: str) -> Progress | None:
 def set_by_hand(server: Server, name: str, split: Split | None) -> tuple[bool, Progress | None]:
     """`servekit split`: sets NAME's split (None removes it). A split set by hand ends NAME's unfinished progressive
     rollout (its default stays the old version). Returns (whether a split was set or removed, the rollout ended)."""
-    changed = splits.set_split(server, split) is not None if split is not None else splits.remove_split(server, name)
+    if split is None:
+        changed = splits.remove_split(server, name)
+    else:
+        splits.set_split(server, split)
+        changed = True
     return changed, abandon(server.workdir, name)
 
 

@@ -94,12 +94,9 @@ def request_bodies(source: Path | None, input_file: Path | None) -> list[tuple[b
     return [(sample.path.read_bytes(), sample.content_type) for sample in samples]
 
 
-def bench_target(
-    client: ServeClient, store: Path, name: str, version: str | None, held_out: Path | None, input_file: Path | None
-) -> tuple[str, list[tuple[bytes, str]]]:
-    """The version to bench (the default unless given) and its bodies (the archive's golden samples unless given).
-
-    A version the server does not have is refused here, before any warm-up or load."""
+def bench_version(client: ServeClient, name: str, version: str | None) -> str:
+    """The version to bench (the default unless given); one the server does not have is refused here, before any
+    warm-up or load."""
     registered = registered_versions(client, name)
     if not registered:
         raise ServekitError(f"{name} is not registered on this server: servekit register {name} --version V")
@@ -108,7 +105,11 @@ def bench_target(
             f"{name} {version} is not registered on this server (registered: {', '.join(registered)}): "
             f"servekit register {name} --version {version}"
         )
-    version = version or default_version(client, name)
+    return version or default_version(client, name)
+
+
+def bench_bodies(store: Path, name: str, version: str, held_out: Path | None, input_file: Path | None):
+    """The bodies to send: the --input file, the --held-out folder, or else the archive's golden samples."""
     if held_out is None and input_file is None:
         entry = Catalog.load(store).get(name, version)
         if entry is None or not entry.golden_dir:
@@ -116,7 +117,7 @@ def bench_target(
                 f"{name} {version} has no golden samples in the catalog: pass --held-out DIR or --input FILE"
             )
         held_out = store / entry.golden_dir
-    return version, request_bodies(held_out, input_file)
+    return request_bodies(held_out, input_file)
 
 
 def measure_in_process(
@@ -201,8 +202,8 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
         raise UsageError(f"unknown peer {plan.peer!r}: one of {', '.join(PEERS)}")
     if plan.peer in STARTED_PEERS and plan.peer_model_dir is None:
         raise UsageError(f"the {plan.peer} peer serves a trained folder: give its path (--baseline-model)")
-    version, bodies = bench_target(client, store, name, plan.version, plan.held_out, plan.input_file)
-    bodies = plan.bodies or bodies
+    version = bench_version(client, name, plan.version)
+    bodies = plan.bodies or bench_bodies(store, name, version, plan.held_out, plan.input_file)
     entry = verify_archive(store, name, version)
     url, served_bodies = f"{client.endpoints.inference_url}/predictions/{name}/{version}", bodies
     peer = None
