@@ -164,7 +164,10 @@ def capture_code(spec: str, staging: Path) -> tuple[str, list[str]]:
             file = getattr(module, "__file__", None)
             if not file or module.__name__.split(".")[0] in OWN_PACKAGES:
                 continue
-            path = Path(file).resolve()
+            path = Path(file)  # torch.ops and torch.classes name relative files that are nowhere: not code
+            if not path.is_absolute() or not path.is_file():
+                continue
+            path = path.resolve()
             if path.suffix == ".py" and path.is_relative_to(root) and not is_installed(file):
                 files.add(path)
                 for parent in path.relative_to(root).parents:  # the packages it sits in

@@ -90,6 +90,16 @@ def test_a_class_whose_file_imports_a_helper_travels_with_its_code(brought, held
         write_user_model(brought["folder"])
 
 
+def test_a_class_imported_from_its_own_folder_copies_only_its_code(brought, held_out, tmp_path, monkeypatch):
+    # run where the file is, as the README's example does: torch's modules that name relative files (torch.ops:
+    # "_ops.py", torch.classes: "_classes.py") must not be taken for the user's code there
+    monkeypatch.chdir(brought["file"].parent)
+    store = tmp_path / "store"
+    servekit("import", "here", "--model", f"{brought['file'].name}:TinyNet", "--kwargs", '{"width": 8}',
+             "--handler", "digits", "--example", held_out[0].path, "--store", store)  # fmt: skip
+    assert sorted(p.name for p in (store / "work" / "here" / "model_code").iterdir()) == ["layers.py", "tinynet.py"]
+
+
 @pytest.mark.parametrize("kind", ["model.ts", "model.pt2", "model.onnx"])
 def test_each_format_that_carries_its_graph_is_served_as_brought(brought, held_out, tmp_path, kind):
     store = tmp_path / "store"
