@@ -1,8 +1,8 @@
 """servekit's worker core: the code that runs inside a serving runtime, shipped as this one folder in every archive.
 
-It imports only torch, torchvision, Pillow and the standard library (onnxruntime when an ONNX model loads, TorchServe's
-`ts` in its adapter alone), never `servekit`: servekit's library imports its facts from here instead. One concern a
-module, lowest first:
+It imports only torch, torchvision, Pillow, numpy (torchvision requires it) and the standard library (onnxruntime when
+an ONNX model loads, TorchServe's `ts` in its adapter alone), never `servekit`: servekit's library imports its facts
+from here instead. One concern a module, lowest first:
 
     errors            RequestError: a client's mistake, answered with its own status
     requests          Request and Answer as any runtime hands them over; bodies, JSON, limits; the plain protocol

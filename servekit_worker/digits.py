@@ -11,23 +11,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from servekit_worker.base import ClassifierHandler
 from servekit_worker.errors import RequestError
 from servekit_worker.requests import Decoded, as_bytes, base64_bytes, instance_value, json_items, parse_json
 from servekit_worker.tensors import finite_tensor
-from servekit_worker.vision import decode_image
+from servekit_worker.vision import decode_pixels
 
 IMAGE_SIZE = 28
 JSON_FORMAT = '{"input": [[28 rows of 28 floats in 0..1]]} or {"inputs": [image, ...]}'
 
 
 def image_to_tensor(raw: bytes, max_pixels: int) -> torch.Tensor:
-    """Image bytes -> a 1x1x28x28 float tensor in [0, 1], white digit on black."""
-    tensor = decode_image(raw, max_pixels, "L", (IMAGE_SIZE, IMAGE_SIZE))[0].float() / 255.0
-    border = torch.cat([tensor[0], tensor[-1], tensor[:, 0], tensor[:, -1]])
-    if border.mean() > 0.5:  # dark ink on light paper: flip to the training convention
+    """Image bytes -> a 1x1x28x28 float tensor in [0, 1], white digit on black. In numpy: a lone request's decode
+    is a dozen tiny operations, each 2-3x cheaper there than as a torch call."""
+    pixels = decode_pixels(raw, max_pixels, "L", (IMAGE_SIZE, IMAGE_SIZE))[:, :, 0]
+    tensor = torch.from_numpy(pixels.astype(np.float32) / np.float32(255.0))
+    edges = np.concatenate((pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]))  # corners twice, as before
+    border = int(edges.sum(dtype=np.int64))
+    if 2 * border > 255 * 4 * IMAGE_SIZE:  # mean above 0.5: dark ink on light paper, flip to the training convention
         tensor = 1.0 - tensor
     return tensor.reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
 

@@ -9,6 +9,7 @@ import io
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -60,15 +61,19 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_image(raw: bytes, max_pixels: int, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Image bytes -> upright uint8 pixels, channels x height x width (1 channel for mode "L", 3 for "RGB"),
+def decode_pixels(raw: bytes, max_pixels: int, mode: str = "RGB", size: tuple[int, int] | None = None) -> np.ndarray:
+    """Image bytes -> upright uint8 pixels, height x width x channels (1 channel for mode "L", 3 for "RGB"),
     resized by Pillow (bilinear) to `size` (width, height) when given and different."""
     image = open_image(raw, max_pixels).convert(mode)
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     width, height = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(height, width, len(image.getbands())).permute(2, 0, 1)
+    return np.array(image, dtype=np.uint8).reshape(height, width, len(image.getbands()))
+
+
+def decode_image(raw: bytes, max_pixels: int, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
+    """decode_pixels as a tensor, channels x height x width."""
+    return torch.from_numpy(decode_pixels(raw, max_pixels, mode, size)).permute(2, 0, 1)
 
 
 def batchable_jpeg(raw: bytes, max_pixels: int) -> bool:

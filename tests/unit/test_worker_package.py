@@ -13,13 +13,11 @@ from support import REPO
 WORKER = REPO / "servekit_worker"
 MODULES = sorted(WORKER.glob("*.py"))
 MAX_MODULE_LINES = 350
-RUNTIME_PACKAGES = {"torch", "torchvision", "PIL", "servekit_worker"}
+RUNTIME_PACKAGES = {"torch", "torchvision", "PIL", "numpy", "servekit_worker"}  # numpy: torchvision requires it
 # Imported inside functions only, and by these modules only: ONNX Runtime when an ONNX model loads, TorchServe's
 # `ts` in its adapter.
-# What a module may import inside its functions: a format's runtime, or a runtime's own API in its adapter alone
-# (Triton's Python backend hands tensors over as numpy arrays).
-LAZY_IMPORTS = {"onnxruntime": {"loading"}, "ts": {"torchserve"}, "triton_python_backend_utils": {"triton"},
-                "numpy": {"triton"}}  # fmt: skip
+# What a module may import inside its functions: a format's runtime, or a runtime's own API in its adapter alone.
+LAZY_IMPORTS = {"onnxruntime": {"loading"}, "ts": {"torchserve"}, "triton_python_backend_utils": {"triton"}}
 # What the library imports from the worker at start-up (`servekit --help` must not load torch).
 LIGHT_MODULES = ("errors", "requests", "kserve", "answers", "settings", "loading", "telemetry")
 
@@ -66,11 +64,11 @@ def test_worker_modules_import_only_what_every_runtime_has(path):
 
 
 def test_the_import_check_finds_a_forbidden_import(tmp_path):
-    """The check above can fail: servekit itself, numpy, and `ts` outside the adapter are caught."""
+    """The check above can fail: servekit itself, requests, and `ts` outside the adapter are caught."""
     module = tmp_path / "acceleration.py"
-    module.write_text("import numpy\n\ndef f():\n    import ts\n    from servekit.core.errors import UsageError\n")
+    module.write_text("import requests\n\ndef f():\n    import ts\n    from servekit.core.errors import UsageError\n")
     top, inside = imports(module)
-    assert top == {"numpy"} and inside == {"ts", "servekit"}
+    assert top == {"requests"} and inside == {"ts", "servekit"}
 
 
 def test_the_facts_the_library_reads_at_start_up_import_without_torch():
