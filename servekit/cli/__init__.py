@@ -7,6 +7,9 @@ and benchmarking import their heavy modules inside the command.
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from servekit.cli import delivering, deploying, making, measuring, packing, serving  # noqa: F401  (registers)
 from servekit.cli.base import cli
 
@@ -14,4 +17,7 @@ __all__ = ["cli", "main"]
 
 
 def main() -> None:
+    # `kill` (SIGTERM) ends a command as Ctrl-C does: its cleanup runs, so a peer `bench` started (or paused) or a
+    # trial `tune` registered is not left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cli()

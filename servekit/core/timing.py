@@ -104,6 +104,19 @@ class CpuUse:
     loadavg_1m: float = 0.0
     cores: int = 0
 
+    @classmethod
+    def combined(cls, uses: list[CpuUse]) -> CpuUse:
+        """Several measurements as one: each user's cores averaged over their wall time, the highest load."""
+        wall = sum(use.wall_s for use in uses)
+
+        def average(cores: Callable[[CpuUse], float]) -> float:
+            return sum(cores(use) * use.wall_s for use in uses) / wall if wall else 0.0
+
+        labels = dict.fromkeys(label for use in uses for label in use.measured_cores)
+        measured = {label: average(lambda use, label=label: use.measured_cores.get(label, 0.0)) for label in labels}
+        background = average(lambda use: use.background_cores)
+        return cls(wall, measured, background, max(use.loadavg_1m for use in uses), max(use.cores for use in uses))
+
     def describe(self) -> str:
         parts = [f"{label} {value:.2f}" for label, value in self.measured_cores.items()]
         return (

@@ -18,17 +18,19 @@ frontend is Java, and until its JIT has compiled the request path a cold server'
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from servekit.core.choices import PEERS
 from servekit.core.errors import ServekitError, UsageError
+from servekit.core.processes import paused
 from servekit.core.timing import CpuUse, Figure, machine_summary, percentile, time_calls
-from servekit.measure.loadgen import LoadResult, LoadRun, measure_load, run_load
+from servekit.measure.loadgen import LoadResult, LoadRun, measure_load, merged_runs, run_load
 from servekit.measure.peers import STARTED_PEERS, Peer
 from servekit.serve import metrics
-from servekit.serve.client import ServeClient
+from servekit.serve.client import Keys, ServeClient
 from servekit.serve.deployments import default_version, registered_versions, version_info
 from servekit.serve.handle import Server
 from servekit.serve.torchserve import free_port
@@ -186,18 +188,31 @@ PEER_LABELS = {
 }
 
 
+@dataclass
+class Side:
+    """One side of a comparison: where its load goes, with which bodies, and the process tree whose CPU is its own."""
+
+    url: str
+    bodies: list[tuple[bytes, str]]
+    pid: int | None
+    keys: Keys | None = None  # servekit's TorchServe: renewed when it expires mid-run
+    pausable: bool = False  # a peer bench started: paused while the other side is measured
+
+
 def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
-    """Runs every concurrency level against the served model (and the peer), then the handler in process.
+    """Runs every concurrency level against the served model and the peer, round by round, then the handler in
+    process.
 
     TorchServe's frontend process tree's CPU is reported as the server's. With a Triton peer, TorchServe is asked
     on its KServe v2 route with the same v2 documents (like for like).
     """
     from servekit.store.catalog import verify_archive
 
-    concurrency, duration_s, rate, repeats = plan.concurrency, plan.duration_s, plan.rate, plan.repeats
-    generator, warmup_s, client, store, name = plan.generator, plan.warmup_s, server.client, server.store, plan.name
-    if not concurrency or min(concurrency) < 1 or duration_s <= 0 or repeats < 1 or warmup_s < 0:
-        raise UsageError("concurrency levels and repeats must be >= 1, the duration > 0 and the warm-up >= 0")
+    client, store, name = server.client, server.store, plan.name
+    if not plan.concurrency or min(plan.concurrency) < 1 or plan.duration_s <= 0 or plan.repeats < 1:
+        raise UsageError("concurrency levels and repeats must be >= 1 and the duration > 0")
+    if plan.warmup_s < 0:
+        raise UsageError("the warm-up must be >= 0")
     if plan.peer not in (None, *PEERS):
         raise UsageError(f"unknown peer {plan.peer!r}: one of {', '.join(PEERS)}")
     if plan.peer in STARTED_PEERS and plan.peer_model_dir is None:
@@ -205,40 +220,17 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
     version = bench_version(client, name, plan.version)
     bodies = plan.bodies or bench_bodies(store, name, version, plan.held_out, plan.input_file)
     entry = verify_archive(store, name, version)
-    url, served_bodies = f"{client.endpoints.inference_url}/predictions/{name}/{version}", bodies
-    peer = None
-    if plan.peer == "triton":
-        from servekit.serve.triton import TritonState
-
-        peer = triton_peer(TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR), name, version, bodies)
-    if peer is not None:  # TorchServe's v2 route serves the default version only
-        if default_version(client, name) != version:
-            raise UsageError(f"{name} {version} is not the default version: TorchServe's v2 route serves the default")
-        url, served_bodies = f"{client.endpoints.inference_url}/v2/models/{name}/infer", peer.bodies
-    if warmup_s:
-        run_load(url, {}, served_bodies, max(concurrency), warmup_s, rate, generator=generator, keys=client.keys)
-    levels = []
-    for level in concurrency:
-        before = metrics.scrape(client).version(name, version)
-        run = measure_load(url, {}, served_bodies, level, duration_s, repeats, server.state.pid, rate, generator,
-                           client.keys)  # fmt: skip
-        after = metrics.scrape(client)
-        figures = after.version(name, version) - before
-        levels.append(
-            Level(
-                run.result, run.throughput, run.cpu, figures.queue_ms, figures.service_ms, after.handler.get(name, {})
-            )
-        )
-        if on_level:
-            on_level("served", levels[-1])
-    if peer is not None:
-        run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
-    elif plan.peer in STARTED_PEERS:
-        with STARTED_PEERS[plan.peer](plan.peer_model_dir, free_port()) as started:
-            peer = started.peer(bodies)
-            run_peer(peer, levels, duration_s, rate, repeats, generator, warmup_s, on_level)
+    with contextlib.ExitStack() as running:
+        sides, peer = bench_sides(server, plan, version, bodies, running)
+        warmups = (plan.warmup_s, min(plan.warmup_s, peer.warmup_s) if peer else 0)  # a started peer: its own share
+        for side, seconds in zip(sides, warmups, strict=False):
+            if seconds:
+                with paused(others_pausable(sides, side)):
+                    run_load(side.url, {}, side.bodies, max(plan.concurrency), seconds, plan.rate,
+                             generator=plan.generator, keys=side.keys)  # fmt: skip
+        levels = [measure_level(server, version, sides, level, plan, on_level) for level in plan.concurrency]
     gpu_id = workers_gpu(client, name, version)
-    in_process = measure_in_process(store / entry.archive, bodies, min(duration_s, 5.0), gpu_id)
+    in_process = measure_in_process(store / entry.archive, bodies, min(plan.duration_s, 5.0), gpu_id)
     for level in levels:
         level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
         level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None
@@ -247,28 +239,73 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
         version,
         entry.archive,
         len(bodies),
-        duration_s,
+        plan.duration_s,
         in_process,
         levels,
         peer.label if peer is not None else "",
         machine_summary(),
-        repeats,
-        warmup_s,
+        plan.repeats,
+        plan.warmup_s,
     )
 
 
-def run_peer(peer: Peer, levels: list[Level], duration_s, rate, repeats, generator, warmup_s, on_level) -> None:
-    """Each level's concurrency against the peer, after its share of the warm-up; its figures beside the level's."""
-    if warmup_s:
-        run_load(peer.url, {}, peer.bodies, max(lv.served.concurrency for lv in levels), min(warmup_s, peer.warmup_s),
-                 rate, generator=generator)  # fmt: skip
-    for level in levels:
-        run: LoadRun = measure_load(peer.url, {}, peer.bodies, level.served.concurrency, duration_s, repeats, peer.pid,
-                                    rate, generator)  # fmt: skip
-        level.baseline, level.baseline_throughput, level.baseline_cpu = run.result, run.throughput, run.cpu
+def bench_sides(server: Server, plan: BenchPlan, version: str, bodies, running: contextlib.ExitStack):
+    """servekit's side, and the peer's when the plan names one (started here and stopped with `running`). A Triton
+    peer is asked in KServe v2, and then servekit too, on TorchServe's v2 route (which serves the default only)."""
+    client = server.client
+    url = f"{client.endpoints.inference_url}/predictions/{plan.name}/{version}"
+    served = Side(url, bodies, server.state.pid, client.keys)
+    if plan.peer == "triton":
+        from servekit.serve.triton import TritonState
+
+        triton = TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR)
+        peer = triton_peer(triton, plan.name, version, bodies)
+        if default_version(client, plan.name) != version:
+            raise UsageError(f"{plan.name} {version} is not the default version: TorchServe's v2 route serves it only")
+        served.url, served.bodies = f"{client.endpoints.inference_url}/v2/models/{plan.name}/infer", peer.bodies
+    elif plan.peer in STARTED_PEERS:
+        peer = running.enter_context(STARTED_PEERS[plan.peer](plan.peer_model_dir, free_port())).peer(bodies)
+    else:
+        return [served], None
+    return [served, Side(peer.url, peer.bodies, peer.pid, pausable=plan.peer in STARTED_PEERS)], peer
+
+
+def measure_level(server: Server, version: str, sides: list[Side], concurrency: int, plan: BenchPlan, on_level):
+    """One concurrency level: the served side's figures with TorchServe's own view of them (queue and service time
+    from its metrics), and the peer's beside them."""
+    before = metrics.scrape(server.client).version(plan.name, version)
+    served, *peer = alternated(sides, concurrency, plan)
+    after = metrics.scrape(server.client)
+    figures = after.version(plan.name, version) - before
+    handler = after.handler.get(plan.name, {})
+    level = Level(served.result, served.throughput, served.cpu, figures.queue_ms, figures.service_ms, handler)
+    if on_level:
+        on_level("served", level)
+    if peer:
+        level.baseline, level.baseline_throughput, level.baseline_cpu = peer[0].result, peer[0].throughput, peer[0].cpu
         level.ratio_over_baseline = ratio(level.served.throughput_per_s, level.baseline.throughput_per_s)
         if on_level:
             on_level("baseline", level)
+    return level
+
+
+def alternated(sides: list[Side], concurrency: int, plan: BenchPlan) -> list[LoadRun]:
+    """`plan.repeats` rounds at one concurrency, each side once a round and the order reversed every round, so that
+    a change in the machine's load falls on every side alike; one LoadRun per side over its rounds."""
+    runs: list[list[LoadRun]] = [[] for _ in sides]
+    order = list(enumerate(sides))
+    for round_number in range(plan.repeats):
+        for i, side in order if round_number % 2 == 0 else reversed(order):
+            load = (side.url, {}, side.bodies, concurrency, plan.duration_s, side.pid, plan.rate, plan.generator)
+            with paused(others_pausable(sides, side)):
+                runs[i].append(measure_load(*load, keys=side.keys))
+    return [merged_runs(side_runs) for side_runs in runs]
+
+
+def others_pausable(sides: list[Side], measured: Side) -> list[int]:
+    """The started peers to pause while `measured` runs: an idle LitServe polls its queues every millisecond and
+    took ~0.25 of a core from servekit on 2 cores, where an idle TorchServe takes ~0.01 from the peer."""
+    return [side.pid for side in sides if side is not measured and side.pausable and side.pid]
 
 
 def workers_gpu(client: ServeClient, name: str, version: str) -> int | None:
@@ -360,7 +397,9 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
         f"{report.bodies} request bodies, {report.duration_s:g} s per level after {report.warmup_s:g} s of "
         f"unmeasured warm-up, {report.machine}. In process "
         f"(same handler, batch {ip.batch_size}): {ip.throughput_per_s:.1f} samples/s, one request p50 "
-        f"{ip.p50_ms:.2f} ms. Each level: median of {report.repeats} run(s); CPU in cores used by the load "
+        f"{ip.p50_ms:.2f} ms. Each level: median of {report.repeats} run(s)"
+        f"{f', one round each beside {report.baseline}, the order reversed every round' if report.baseline else ''}"
+        "; CPU in cores used by the load "
         f"generator (client), the server's process tree and every other process; the machine has "
         f"{report.levels[0].cpu.cores if report.levels and report.levels[0].cpu else '?'} cores.",
         *unreliable_lines(report),

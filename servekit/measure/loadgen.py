@@ -347,24 +347,27 @@ def measure_load(
     bodies: list[tuple[bytes, str]],
     concurrency: int,
     duration_s: float,
-    repeats: int = 1,
     server_pid: int | None = None,
     rate: float | None = None,
     generator: str = "python",
     keys: Keys | None = None,
 ) -> LoadRun:
-    """`repeats` runs of `run_load` under one CpuMonitor: the generator's CPU counts as the client's, the process
-    tree of `server_pid` as the server's, the rest of the machine as background."""
+    """One run of `run_load` under a CpuMonitor: the generator's CPU counts as the client's, the process tree of
+    `server_pid` as the server's, the rest of the machine as background."""
     with CpuMonitor({"server": server_pid} if server_pid else {}, own_label="client") as monitor:
-        runs = [
-            run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator, keys=keys)
-            for _ in range(repeats)
-        ]
-    background = monitor.use.background_cores
-    median_run = sorted(runs, key=lambda run: run.throughput_per_s)[len(runs) // 2]
+        run = run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator, keys=keys)
+    return merged_runs([LoadRun(run, Figure.of([run.throughput_per_s], "req/s"), Figure.of([run.p99_ms]), monitor.use)])
+
+
+def merged_runs(runs: list[LoadRun]) -> LoadRun:
+    """Repeats of one load level as one: the run with the median throughput, throughput and p99 over the repeats,
+    and the CPU each user took over all of them."""
+    cpu = CpuUse.combined([run.cpu for run in runs])
+    results = [run.result for run in runs]
+    median_run = sorted(results, key=lambda result: result.throughput_per_s)[len(results) // 2]
     return LoadRun(
         median_run,
-        Figure.of([run.throughput_per_s for run in runs], "req/s", background),
-        Figure.of([run.p99_ms for run in runs], "ms", background),
-        monitor.use,
+        Figure.of([result.throughput_per_s for result in results], "req/s", cpu.background_cores),
+        Figure.of([result.p99_ms for result in results], "ms", cpu.background_cores),
+        cpu,
     )

@@ -65,3 +65,32 @@ def test_concurrency_levels_are_a_comma_list_of_clients_each_at_least_one():
         result = CliRunner().invoke(cli, ["bench", "digits", "--concurrency", bad, "--workdir", "/nonexistent"])
         assert result.exit_code == 2 and "Invalid value for '--concurrency'" in result.output, result.output
         assert message in result.output
+
+
+def test_served_and_peer_alternate_round_by_round_and_each_side_keeps_its_own_runs(monkeypatch):
+    from servekit.core.timing import CpuUse, Figure
+    from servekit.measure import bench
+    from servekit.measure.loadgen import LoadResult, LoadRun
+
+    calls = []
+
+    def fake_measure_load(url, headers, bodies, concurrency, duration_s, pid, rate, generator, keys=None):
+        calls.append(url)
+        rate_seen = 100.0 * len(calls) if url == "served" else 10.0 * len(calls)
+        result = LoadResult(concurrency, duration_s, 1, 1, 0, throughput_per_s=rate_seen, p99_ms=1.0)
+        cpu = CpuUse(wall_s=duration_s, measured_cores={"server": 1.0 if url == "served" else 0.5}, cores=2)
+        return LoadRun(result, Figure.of([rate_seen], "req/s"), Figure.of([1.0]), cpu)
+
+    monkeypatch.setattr(bench, "measure_load", fake_measure_load)
+    plan = bench.BenchPlan("digits", duration_s=2.0, repeats=4)
+    served, peer = bench.alternated([bench.Side("served", [], 1), bench.Side("peer", [], 2)], 16, plan)
+    assert calls == ["served", "peer", "peer", "served", "served", "peer", "peer", "served"]
+    assert served.throughput.repeats == [100.0, 400.0, 500.0, 800.0] and peer.throughput.repeats == [
+        20.0,
+        30.0,
+        60.0,
+        70.0,
+    ]
+    assert served.result.throughput_per_s == 500.0  # the run with the median throughput (upper of the middle two)
+    assert served.cpu.wall_s == 8.0 and served.cpu.measured_cores == {"server": 1.0}
+    assert peer.cpu.measured_cores == {"server": 0.5}

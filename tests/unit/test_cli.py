@@ -91,3 +91,33 @@ def test_tables_and_lines_piped_into_a_file_are_printed_whole(model_store):
     assert "…" not in listing and len(row) > 80
     created = json.loads(run("models", "--store", "--store-dir", str(model_store), "--json").output)[0]["created"]
     assert created in row
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanup():
+    import signal
+    import subprocess
+    import sys
+
+    program = """import sys, time
+from servekit.cli import base, main
+
+@base.cli.command("hold")
+def hold():
+    try:
+        print("holding", flush=True)
+        time.sleep(60)
+    finally:
+        print("cleaned up", flush=True)
+
+sys.argv = ["servekit", "hold"]
+main()
+"""
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "holding\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 128 + signal.SIGTERM
+        assert process.stdout.read() == "cleaned up\n"
+    finally:
+        process.kill()
+        process.wait()

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
-from servekit.core.processes import stop_process_tree, wait_until_exited
+from servekit.core.processes import paused, stop_process_tree, wait_until_exited
 
 # Starts a child, prints its PID and sleeps without ever reaping it: once the child exits it stays a zombie, as a
 # stopped server's orphans do until an init that reaps late gets to them. With "wait", the child waits for its
@@ -46,3 +47,15 @@ def test_stop_process_tree_ends_a_running_process_and_its_children():
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_paused_stops_a_process_tree_for_the_block_and_continues_it_even_when_the_block_raises():
+    parent, child = parent_and_child("wait")
+    tree = psutil.Process(parent.pid)
+    try:
+        with pytest.raises(RuntimeError), paused([parent.pid, 2**22 + 1]):  # a PID that is not running is skipped
+            assert {tree.status(), child.status()} == {psutil.STATUS_STOPPED}
+            raise RuntimeError("the measurement failed")
+        assert psutil.STATUS_STOPPED not in (tree.status(), child.status())
+    finally:
+        stop_process_tree(tree, 10)
