@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Issue 30's side-by-side table for digits: servekit's default archive straight to TorchServe, against each peer of
-# `servekit bench --baseline` (Flask, LitServe, TorchServe as its MNIST example documents it) at 1 and 16 clients,
-# alternated within each run, with wrk. Run it on an idle machine (needs `pip install -e '.[peers]'` and wrk):
-#   bash scripts/peers_table.sh [OUT_DIR]        (about 6 minutes on 2 cores)
-# Writes OUT_DIR/<peer>/bench.{json,md,png} and OUT_DIR/peers.md, and prints that table. TorchServe is stopped on exit.
+# Issue 30's side-by-side table for digits, wrk, each row's servekit and peer figures from one `servekit bench` run
+# (one round each per level, the order reversed every round):
+#   straight to TorchServe: the default archive (1.0.0) against every peer of `servekit bench --baseline` (Flask,
+#   LitServe, TorchServe as its MNIST example documents it), and the archive `optimize --pick fastest` + `build
+#   --variant best` make (2.0.0) against LitServe;
+#   through servekit's proxy (nginx): both archives against LitServe.
+# Run it on an idle machine (needs `pip install -e '.[peers]'` and wrk):
+#   bash scripts/peers_table.sh [OUT_DIR]        (about 12 minutes on 2 cores; ROUTES=straight for half)
+# Writes OUT_DIR/<route>-<version>-<peer>/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/peers.md, and prints
+# that table. TorchServe is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sk=$PWD/.venv/bin/servekit
@@ -13,32 +18,47 @@ work=$(mktemp -d /tmp/servekit-peers-XXXXXX)
 mkdir -p "$out"
 config=$PWD/config.properties
 cd "$work"
-trap '"$sk" serve stop >/dev/null 2>&1 || true' EXIT
+trap '"$sk" serve stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 uptime | tee "$out/load_before.txt"
 
 "$sk" train digits
 "$sk" build digits --version 1.0.0
-"$sk" serve start --no-proxy --config "$config"
-"$sk" register digits --version 1.0.0
-for peer in flask litserve torchserve; do
-  "$sk" bench digits --concurrency 1,16 --duration "${DURATION:-8s}" --repeats "${REPEATS:-2}" --generator wrk \
-    --baseline "$peer" --out "$out/$peer"
+"$sk" optimize digits --variants eager,onnx,onnx_int8 --pick fastest --out "$out/optimize" --json > /dev/null
+"$sk" build digits --version 2.0.0 --variant best
+
+bench() {  # ROUTE VERSION PEER
+  "$sk" bench digits --version "$2" --concurrency 1,16 --duration "${DURATION:-8s}" --repeats "${REPEATS:-2}" \
+    --generator wrk --baseline "$3" --out "$out/$1-$2-$3"
+}
+for route in ${ROUTES:-straight proxy}; do
+  if [ "$route" = straight ]; then "$sk" serve start --no-proxy --config "$config"; else "$sk" serve start --config "$config"; fi
+  "$sk" register digits --version 1.0.0
+  "$sk" register digits --version 2.0.0  # beside the default (1.0.0); idle while the other is benched
+  if [ "$route" = straight ]; then
+    for peer in flask litserve torchserve; do bench "$route" 1.0.0 "$peer"; done
+  else
+    bench "$route" 1.0.0 litserve
+  fi
+  bench "$route" 2.0.0 litserve
+  "$sk" serve stop
 done
 uptime | tee "$out/load_after.txt"
 
-# One row per server: servekit's figures from each run are that run's own (it was measured beside that peer).
+# One row per bench run: servekit's figures beside the peer's from the same run.
 "$python" - "$out" <<'PY' | tee "$out/peers.md"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("| server | c=1 req/s | c=1 p50 ms | c=16 req/s | c=16 p99 ms | c=16 x servekit |")
-print("| --- | --- | --- | --- | --- | --- |")
-for peer in ("flask", "litserve", "torchserve"):
-    report = json.loads((out / peer / "bench.json").read_text())
+print("| route | servekit archive | peer | c=1 p50 ms (peer) | c=1 p50 / peer | c=16 req/s (peer) | c=16 x peer "
+      "| c=16 p99 ms (peer) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for folder in sorted(out.glob("*-*-*/"), key=lambda f: f.stat().st_mtime):
+    route, version, peer = folder.name.split("-")
+    report = json.loads((folder / "bench.json").read_text())
     one, many = (next(lv for lv in report["levels"] if lv["served"]["concurrency"] == c) for c in (1, 16))
-    for label, key in ((f"servekit (run with {peer})", "served"), (peer, "baseline")):
-        a, b = one[key], many[key]
-        share = b["throughput_per_s"] / many["served"]["throughput_per_s"]
-        print(f"| {label} | {a['throughput_per_s']:.0f} | {a['p50_ms']:.2f} | {b['throughput_per_s']:.0f} "
-              f"| {b['p99_ms']:.1f} | {share:.2f} |")
+    archive = "default" if version == "1.0.0" else f"optimized ({report['archive']})"
+    s1, p1, s16, p16 = one["served"], one["baseline"], many["served"], many["baseline"]
+    print(f"| {route} | {archive} | {peer} | {s1['p50_ms']:.2f} ({p1['p50_ms']:.2f}) | {s1['p50_ms'] / p1['p50_ms']:.2f} "
+          f"| {s16['throughput_per_s']:.0f} ({p16['throughput_per_s']:.0f}) "
+          f"| {s16['throughput_per_s'] / p16['throughput_per_s']:.2f} | {s16['p99_ms']:.1f} ({p16['p99_ms']:.1f}) |")
 PY
