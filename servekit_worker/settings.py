@@ -21,8 +21,8 @@ DEFAULTS = {
     "channels_last": True,
     # Batch sizes captured as CUDA graphs at start-up (CUDA workers only), e.g. [1, 2, 4, 8, 16, 32, 64].
     "cuda_graphs": [],
-    # Image handlers: "batched" decodes a batch's JPEGs in one torchvision call on the worker's device, "pil" one
-    # by one with Pillow on the CPU, "auto" batched on CUDA workers and pil on CPU workers.
+    # Image handlers: "batched" (or "auto") decodes a batch's JPEGs in one torchvision call on the worker's device
+    # and transforms the batch whole, "pil" decodes and transforms each image alone with Pillow on the CPU.
     "image_decode": "auto",
     # Milliseconds between two emissions of a worker's batch gauges (ServekitInferenceMs, ...); 0: every batch.
     "metrics_interval_ms": 1000,

@@ -49,8 +49,9 @@ def batched_handler(all_models_store, tmp_path):
 
 
 # Batched decode -------------------------------------------------------------------------------------------------
-def test_auto_decodes_with_pil_on_a_cpu_worker_and_unknown_modes_are_refused(all_models_store, tmp_path):
-    assert image_handler_with(all_models_store, tmp_path / "auto").batched_decode is False
+def test_auto_decodes_in_batches_on_a_cpu_worker_too_and_unknown_modes_are_refused(all_models_store, tmp_path):
+    assert image_handler_with(all_models_store, tmp_path / "auto").batched_decode is True
+    assert image_handler_with(all_models_store, tmp_path / "pil", image_decode="pil").batched_decode is False
     with pytest.raises(RuntimeError, match="handler.image_decode is 'gpu'; expected one of auto, batched, pil"):
         image_handler_with(all_models_store, tmp_path / "bad", image_decode="gpu")
 
