@@ -23,7 +23,7 @@ from servekit.core.errors import ApiError, ServerError, UsageError
 from servekit.core.lazy import lazy_module
 from servekit.core.processes import stop_process_tree
 from servekit.core.properties import read_properties, store_archives_only, write_properties
-from servekit.serve import proxy
+from servekit.serve import proxy, torchserve_logging
 from servekit.serve.client import SERVER_STATE_FILE, Endpoints, ServeClient
 
 psutil = lazy_module("psutil")  # 25 ms, for commands that look at processes
@@ -272,7 +272,8 @@ def start(settings: ServerSettings) -> ServerState:
     pid_file.unlink(missing_ok=True)
     write_properties(properties, config_path)
     torchserve = Path(sys.executable).with_name("torchserve")
-    command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"]]
+    command = [str(torchserve), "--start", "--ts-config", str(config_path), "--model-store", properties["model_store"],
+               "--log-config", str(torchserve_logging.write_log_config(workdir))]  # fmt: skip
     if not settings.snapshots:
         command.append("--ncs")
     environment = {

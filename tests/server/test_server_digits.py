@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -136,6 +137,20 @@ def test_prometheus_metrics_are_served(served_digits, good_png):
     served_digits.predict("digits", good_png, content_type="image/png")
     text = served_digits.metrics()
     assert "ts_inference_requests_total" in text and 'model_name="digits"' in text
+
+
+def test_a_request_leaves_one_access_line_and_nothing_in_stdout_or_ts_log(torchserve, served_digits, good_png):
+    """servekit's log4j2 configuration: TorchServe's own logs ~10 lines a request, stdout (never rolled) too."""
+    logs = Path(torchserve.log_dir)
+    stdout_size = (logs / "torchserve.out").stat().st_size
+    access_lines = (logs / "access_log.log").read_text().count("/predictions/digits")
+    for _ in range(20):
+        served_digits.predict("digits", good_png, content_type="image/png")
+    assert (logs / "access_log.log").read_text().count("/predictions/digits") == access_lines + 20
+    assert (logs / "torchserve.out").stat().st_size == stdout_size
+    ts_log = (logs / "ts_log.log").read_text()
+    assert "[DEBUG]" not in ts_log and "Sending response" not in ts_log and "ACCESS_LOG" not in ts_log
+    assert "Backend response time" in ts_log  # the frontend's INFO lines are kept, once each
 
 
 def test_cli_register_predict_and_models_against_a_running_server(torchserve, trained_digits, served_digits):
