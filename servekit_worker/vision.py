@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from servekit_worker.errors import RequestError
 
@@ -98,6 +97,8 @@ def decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor 
     raises, each JPEG is decoded alone and the one that fails gets its exception in its place."""
     if not jpegs:
         return []
+    from torchvision.io import ImageReadMode, decode_jpeg  # 1.2 s to import: only workers that decode JPEGs pay it
+
     try:
         return list(decode_jpeg([jpeg_data(raw) for raw in jpegs], mode=ImageReadMode.RGB, device=device))
     except (RuntimeError, ValueError) as exc:

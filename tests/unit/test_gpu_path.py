@@ -116,7 +116,7 @@ def test_bad_inputs_get_the_same_4xx_in_batched_mode_and_their_neighbours_are_an
 
 
 def test_a_corrupt_jpeg_in_a_batch_answers_400_alone(pil_handler, batched_handler, held_out, monkeypatch):
-    from servekit_worker import vision
+    import torchvision.io as vision  # decode_jpegs imports decode_jpeg from here at each call
 
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 3)]
     corrupt = corrupt_jpeg(jpegs[1])
@@ -142,7 +142,7 @@ def test_a_corrupt_jpeg_in_a_batch_answers_400_alone(pil_handler, batched_handle
 
 def test_a_jpeg_decode_jpeg_refuses_is_decoded_by_pillow(batched_handler, pil_handler, held_out, monkeypatch):
     """nvJPEG refuses some valid JPEGs: Pillow answers them rather than a 400."""
-    from servekit_worker import vision
+    import torchvision.io as vision  # decode_jpegs imports decode_jpeg from here at each call
 
     jpegs = [jpeg_bytes(image) for image in batched_test_images(held_out, 2)]
     decode = vision.decode_jpeg
