@@ -8,16 +8,7 @@
 # All four: batches of 8 within 1 ms, 2 workers (servekit's defaults), the same 28x28 PNG bodies.
 #   bash scripts/path_floor.sh [OUT_DIR]        (about 5 minutes on 2 cores; needs wrk; run it on an idle machine)
 # Prints (and writes OUT_DIR/floor.md, floor.json): c=1 p50 and c=16 req/s with the server's CPU per request.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-sk=$PWD/.venv/bin/servekit
-python=$PWD/.venv/bin/python
-out=$(realpath -m "${1:-path_floor_out}")
-work=$(mktemp -d /tmp/servekit-floor-XXXXXX)
-mkdir -p "$out"
-config=$PWD/config.properties
-cd "$work"
-trap '"$sk" serve stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+source "$(dirname "$0")/run_in_temp.sh" "${1:-path_floor_out}" floor
 
 "$sk" train digits
 "$sk" build digits --version 1.0.0

@@ -9,16 +9,7 @@
 #   bash scripts/peers_table.sh [OUT_DIR]        (about 12 minutes on 2 cores; ROUTES=straight for half)
 # Writes OUT_DIR/<route>-<version>-<peer>/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/peers.md, and prints
 # that table. TorchServe is stopped on exit.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-sk=$PWD/.venv/bin/servekit
-python=$PWD/.venv/bin/python
-out=$(realpath -m "${1:-peers_table_out}")
-work=$(mktemp -d /tmp/servekit-peers-XXXXXX)
-mkdir -p "$out"
-config=$PWD/config.properties
-cd "$work"
-trap '"$sk" serve stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+source "$(dirname "$0")/run_in_temp.sh" "${1:-peers_table_out}" peers
 uptime | tee "$out/load_before.txt"
 
 "$sk" train digits

@@ -6,17 +6,8 @@
 #   bash scripts/resnet_peers.sh [OUT_DIR]        (about 12 minutes on 2 cores; IMAGE_SIZE=64 for a quick check)
 # Writes OUT_DIR/{eager,optimized}/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/resnet.md. TorchServe is
 # stopped on exit.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-sk=$PWD/.venv/bin/servekit
-python=$PWD/.venv/bin/python
-out=$(realpath -m "${1:-resnet_peers_out}")
-work=$(mktemp -d /tmp/servekit-resnet-XXXXXX)
-mkdir -p "$out"
-config=$PWD/config.properties
+source "$(dirname "$0")/run_in_temp.sh" "${1:-resnet_peers_out}" resnet
 size=${IMAGE_SIZE:-224}
-cd "$work"
-trap '"$sk" serve stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 uptime | tee "$out/load_before.txt"
 
 "$sk" train image --arch resnet18 --image-size "$size" --epochs 0 --out model_store/work/image
