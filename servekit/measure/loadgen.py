@@ -356,7 +356,9 @@ def measure_load(
     `server_pid` as the server's, the rest of the machine as background."""
     with CpuMonitor({"server": server_pid} if server_pid else {}, own_label="client") as monitor:
         run = run_load(url, headers, bodies, concurrency, duration_s, rate, generator=generator, keys=keys)
-    return merged_runs([LoadRun(run, Figure.of([run.throughput_per_s], "req/s"), Figure.of([run.p99_ms]), monitor.use)])
+    background = monitor.use.background_cores
+    throughput, p99 = Figure.of([run.throughput_per_s], "req/s", background), Figure.of([run.p99_ms], "ms", background)
+    return LoadRun(run, throughput, p99, monitor.use)
 
 
 def merged_runs(runs: list[LoadRun]) -> LoadRun:
