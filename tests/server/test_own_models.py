@@ -53,7 +53,7 @@ def through_everything(torchserve, name: str, model, import_args: list | None, v
         servekit("import", name, *import_args, "--store", store)
     folder = store / "work" / name
     servekit("optimize", name, "--variants", variants, "--budget", "0.1", "--pick", "fastest", "--store", store)
-    settings = ["--workers", "1", "--batch-size", "4", "--max-batch-delay", "20", "--store", store]
+    settings = ["--workers", "1", "--batch-size", "4", "--max-batch-delay", "2", "--store", store]
     servekit("build", name, "--version", "1.0.0", *settings)
     servekit("build", name, "--version", "1.1.0", "--variant", "best", *settings)
     samples = read_held_out(folder / "heldout")
