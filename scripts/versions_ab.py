@@ -1,6 +1,7 @@
 """Variants of one trained digits folder registered side by side on one TorchServe, driven in turn by wrk.
 
-Each variant is a version: built with its own `--model-config` (model-config keys, `handler:` settings), or
+Each variant is a version: built with its own `--model-config` (model-config keys, `handler:` settings) and `build`
+flags (e.g. `["--workers", "1"]`), or
 registered through the management API with query parameters (what a model-config cannot say, e.g.
 `max_batch_delay=0`). Per round and variant: one client for DUR seconds (wrk's p50, and TorchServe's own
 `ts_queue_latency_microseconds` per request over that level), then 16 clients; the order reverses every round.
@@ -65,7 +66,7 @@ def main(trained: Path, out: Path) -> None:
             config = out / f"model-config-{version}.yaml"
             config.write_text(json.dumps(variant["model_config"]))  # JSON is YAML
             build += ["--model-config", str(config)]
-        run(*build)
+        run(*build, *variant.get("build", []))
     options = ("inference", "management", "metrics", "grpc-inference", "grpc-management", "proxy")
     ports = [item for option in options for item in (f"--{option}-port", free_port())]
     config = str(ROOT / "config.properties")
