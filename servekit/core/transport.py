@@ -54,7 +54,15 @@ class Retries:
     backoff_s: float = 0.0
     jitter_s: float = 0.0
     statuses: tuple[int, ...] = ()
+    # (status, bytes its body holds): answers retried as `statuses` are, though their status alone says too little
+    bodies: tuple[tuple[int, bytes], ...] = ()
     methods: frozenset[str] = frozenset({"GET"})
+
+    def transient(self, response: Response) -> bool:
+        """Whether the call may go again for this answer (retries left permitting)."""
+        return response.status_code in self.statuses or any(
+            response.status_code == status and marker in response.content for status, marker in self.bodies
+        )
 
     def wait_s(self, retries_so_far: int, retry_after: str | None = None) -> float:
         if retry_after and retry_after.strip().isdigit():
@@ -136,7 +144,7 @@ class Session:
                     raise
                 counts["read"] += 1
             else:
-                retry_status = retryable and response.status_code in retries.statuses
+                retry_status = retryable and retries.transient(response)
                 if not retry_status or counts["status"] >= retries.status:
                     response.url = f"{parts.scheme}://{parts.netloc}{target}"
                     return response

@@ -25,6 +25,11 @@ from servekit.core.transport import Response, Retries, Session, TimedOut, Transp
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
 TRANSIENT_STATUSES = (503, 507)
+# The requests a crashed worker held: TorchServe answers them 507 "Worker died." when it has read the worker's exit
+# code (137) by then and 500 "Worker died." when it has not yet (its clean-up races the process's exit; the test
+# that SIGKILLs a worker under traffic met both). Both may go again.
+WORKER_DIED = "Worker died."
+TRANSIENT_BODIES = ((500, json.dumps(WORKER_DIED).encode()),)
 # The file `servekit serve start` writes beside key_file.json (servekit.serve.torchserve reads and writes it).
 SERVER_STATE_FILE = "server.json"
 KEY_RENEWAL_LOCK = ".key_file.lock"
@@ -38,11 +43,11 @@ class RetryPolicy:
     """Retries for the inference API, which is safe to repeat (a prediction changes nothing on the server).
 
     TorchServe answers 503 while no worker is free or the queue is full (`job_queue_size`), and 507 "Worker
-    died." to the requests a crashed worker held: both are retried with exponential backoff (once at once,
-    then after 0.5, 1, 2, 4 s: transport.Retries), each wait plus up to `jitter_s` at random so that a crowd of
-    clients turned away together does not come back together. A refused connection is retried once, then it is
-    the failover's turn. Management calls that change state are only sent again when the connection was refused
-    (nothing reached the server).
+    died." (or 500, WORKER_DIED) to the requests a crashed worker held: all are retried with exponential backoff
+    (once at once, then after 0.5, 1, 2, 4 s: transport.Retries), each wait plus up to `jitter_s` at random so that
+    a crowd of clients turned away together does not come back together. A refused connection is retried once,
+    then it is the failover's turn. Management calls that change state are only sent again when the connection was
+    refused (nothing reached the server).
     """
 
     unavailable: int = 5
@@ -58,6 +63,7 @@ class RetryPolicy:
             backoff_s=self.backoff_s,
             jitter_s=self.jitter_s,
             statuses=TRANSIENT_STATUSES,
+            bodies=TRANSIENT_BODIES,
             methods=frozenset({"GET", "POST"}),
         )
 
@@ -176,6 +182,11 @@ def answer_of(response: Response) -> Any:
         return response.json()
     except ValueError:
         return response.text
+
+
+def transient(error: ApiError) -> bool:
+    """An error answer another try may turn into an answer: TorchServe busy, or the worker died under the request."""
+    return error.status in TRANSIENT_STATUSES or (error.status == 500 and error.message.endswith(WORKER_DIED))
 
 
 def error_message(response: Response) -> str:
@@ -363,7 +374,7 @@ class FailoverClient:
                 failures.append(str(exc))
                 continue
             except ApiError as exc:
-                if exc.status not in TRANSIENT_STATUSES:
+                if not transient(exc):
                     raise
                 failures.append(str(exc))
                 continue

@@ -34,10 +34,14 @@ def test_failover_skips_a_down_server_and_sticks_to_the_one_that_answered():
     assert (down.calls, up.calls, failover.preferred) == (1, 2, 1)
 
 
-def test_failover_moves_on_for_503_and_507_but_not_for_client_errors():
+def test_failover_moves_on_for_503_507_and_a_dead_worker_but_not_for_other_errors():
     assert FailoverClient([FakeClient(ApiError(507, "Worker died.")), FakeClient("ok")]).predict("m", b"") == "ok"
+    died = ApiError(500, "InternalServerException: Worker died.")  # TorchServe before it read the exit code
+    assert FailoverClient([FakeClient(died), FakeClient("ok")]).predict("m", b"") == "ok"
     with pytest.raises(ApiError, match="400"):
         FailoverClient([FakeClient(ApiError(400, "bad image")), FakeClient("ok")]).predict("m", b"")
+    with pytest.raises(ApiError, match="500: model_error"):
+        FailoverClient([FakeClient(ApiError(500, "model_error: boom")), FakeClient("ok")]).predict("m", b"")
     with pytest.raises(ServerError, match="no TorchServe answered: .*a; .*b"):
         FailoverClient([FakeClient(ServerError("a")), FakeClient(ServerError("b"))]).predict("m", b"")
 

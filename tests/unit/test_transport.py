@@ -13,6 +13,7 @@ import pytest
 from support.processes import ctrl_c_after
 
 from servekit.core.transport import ConnectFailed, Retries, Session, TimedOut, TransportError
+from servekit.serve.client import RetryPolicy
 from servekit.serve.torchserve import free_port
 
 RETRY_503 = Retries(connect=1, read=1, status=3, statuses=(503,), methods=frozenset({"GET", "POST"}))
@@ -49,6 +50,10 @@ class Script(BaseHTTPRequestHandler):
             time.sleep(1.0)
         status = 503 if path.startswith("/busy/") and calls <= int(path.rsplit("/", 1)[1]) else 200
         document = {"path": self.path, "body": body.decode(), "type": self.headers.get("Content-Type"), "n": calls}
+        if path.startswith(("/died/", "/broken/")) and calls <= int(path.rsplit("/", 1)[1]):
+            status = 500  # TorchServe's own error document, "Worker died." or another message
+            message = "Worker died." if path.startswith("/died/") else "Prediction failed"
+            document = {"code": 500, "type": "InternalServerException", "message": message}
         payload = json.dumps(document).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -108,6 +113,16 @@ def test_transient_statuses_are_retried_until_the_budget_is_spent(http_server):
     assert server.calls["/busy/2"] == 3
     exhausted = session.request("GET", f"{url}/busy/9", timeout=5)
     assert exhausted.status_code == 503 and not exhausted.ok and server.calls["/busy/9"] == 4
+
+
+def test_the_inference_policy_retries_a_dead_workers_500_and_no_other_500(http_server):
+    """TorchServe answers a crashed worker's requests 500 "Worker died." when it has not read the exit code yet."""
+    server, url = http_server
+    session = Session(RetryPolicy(backoff_s=0.0, jitter_s=0.0).inference())
+    answered = session.request("POST", f"{url}/died/2", timeout=5, data=b"png")
+    assert answered.status_code == 200 and server.calls["/died/2"] == 3
+    failed = session.request("POST", f"{url}/broken/9", timeout=5, data=b"png")
+    assert failed.status_code == 500 and server.calls["/broken/9"] == 1
 
 
 def test_a_method_outside_the_retry_set_is_sent_once(http_server):
