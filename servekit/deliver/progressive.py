@@ -167,9 +167,7 @@ def progressive_rollout(
     checked = Rollout(server.client, server.store, name, version, server.history, samples, checks, on_step)
     if checked.previous is None:
         raise UsageError(f"{name} has no default version yet: deploy one with `servekit rollout {name} --version V`")
-    checked.register()
-    checked.smoke()
-    checked.latency(checked.shadow())
+    checked.check()
     progress = Progress(name, version, checked.previous, asdict(policy))
     return run_steps(server, progress, checked.report, on_step)
 

@@ -6,13 +6,15 @@ What the server has and every change to it belongs to `registry`; this module on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +117,46 @@ def timed_predict(client: ServeClient, name: str, version: str, sample: HeldOutS
 
 
 # Timing both archives in one fresh process ------------------------------------------------------------------------
+@contextlib.contextmanager
+def timing_process(wanted: bool = True) -> Iterator[Pool | None]:
+    """The fresh process the latency gate times both handlers in (no client threads there competing for the GIL),
+    importing torch as soon as it starts: started before the candidate is registered, its ~2 s of imports overlap
+    the registration's wait. Stopped on leaving, also on a failure or Ctrl-C; None when not `wanted`."""
+    if not wanted:
+        yield None
+        return
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=import_timing_modules)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def import_timing_modules() -> None:
+    """The timing process's initializer. A failed import is left to the timing call to raise: an initializer that
+    raises makes the pool start another process, forever."""
+    try:
+        import servekit.measure.inprocess  # noqa: F401
+        import servekit_worker.base  # noqa: F401  (torch, numpy, Pillow: what every handler imports)
+    except Exception:
+        pass
+
+
 def compare_in_process(
-    store: Path, candidate: CatalogEntry, previous: CatalogEntry | None, samples: list[HeldOutSample], batch: int
+    pool: Pool,
+    store: Path,
+    candidate: CatalogEntry,
+    previous: CatalogEntry | None,
+    samples: list[HeldOutSample],
+    batch: int,
 ) -> tuple[float, float]:
-    """p50 handler time per batch of both archives, timed alternately in a fresh process (no client threads there
-    competing for the GIL)."""
+    """p50 handler time per batch of both archives, timed alternately in the timing process."""
     if previous is None:
         raise UsageError("the default version is not in this store's catalog: its latency cannot be compared")
     bodies = [(s.path.read_bytes(), s.content_type) for s in samples]
     archives = (str(store / candidate.archive), str(store / previous.archive))
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(time_handlers, (archives, bodies, batch))
+    return pool.apply(time_handlers, (archives, bodies, batch))
 
 
 def time_handlers(
@@ -180,18 +210,25 @@ class Rollout:
             raise UsageError(f"{name} {version} is already the default")
         self.report = RolloutReport(name, version, self.previous)
         self.registered_here = False
+        self.timer: Pool | None = None  # the latency gate's timing process, while check() runs beside a default
 
     def run(self) -> RolloutReport:
         try:
-            self.register()
-            self.smoke()
-            if self.previous is not None:
-                self.latency(self.shadow())
+            self.check()
             self.promote()
             self.watch()
         except KeyboardInterrupt:
             self.interrupted()
         return self.report
+
+    def check(self) -> None:
+        """The checks before the default moves: register and smoke, and beside a previous default shadow and
+        latency (its timing process starting first)."""
+        with timing_process(self.previous is not None) as self.timer:
+            self.register()
+            self.smoke()
+            if self.previous is not None:
+                self.latency(self.shadow())
 
     def steps(self) -> list[str]:
         checks = ["shadow", "latency"] if self.previous is not None else []
@@ -301,7 +338,9 @@ class Rollout:
         (its batches fill late and its idle threads are scheduled behind the busy default's). The served round
         trips, the handlers' own timing headers and TorchServe's service time are reported beside it."""
         previous_entry = Catalog.load(self.store).get(self.name, self.previous)
-        new_ms, old_ms = compare_in_process(self.store, self.entry, previous_entry, self.shadow_set, shadow.batch)
+        new_ms, old_ms = compare_in_process(
+            self.timer, self.store, self.entry, previous_entry, self.shadow_set, shadow.batch
+        )
         ratio = new_ms / old_ms if old_ms else 1.0
         pairs = shadow.pairs
         served_new = [new.compute_ms for _, _, new in pairs if new.compute_ms is not None]
