@@ -210,7 +210,6 @@ class Rollout:
             raise UsageError(f"{name} {version} is already the default")
         self.report = RolloutReport(name, version, self.previous)
         self.registered_here = False
-        self.timer: Pool | None = None  # the latency gate's timing process, while check() runs beside a default
 
     def run(self) -> RolloutReport:
         try:
@@ -224,11 +223,11 @@ class Rollout:
     def check(self) -> None:
         """The checks before the default moves: register and smoke, and beside a previous default shadow and
         latency (its timing process starting first)."""
-        with timing_process(self.previous is not None) as self.timer:
+        with timing_process(self.previous is not None) as timer:
             self.register()
             self.smoke()
-            if self.previous is not None:
-                self.latency(self.shadow())
+            if timer is not None:
+                self.latency(self.shadow(), timer)
 
     def steps(self) -> list[str]:
         checks = ["shadow", "latency"] if self.previous is not None else []
@@ -332,14 +331,14 @@ class Rollout:
         )
         return shadow
 
-    def latency(self, shadow: Shadow) -> None:
+    def latency(self, shadow: Shadow, timer: Pool) -> None:
         """The gate times both archives' handlers in one process, alternately, on the shadow inputs in batches of
         the candidate's size: measured through the live server, a freshly loaded candidate always looks slower
         (its batches fill late and its idle threads are scheduled behind the busy default's). The served round
         trips, the handlers' own timing headers and TorchServe's service time are reported beside it."""
         previous_entry = Catalog.load(self.store).get(self.name, self.previous)
         new_ms, old_ms = compare_in_process(
-            self.timer, self.store, self.entry, previous_entry, self.shadow_set, shadow.batch
+            timer, self.store, self.entry, previous_entry, self.shadow_set, shadow.batch
         )
         ratio = new_ms / old_ms if old_ms else 1.0
         pairs = shadow.pairs
