@@ -15,6 +15,7 @@ import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
@@ -54,15 +55,13 @@ class Retries:
     backoff_s: float = 0.0
     jitter_s: float = 0.0
     statuses: tuple[int, ...] = ()
-    # (status, bytes its body holds): answers retried as `statuses` are, though their status alone says too little
-    bodies: tuple[tuple[int, bytes], ...] = ()
+    # Answers retried as `statuses` are, though their status alone says too little (the caller reads the body)
+    retry_if: Callable[[Response], bool] | None = None
     methods: frozenset[str] = frozenset({"GET"})
 
     def transient(self, response: Response) -> bool:
         """Whether the call may go again for this answer (retries left permitting)."""
-        return response.status_code in self.statuses or any(
-            response.status_code == status and marker in response.content for status, marker in self.bodies
-        )
+        return response.status_code in self.statuses or (self.retry_if is not None and self.retry_if(response))
 
     def wait_s(self, retries_so_far: int, retry_after: str | None = None) -> float:
         if retry_after and retry_after.strip().isdigit():

@@ -25,11 +25,7 @@ from servekit.core.transport import Response, Retries, Session, TimedOut, Transp
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
 TRANSIENT_STATUSES = (503, 507)
-# The requests a crashed worker held: TorchServe answers them 507 "Worker died." when it has read the worker's exit
-# code (137) by then and 500 "Worker died." when it has not yet (its clean-up races the process's exit; the test
-# that SIGKILLs a worker under traffic met both). Both may go again.
-WORKER_DIED = "Worker died."
-TRANSIENT_BODIES = ((500, json.dumps(WORKER_DIED).encode()),)
+WORKER_DIED = "Worker died."  # TorchServe's message to the requests a crashed worker held (see `transient`)
 # The file `servekit serve start` writes beside key_file.json (servekit.serve.torchserve reads and writes it).
 SERVER_STATE_FILE = "server.json"
 KEY_RENEWAL_LOCK = ".key_file.lock"
@@ -63,7 +59,7 @@ class RetryPolicy:
             backoff_s=self.backoff_s,
             jitter_s=self.jitter_s,
             statuses=TRANSIENT_STATUSES,
-            bodies=TRANSIENT_BODIES,
+            retry_if=dead_worker_500,
             methods=frozenset({"GET", "POST"}),
         )
 
@@ -184,9 +180,17 @@ def answer_of(response: Response) -> Any:
         return response.text
 
 
-def transient(error: ApiError) -> bool:
-    """An error answer another try may turn into an answer: TorchServe busy, or the worker died under the request."""
-    return error.status in TRANSIENT_STATUSES or (error.status == 500 and error.message.endswith(WORKER_DIED))
+def transient(status: int, message: str) -> bool:
+    """An error answer another try may turn into an answer: TorchServe busy (503), or the worker died under the
+    request: 507 "Worker died." when TorchServe has read the worker's exit code (137) by then, 500 with the same
+    message when it has not yet (its clean-up races the process's exit; the test that SIGKILLs a worker under
+    traffic met both)."""
+    return status in TRANSIENT_STATUSES or (status == 500 and message.endswith(WORKER_DIED))
+
+
+def dead_worker_500(response: Response) -> bool:
+    """`transient` for an answer whose status alone says too little: its body is read only for a 500."""
+    return response.status_code == 500 and transient(500, error_message(response))
 
 
 def error_message(response: Response) -> str:
@@ -374,7 +378,7 @@ class FailoverClient:
                 failures.append(str(exc))
                 continue
             except ApiError as exc:
-                if not transient(exc):
+                if not transient(exc.status, exc.message):
                     raise
                 failures.append(str(exc))
                 continue
