@@ -2,7 +2,7 @@
 
 `export_triton` writes a Triton model repository from cataloged archives:
 
-    NAME/config.pbtxt        Python backend; batching and instances from the archive's settings
+    NAME/config.pbtxt        Python backend; Triton's dynamic batcher; instances from the archive's workers
     NAME/servekit.json       semver <-> Triton's integer versions, kept stable across exports
     NAME/<n>/model.py        TritonPythonModel: servekit_worker.triton's adapter on the archive's own handler
     NAME/<n>/...             the archive's files as TorchServe unpacks them (weights, labels, servekit_worker/,
@@ -31,6 +31,11 @@ ADAPTER = "servekit_worker/triton.py"  # in every archive built since Triton sup
 # No default_queue_policy (max_queue_size) in the config: with one, Triton 2.51's dynamic batcher held requests to
 # the Python backend for ~500 ms now and then (p99 510 ms at 1 client and 29-145 req/s, against p99 59 ms and 221
 # req/s without it; wrk, digits, 2 cores, 2026-12-04), so the queue is Triton's default, unbounded.
+# No queue delay by default: Triton's dynamic batcher takes every request waiting when an instance frees up, so
+# batches form under load without one, and a delay only holds a lone request (digits, 2 cores, 2 instances, wrk,
+# 2026-12-06: 1,000 us answered one client in 2.9-3.2 ms, 0 in 1.5-2.0 ms, and served 16 clients 1,607-1,662 req/s
+# against 1,897-2,127). The archive's maxBatchDelay is TorchServe's window, which that batcher needs (0 there is
+# read as 100 ms, or with the register API's 0 it batches at most 2).
 VERSION_POLICIES = ("all", "latest", "specific")
 DTYPE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
                "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}  # fmt: skip
@@ -43,28 +48,44 @@ class TritonSpec:
     name: str
     versions: list[str]
     out: Path
-    instances: int = 1
+    instances: int | None = None  # per GPU with gpus [the archive's workers, spread over the GPUs]
     gpus: int = 0
     version_policy: str = "all"  # all | latest (the newest `latest_count`) | specific (the ones exported now)
     latest_count: int = 1
+    queue_delay_us: int = 0  # dynamic_batching's max_queue_delay_microseconds
     python_paths: list[str] = field(default_factory=lambda: site.getsitepackages())
 
     def validate(self) -> None:
         check_name(self.name)
         if not self.versions:
             raise UsageError("give at least one --version")
-        if self.instances < 1 or self.gpus < 0 or self.latest_count < 1:
+        if (self.instances is not None and self.instances < 1) or self.gpus < 0 or self.latest_count < 1:
             raise UsageError("need --instances >= 1, --gpus >= 0 and a latest count >= 1")
+        if self.queue_delay_us < 0:
+            raise UsageError(f"--max-queue-delay-us {self.queue_delay_us}: need >= 0")
+
+    def instances_of(self, config: dict) -> int:
+        """Instances per GPU (or on the CPU): as given, else the archive's workers spread over the GPUs (TorchServe
+        gives its workers the GPUs in turn), so both runtimes run the handler as many times at once."""
+        if self.instances is not None:
+            return self.instances
+        workers = int(config.get("minWorkers") or 1)
+        return max(1, -(-workers // self.gpus)) if self.gpus else workers
         if self.version_policy not in VERSION_POLICIES:
             raise UsageError(f"--version-policy {self.version_policy!r}: one of {', '.join(VERSION_POLICIES)}")
 
 
+def recorded_versions(model_dir: Path) -> dict[str, int]:
+    """semver -> Triton's integer of each version exported to `model_dir` (none when nothing was)."""
+    path = model_dir / VERSIONS_FILE
+    if not path.is_file():
+        return {}
+    return {semver: int(n) for n, semver in json.loads(path.read_text())["versions"].items()}
+
+
 def integer_versions(model_dir: Path, versions: list[str]) -> dict[str, int]:
     """Triton's integer for each semver: those recorded in servekit.json keep theirs; new ones follow the highest."""
-    path = model_dir / VERSIONS_FILE
-    recorded = (
-        {semver: int(n) for n, semver in json.loads(path.read_text())["versions"].items()} if path.is_file() else {}
-    )
+    recorded = recorded_versions(model_dir)
     for semver in versions:
         if semver not in recorded:
             recorded[semver] = max(recorded.values(), default=0) + 1
@@ -142,9 +163,9 @@ def model_config(spec: TritonSpec, entry: CatalogEntry, labels: list[str] | None
     config, handler = entry.config, entry.config.get("handler", {})
     inputs, outputs = io_config(entry, labels)
     if spec.gpus:
-        group = {"kind": "KIND_GPU", "count": spec.instances, "gpus": list(range(spec.gpus))}
+        group = {"kind": "KIND_GPU", "count": spec.instances_of(config), "gpus": list(range(spec.gpus))}
     else:
-        group = {"kind": "KIND_CPU", "count": spec.instances}
+        group = {"kind": "KIND_CPU", "count": spec.instances_of(config)}
     policy = {"all": {"all": {}}, "latest": {"latest": {"num_versions": spec.latest_count}},
               "specific": {"specific": {"versions": numbers}}}[spec.version_policy]  # fmt: skip
     return {
@@ -152,7 +173,7 @@ def model_config(spec: TritonSpec, entry: CatalogEntry, labels: list[str] | None
         "backend": "python",
         "max_batch_size": int(handler.get("max_inputs_per_request", 64)),
         "version_policy": policy,
-        "dynamic_batching": {"max_queue_delay_microseconds": int(config.get("maxBatchDelay", 1)) * 1000},
+        "dynamic_batching": {"max_queue_delay_microseconds": spec.queue_delay_us},
         "input": inputs,
         "output": outputs,
         "instance_group": [group],

@@ -207,6 +207,8 @@ class ServerOf:
         return Server.connect(self.workdir_given)
 
     def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("_"):  # a probe of private names (copy, pickle, a frame walk) does not connect
+            raise AttributeError(attribute)
         return getattr(self.connected, attribute)
 
 

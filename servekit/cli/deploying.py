@@ -131,21 +131,24 @@ def export_docker_command(name, version, gpu, runtime, out_dir, store) -> None:
 @click.argument("name")
 @click.option("--version", "versions", multiple=True, required=True, help="A version to export; repeat for more.")
 @path_option("--out", "out_dir", default=Path("deploy/triton"), show_default=True, help="The model repository.")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Model instances (per GPU with --gpus).")  # fmt: skip
+@click.option("--instances", type=click.IntRange(min=1), default=None,
+              help="Model instances (per GPU with --gpus) [default: the archive's workers].")  # fmt: skip
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="0: CPU instances.")
+@click.option("--max-queue-delay-us", "queue_delay_us", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How long Triton holds a request for a fuller batch (0: none; it batches what waits).")  # fmt: skip
 @click.option("--version-policy", type=click.Choice(["all", "latest", "specific"]), default="all", show_default=True,
               help="Which versions Triton loads: all, the newest --latest, or the ones exported now.")  # fmt: skip
 @click.option("--latest", "latest_count", type=click.IntRange(min=1), default=1, show_default=True)
 @store_option
-def export_triton_command(name, versions, out_dir, instances, gpus, version_policy, latest_count, store) -> None:
+def export_triton_command(name, versions, out_dir, instances, gpus, queue_delay_us, version_policy, latest_count,
+                          store) -> None:  # fmt: skip
     """Write a Triton model repository (Python backend) serving these archives' handlers, same requests and answers.
 
     Example: servekit export triton digits --version 1.0.0 --version 1.1.0 && servekit serve triton
     """
     from servekit.build.triton import TritonSpec, export_triton
 
-    spec = TritonSpec(name, list(versions), out_dir, instances, gpus, version_policy, latest_count)
+    spec = TritonSpec(name, list(versions), out_dir, instances, gpus, version_policy, latest_count, queue_delay_us)
     for path in export_triton(store, spec):
         console.print(f"wrote {path}")
 

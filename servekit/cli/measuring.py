@@ -25,9 +25,9 @@ from servekit.cli.base import (
     version_option,
     with_server,
 )
-from servekit.core.choices import PEERS
+from servekit.core.choices import PEERS, RUNTIMES
 from servekit.serve.handle import Server
-from servekit.store.workspace import DEFAULT_TRITON_WORKDIR, HELD_OUT_DIR, Workspace
+from servekit.store.workspace import DEFAULT_STORE, DEFAULT_TRITON_WORKDIR, HELD_OUT_DIR, Workspace
 
 
 # bench ------------------------------------------------------------------------------------------------------------
@@ -43,8 +43,12 @@ from servekit.store.workspace import DEFAULT_TRITON_WORKDIR, HELD_OUT_DIR, Works
 @click.option("--baseline", "peer", type=click.Choice(PEERS), default=None,
               help="Also bench a peer on --baseline-model (Flask, LitServe, TorchServe as its examples document it; "
                    "pip install 'servekit[peers]'), or the Triton of --triton-workdir (both in v2).")  # fmt: skip
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torchserve", show_default=True,
+              help="What serves NAME: servekit's TorchServe, or the Triton of --triton-workdir (in v2).")  # fmt: skip
 @path_option("--triton-workdir", default=DEFAULT_TRITON_WORKDIR, show_default=True,
-             help="Where `servekit serve triton` recorded the Triton to compare with.")  # fmt: skip
+             help="Where `servekit serve triton` recorded the Triton to bench or compare with.")  # fmt: skip
+@path_option("--store", default=DEFAULT_STORE, show_default=True,
+             help="Archives and catalog.json, with --runtime triton (TorchServe's own otherwise).")  # fmt: skip
 @path_option("--baseline-model", "peer_model_dir", default=DEFAULTS.trained("digits"), show_default=True,
              help="Trained folder (digits or image) the peer serves eager.")  # fmt: skip
 @path_option("--out", "out_dir", help="[default: work/NAME-bench]")
@@ -58,16 +62,20 @@ def bench_command(server: Server, out_dir: Path | None, as_json: bool, **plan) -
     """Drive the inference API with concurrent clients; compare with the handler in process (and a peer).
 
     Example: servekit bench digits --concurrency 1,4,16 --duration 20s --baseline flask
+
+    On Triton: servekit bench digits --runtime triton --baseline litserve
     """
     from servekit.measure import bench as benchmarks
 
-    report = benchmarks.bench(server, benchmarks.BenchPlan(**plan), None if as_json else show_level)
-    out_dir = out_dir or Workspace(server.store).bench_reports(report.name)
+    plan = benchmarks.BenchPlan(**plan)
+    report = benchmarks.bench(server, plan, None if as_json else show_level)
+    out_dir = out_dir or Workspace(plan.store if plan.runtime == "triton" else server.store).bench_reports(report.name)
     benchmarks.write_reports(report, out_dir)
     if as_json:
         print_json(report.to_dict())
         return
-    print_table(benchmarks.headers(report), benchmarks.rows(report), title=f"{report.name} {report.version}")
+    title = f"{report.name} {report.version} on {benchmarks.RUNTIME_LABELS[report.runtime]}"
+    print_table(benchmarks.headers(report), benchmarks.rows(report), title=title)
     ip = report.in_process
     console.print(
         f"in process on {ip.device}: {ip.throughput_per_s:.1f} samples/s at batch {ip.batch_size}, one request p50 "

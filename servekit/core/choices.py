@@ -40,3 +40,4 @@ def variants_named(value: str | tuple[str, ...], device_type: str = "cpu") -> tu
 
 GENERATORS = ("auto", "python", "wrk")  # load generators: auto = wrk when installed and the loop is closed
 PEERS = ("flask", "litserve", "torchserve", "triton")  # what `servekit bench --baseline` runs beside it
+RUNTIMES = ("torchserve", "triton")  # what serves the model `servekit bench` measures

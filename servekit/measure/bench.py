@@ -36,7 +36,7 @@ from servekit.serve.handle import Server
 from servekit.serve.torchserve import free_port
 from servekit.store.catalog import Catalog
 from servekit.store.heldout import HeldOutSample, read_held_out
-from servekit.store.workspace import DEFAULT_TRITON_WORKDIR
+from servekit.store.workspace import DEFAULT_STORE, DEFAULT_TRITON_WORKDIR
 
 
 @dataclass
@@ -77,6 +77,7 @@ class BenchReport:
     machine: str = ""
     repeats: int = 1
     warmup_s: float = 0.0  # unmeasured load before the first level (a started peer: up to its own warm-up)
+    runtime: str = "torchserve"  # what served NAME: servekit's TorchServe or the Triton of its repository
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,13 +142,10 @@ def measure_in_process(
 
 def triton_peer(triton, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Peer:
     """A running Triton (servekit serve triton) serving NAME VERSION, asked with the v2 documents of `bodies`."""
-    from servekit.build.triton import VERSIONS_FILE
+    from servekit.build.triton import recorded_versions
     from servekit.serve.protocols import v2_body
 
-    recorded = Path(triton.repository) / name / VERSIONS_FILE
-    numbers = (
-        {semver: n for n, semver in json.loads(recorded.read_text())["versions"].items()} if recorded.is_file() else {}
-    )
+    numbers = recorded_versions(Path(triton.repository) / name)
     if version not in numbers:
         raise UsageError(f"{name} {version} is not in the Triton repository {triton.repository}: export it first")
     url = f"{triton.url}/v2/models/{name}/versions/{numbers[version]}/infer"
@@ -161,6 +159,8 @@ class BenchPlan:
     bodies: the request bodies [the --input file, the --held-out folder, or else the archive's golden samples].
     peer: "flask", "litserve" or "torchserve" (servekit.measure.peers: started here on `peer_model_dir`), or
     "triton" (the Triton `servekit serve triton` recorded in `triton_workdir`, asked in v2 as TorchServe then is).
+    runtime: what serves NAME: "torchserve" (servekit's, the `server` of `bench`) or "triton" (the Triton of
+    `triton_workdir`, asked in v2, its archives in `store`; no TorchServe needed).
     warmup_s: load at the highest level before measuring, unrecorded (a started peer gets up to 2 s of it).
     """
 
@@ -178,6 +178,8 @@ class BenchPlan:
     peer: str | None = None
     peer_model_dir: Path | None = None
     triton_workdir: Path | None = None
+    runtime: str = "torchserve"
+    store: Path | None = None  # with runtime "triton" [model_store]
 
 
 PEER_LABELS = {
@@ -186,6 +188,7 @@ PEER_LABELS = {
     "torchserve": "TorchServe's example",
     "triton": "Triton",
 }
+RUNTIME_LABELS = {"torchserve": "TorchServe", "triton": "Triton"}
 
 
 @dataclass
@@ -199,16 +202,96 @@ class Side:
     pausable: bool = False  # a peer bench started: paused while the other side is measured
 
 
+class TorchServeRuntime:
+    """servekit's TorchServe as the served side: a registered version, its own figures from its metrics."""
+
+    label = "torchserve"
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    @property
+    def store(self) -> Path:
+        return self.server.store
+
+    def version(self, name: str, version: str | None) -> str:
+        return bench_version(self.server.client, name, version)
+
+    def side(self, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Side:
+        client = self.server.client
+        url = f"{client.endpoints.inference_url}/predictions/{name}/{version}"
+        return Side(url, bodies, self.server.state.pid, client.keys)
+
+    def figures(self, name: str, version: str) -> tuple[metrics.VersionFigures, dict]:
+        """The version's cumulative counts and times, and the handler's last-batch gauges."""
+        scrape = metrics.scrape(self.server.client)
+        return scrape.version(name, version), scrape.handler.get(name, {})
+
+    def gpu_id(self, name: str, version: str) -> int | None:
+        return workers_gpu(self.server.client, name, version)
+
+
+class TritonRuntime:
+    """The Triton of `servekit serve triton` as the served side: an exported version, asked in v2 documents."""
+
+    label = "triton"
+
+    def __init__(self, triton, store: Path):
+        self.triton, self.store = triton, store
+
+    def numbers(self, name: str) -> dict[str, int]:
+        from servekit.build.triton import recorded_versions
+
+        return recorded_versions(Path(self.triton.repository) / name)
+
+    def version(self, name: str, version: str | None) -> str:
+        """The version given, else the newest exported (Triton's `/v2/models/NAME/infer` serves the highest)."""
+        numbers = self.numbers(name)
+        if not numbers:
+            raise UsageError(f"{name} is not in the Triton repository {self.triton.repository}: export it first")
+        return version or max(numbers, key=numbers.get)
+
+    def side(self, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Side:
+        peer = triton_peer(self.triton, name, version, bodies)
+        return Side(peer.url, peer.bodies, peer.pid)
+
+    def figures(self, name: str, version: str) -> tuple[metrics.VersionFigures, dict]:
+        from servekit.serve.triton import version_figures
+
+        return version_figures(self.triton, name, self.numbers(name)[version]), {}
+
+    def gpu_id(self, name: str, version: str) -> int | None:
+        config = Path(self.triton.repository) / name / "config.pbtxt"
+        if "KIND_GPU" not in config.read_text():
+            return None
+        import torch
+
+        return 0 if torch.cuda.is_available() else None
+
+
+def served_runtime(server: Server, plan: BenchPlan):
+    if plan.runtime == "torchserve":
+        return TorchServeRuntime(server)
+    if plan.runtime != "triton":
+        raise UsageError(f"unknown runtime {plan.runtime!r}: torchserve or triton")
+    if plan.peer == "triton":
+        raise UsageError("--runtime triton is benched beside flask, litserve or torchserve, not beside itself")
+    from servekit.serve.triton import TritonState
+
+    return TritonRuntime(TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR), plan.store or DEFAULT_STORE)
+
+
 def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
     """Runs every concurrency level against the served model and the peer, round by round, then the handler in
     process.
 
-    TorchServe's frontend process tree's CPU is reported as the server's. With a Triton peer, TorchServe is asked
-    on its KServe v2 route with the same v2 documents (like for like).
+    The served runtime's process tree's CPU is reported as the server's (TorchServe's frontend and its workers, or
+    tritonserver and its backend stubs). With a Triton peer, TorchServe is asked on its KServe v2 route with the same
+    v2 documents (like for like).
     """
     from servekit.store.catalog import verify_archive
 
-    client, store, name = server.client, server.store, plan.name
+    name = plan.name
     if not plan.concurrency or min(plan.concurrency) < 1 or plan.duration_s <= 0 or plan.repeats < 1:
         raise UsageError("concurrency levels and repeats must be >= 1 and the duration > 0")
     if plan.warmup_s < 0:
@@ -217,20 +300,22 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
         raise UsageError(f"unknown peer {plan.peer!r}: one of {', '.join(PEERS)}")
     if plan.peer in STARTED_PEERS and plan.peer_model_dir is None:
         raise UsageError(f"the {plan.peer} peer serves a trained folder: give its path (--baseline-model)")
-    version = bench_version(client, name, plan.version)
-    bodies = plan.bodies or bench_bodies(store, name, version, plan.held_out, plan.input_file)
-    entry = verify_archive(store, name, version)
+    runtime = served_runtime(server, plan)
+    version = runtime.version(name, plan.version)
+    bodies = plan.bodies or bench_bodies(runtime.store, name, version, plan.held_out, plan.input_file)
+    entry = verify_archive(runtime.store, name, version)
     with contextlib.ExitStack() as running:
-        sides, peer = bench_sides(server, plan, version, bodies, running)
+        sides, peer = bench_sides(runtime, plan, version, bodies, running)
         warmups = (plan.warmup_s, min(plan.warmup_s, peer.warmup_s) if peer else 0)  # a started peer: its own share
         for side, seconds in zip(sides, warmups, strict=False):
             if seconds:
                 with paused(others_pausable(sides, side)):
                     run_load(side.url, {}, side.bodies, max(plan.concurrency), seconds, plan.rate,
                              generator=plan.generator, keys=side.keys)  # fmt: skip
-        levels = [measure_level(server, version, sides, level, plan, on_level) for level in plan.concurrency]
-    gpu_id = workers_gpu(client, name, version)
-    in_process = measure_in_process(store / entry.archive, bodies, min(plan.duration_s, 5.0), gpu_id)
+        levels = [measure_level(runtime, version, sides, level, plan, on_level) for level in plan.concurrency]
+    in_process = measure_in_process(
+        runtime.store / entry.archive, bodies, min(plan.duration_s, 5.0), runtime.gpu_id(name, version)
+    )
     for level in levels:
         level.efficiency = ratio(level.served.throughput_per_s, in_process.throughput_per_s)
         level.added_latency_ms = level.served.p50_ms - in_process.p50_ms if level.served.ok else None
@@ -246,18 +331,18 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
         machine_summary(),
         plan.repeats,
         plan.warmup_s,
+        runtime.label,
     )
 
 
-def bench_sides(server: Server, plan: BenchPlan, version: str, bodies, running: contextlib.ExitStack):
-    """servekit's side, and the peer's when the plan names one (started here and stopped with `running`). A Triton
+def bench_sides(runtime, plan: BenchPlan, version: str, bodies, running: contextlib.ExitStack):
+    """The served side, and the peer's when the plan names one (started here and stopped with `running`). A Triton
     peer is asked in KServe v2, and then servekit too, on TorchServe's v2 route (which serves the default only)."""
-    client = server.client
-    url = f"{client.endpoints.inference_url}/predictions/{plan.name}/{version}"
-    served = Side(url, bodies, server.state.pid, client.keys)
+    served = runtime.side(plan.name, version, bodies)
     if plan.peer == "triton":
         from servekit.serve.triton import TritonState
 
+        client = runtime.server.client
         triton = TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR)
         peer = triton_peer(triton, plan.name, version, bodies)
         if default_version(client, plan.name) != version:
@@ -270,14 +355,13 @@ def bench_sides(server: Server, plan: BenchPlan, version: str, bodies, running: 
     return [served, Side(peer.url, peer.bodies, peer.pid, pausable=plan.peer in STARTED_PEERS)], peer
 
 
-def measure_level(server: Server, version: str, sides: list[Side], concurrency: int, plan: BenchPlan, on_level):
-    """One concurrency level: the served side's figures with TorchServe's own view of them (queue and service time
+def measure_level(runtime, version: str, sides: list[Side], concurrency: int, plan: BenchPlan, on_level):
+    """One concurrency level: the served side's figures with the runtime's own view of them (queue and service time
     from its metrics), and the peer's beside them."""
-    before = metrics.scrape(server.client).version(plan.name, version)
+    before, _ = runtime.figures(plan.name, version)
     served, *peer = alternated(sides, concurrency, plan)
-    after = metrics.scrape(server.client)
-    figures = after.version(plan.name, version) - before
-    handler = after.handler.get(plan.name, {})
+    after, handler = runtime.figures(plan.name, version)
+    figures = after - before
     level = Level(served.result, served.throughput, served.cpu, figures.queue_ms, figures.service_ms, handler)
     if on_level:
         on_level("served", level)
@@ -392,7 +476,7 @@ def write_reports(report: BenchReport, out_dir: Path) -> None:
     (out_dir / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
     ip = report.in_process
     lines = [
-        f"# servekit bench: {report.name} {report.version}",
+        f"# servekit bench: {report.name} {report.version} on {RUNTIME_LABELS[report.runtime]}",
         "",
         f"{report.bodies} request bodies, {report.duration_s:g} s per level after {report.warmup_s:g} s of "
         f"unmeasured warm-up, {report.machine}. In process "
@@ -432,9 +516,10 @@ def plot(report: BenchReport, path: Path) -> None:
 
     levels = [level.served.concurrency for level in report.levels]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.plot(levels, [lv.served.throughput_per_s for lv in report.levels], "o-", label="TorchServe (servekit)")
+    served = RUNTIME_LABELS[report.runtime]
+    left.plot(levels, [lv.served.throughput_per_s for lv in report.levels], "o-", label=f"{served} (servekit)")
     left.axhline(report.in_process.throughput_per_s, color="gray", linestyle="--", label="handler in process")
-    right.plot(levels, [lv.served.p95_ms for lv in report.levels], "o-", label="TorchServe p95")
+    right.plot(levels, [lv.served.p95_ms for lv in report.levels], "o-", label=f"{served} p95")
     if report.baseline:
         peer = PEER_LABELS.get(report.baseline, report.baseline)
         left.plot(levels, [lv.baseline.throughput_per_s for lv in report.levels], "s-", label=peer)
@@ -444,7 +529,7 @@ def plot(report: BenchReport, path: Path) -> None:
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
         axes.legend()
-    figure.suptitle(f"{report.name} {report.version}")
+    figure.suptitle(f"{report.name} {report.version} on {served}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,7 +1,7 @@
 """Triton Inference Server running a repository of `servekit.build.triton`: started, recorded and stopped by PID.
 
 `start_triton` runs the `tritonserver` binary of the nvidia-pytriton wheel (`pip install servekit[triton]`) on
-loopback addresses; `stop_triton` stops it and its backend stubs by PID.
+loopback addresses; `stop_triton` stops it and its backend stubs by PID; `version_figures` reads its metrics.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from pathlib import Path
 
 from servekit.core.errors import ServerError, UsageError
 from servekit.core.processes import psutil, stop_process_tree
+from servekit.serve.metrics import VersionFigures
 
 STATE_FILE = "triton.json"
+# Triton's cumulative per-(model, version) counters, as servekit's figures of a TorchServe version name them.
+TRITON_COUNTERS = {"nv_inference_request_success": "requests", "nv_inference_request_duration_us": "latency_us",
+                   "nv_inference_queue_duration_us": "queue_us"}  # fmt: skip
 
 
 @dataclass
@@ -43,6 +47,25 @@ class TritonState:
         if not path.is_file():
             raise UsageError(f"no Triton recorded in {workdir}: start one first")
         return cls(**json.loads(path.read_text()))
+
+
+def version_figures(state: TritonState, name: str, number: int) -> VersionFigures:
+    """What Triton counted for model `name` version `number` since it started: successful requests, their time in
+    the server (arrival to answer) and in its queue."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from servekit.core.transport import Session
+
+    reply = Session().get(f"http://127.0.0.1:{state.metrics_port}/metrics", timeout=5)
+    if reply.status_code != 200:
+        raise ServerError(f"Triton's metrics answered {reply.status_code}")
+    figures = VersionFigures()
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            labels, field = sample.labels, TRITON_COUNTERS.get(family.name)
+            if field and labels.get("model") == name and labels.get("version") == str(number):
+                setattr(figures, field, getattr(figures, field) + sample.value)
+    return figures
 
 
 def triton_install() -> Path:
@@ -97,7 +120,8 @@ def start_triton(repository: Path, workdir: Path, ports: dict[str, int], timeout
     with log.open("ab") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=workdir, env=environment,
                                    start_new_session=True)  # fmt: skip
-    state = TritonState(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(workdir))
+    state = TritonState(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository.resolve()),
+                        str(workdir))  # fmt: skip
     state.save()
     deadline, session = time.monotonic() + timeout_s, Session()
     while time.monotonic() < deadline:

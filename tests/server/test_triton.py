@@ -212,3 +212,26 @@ def test_two_versions_answer_side_by_side_with_their_semver_recorded(triton, hel
     assert settings["version"] == "1.1.0"
     ready = requests.get(f"{triton.url}/v2/models/digits/versions/3/ready", timeout=10)
     assert ready.status_code != 200
+
+
+def test_bench_measures_the_triton_runtime_with_its_own_queue_and_service_times(triton, triton_store, tmp_path):
+    from click.testing import CliRunner
+
+    from servekit.cli import cli
+
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "digits", "--runtime", "triton", "--triton-workdir", triton.workdir, "--store", str(triton_store),
+         "--workdir", str(tmp_path / "no-torchserve"), "--concurrency", "1,4", "--duration", "1s", "--repeats", "1",
+         "--warmup", "0", "--generator", "python", "--out", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["runtime"], report["version"]) == ("triton", "1.1.0")  # the newest exported: Triton's default
+    for level in report["levels"]:
+        served = level["served"]
+        assert served["ok"] > 5 and served["errors"] == 0 and served["p50_ms"] <= served["p99_ms"]
+        # Triton's own metrics: its time in queue and in the model, within what the client saw
+        assert 0 <= level["queue_ms"] and 0 < level["service_ms"] and level["queue_ms"] + level["service_ms"] < 1000
+        assert level["cpu"]["measured_cores"]["server"] > 0  # tritonserver's process tree did the work
+    assert "# servekit bench: digits 1.1.0 on Triton" in (tmp_path / "bench.md").read_text()

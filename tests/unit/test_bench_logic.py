@@ -94,3 +94,18 @@ def test_served_and_peer_alternate_round_by_round_and_each_side_keeps_its_own_ru
     assert served.result.throughput_per_s == 500.0  # the run with the median throughput (upper of the middle two)
     assert served.cpu.wall_s == 8.0 and served.cpu.measured_cores == {"server": 1.0}
     assert peer.cpu.measured_cores == {"server": 0.5}
+
+
+def test_bench_of_triton_needs_no_torchserve_and_is_not_benched_beside_itself(tmp_path):
+    from click.testing import CliRunner
+
+    from servekit.cli import cli
+    from servekit.cli.base import ServerOf
+
+    server = ServerOf(tmp_path / "no-server")  # a frame walk in the handler's set-up probes private names
+    assert not hasattr(server, "_entry_point") and not hasattr(server, "__deepcopy__")
+    common = ["bench", "digits", "--runtime", "triton", "--workdir", str(tmp_path / "no-server"), "--triton-workdir"]
+    result = CliRunner().invoke(cli, [*common, str(tmp_path / "no-triton")])
+    assert result.exit_code == 2 and f"no Triton recorded in {tmp_path / 'no-triton'}" in result.output, result.output
+    result = CliRunner().invoke(cli, [*common, str(tmp_path), "--baseline", "triton"])
+    assert result.exit_code == 2 and "not beside itself" in result.output, result.output

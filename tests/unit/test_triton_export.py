@@ -13,6 +13,7 @@ from servekit.build.archive import BuildOptions, build_archive
 from servekit.build.triton import TritonSpec, export_triton
 from servekit.cli import cli
 from servekit.core.errors import ArchiveError, UsageError
+from servekit.store.catalog import Catalog
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,9 @@ def store(tmp_path_factory, trained_digits):
 
 
 def test_the_repository_holds_each_archive_its_model_py_and_a_config_from_its_settings(store, tmp_path):
-    result = CliRunner().invoke(cli, ["export", "triton", "digits", "--version", "1.0.0", "--instances", "2",
-                                      "--out", str(tmp_path), "--store", str(store)])  # fmt: skip
+    result = CliRunner().invoke(cli, ["export", "triton", "digits", "--version", "1.0.0", "--instances", "3",
+                                      "--max-queue-delay-us", "5000", "--out", str(tmp_path),
+                                      "--store", str(store)])  # fmt: skip
     assert result.exit_code == 0, result.output
     model = tmp_path / "digits"
     with zipfile.ZipFile(store / "digits-1.0.0.mar") as mar:
@@ -42,9 +44,24 @@ def test_the_repository_holds_each_archive_its_model_py_and_a_config_from_its_se
     assert settings["handler"]["format"] == "state_dict"
     config = (model / "config.pbtxt").read_text()
     for line in ('backend: "python"', "max_batch_size: 64", "max_queue_delay_microseconds: 5000",
-                 "kind: KIND_CPU", "count: 2", 'name: "probabilities"', "dims: [ 10 ]",
+                 "kind: KIND_CPU", "count: 3", 'name: "probabilities"', "dims: [ 10 ]",
                  "all {"):  # fmt: skip
         assert line in config, line
+
+
+def test_by_default_triton_holds_no_request_and_runs_as_many_instances_as_the_archive_has_workers(store, tmp_path):
+    export_triton(store, TritonSpec("digits", ["1.0.0"], tmp_path))
+    config = (tmp_path / "digits" / "config.pbtxt").read_text()
+    workers = Catalog.load(store).get("digits", "1.0.0").config["minWorkers"]
+    # the archive's 5 ms window is TorchServe's: Triton's batcher batches what waits without one
+    assert "max_queue_delay_microseconds: 0\n" in config and f"count: {workers}\n" in config
+    # on GPUs, the workers TorchServe would give the GPUs in turn: instances per GPU
+    assert [
+        TritonSpec("m", ["1.0.0"], tmp_path, gpus=gpus).instances_of({"minWorkers": 3}) for gpus in (0, 1, 2, 4)
+    ] == [3, 3, 2, 1]
+    assert TritonSpec("m", ["1.0.0"], tmp_path, instances=1, gpus=2).instances_of({"minWorkers": 3}) == 1
+    with pytest.raises(UsageError, match="max-queue-delay-us -1"):
+        TritonSpec("m", ["1.0.0"], tmp_path, queue_delay_us=-1).validate()
 
 
 def test_a_version_added_later_keeps_the_numbers_given_before(store, tmp_path):
