@@ -4,11 +4,12 @@
 #   straight to TorchServe: the default archive (1.0.0) against every peer of `servekit bench --baseline` (Flask,
 #   LitServe, TorchServe as its MNIST example documents it), and the archive `optimize --pick fastest` + `build
 #   --variant best` make (2.0.0) against LitServe;
-#   through servekit's proxy (nginx): both archives against LitServe.
+#   through servekit's proxy (nginx): both archives against LitServe;
+#   on Triton (`export triton` with its defaults, `serve triton`, `bench --runtime triton`): both against LitServe.
 # Run it on an idle machine (needs `pip install -e '.[peers]'` and wrk):
-#   bash scripts/peers_table.sh [OUT_DIR]        (about 12 minutes on 2 cores; ROUTES=straight for half)
+#   bash scripts/peers_table.sh [OUT_DIR]        (about 16 minutes on 2 cores; ROUTES="straight triton" etc.)
 # Writes OUT_DIR/<route>-<version>-<peer>/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/peers.md, and prints
-# that table. TorchServe is stopped on exit.
+# that table. TorchServe and Triton are stopped on exit.
 source "$(dirname "$0")/run_in_temp.sh" "${1:-peers_table_out}" peers
 uptime | tee "$out/load_before.txt"
 
@@ -21,7 +22,17 @@ bench() {  # ROUTE VERSION PEER
   "$sk" bench digits --version "$2" --concurrency 1,16 --duration "${DURATION:-8s}" --repeats "${REPEATS:-2}" \
     --generator wrk --baseline "$3" --out "$out/$1-$2-$3"
 }
-for route in ${ROUTES:-straight proxy}; do
+for route in ${ROUTES:-straight proxy triton}; do
+  if [ "$route" = triton ]; then
+    "$sk" export triton digits --version 1.0.0 --version 2.0.0 --out repository
+    "$sk" serve triton --repository repository
+    for version in 1.0.0 2.0.0; do
+      "$sk" bench digits --runtime triton --version "$version" --concurrency 1,16 --duration "${DURATION:-8s}" \
+        --repeats "${REPEATS:-2}" --generator wrk --baseline litserve --out "$out/triton-$version-litserve"
+    done
+    "$sk" serve triton --stop
+    continue
+  fi
   if [ "$route" = straight ]; then "$sk" serve start --no-proxy --config "$config"; else "$sk" serve start --config "$config"; fi
   "$sk" register digits --version 1.0.0
   "$sk" register digits --version 2.0.0  # beside the default (1.0.0); idle while the other is benched
