@@ -4,8 +4,9 @@
 # benched against LitServe serving the eager model (batches of 8 within 5 ms, 2 workers), alternated per level, wrk.
 # Run it on an idle machine (needs `pip install -e '.[peers]'` and wrk):
 #   bash scripts/resnet_peers.sh [OUT_DIR]        (about 12 minutes on 2 cores; IMAGE_SIZE=64 for a quick check)
-# Writes OUT_DIR/{eager,optimized}/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/resnet.md. TorchServe is
-# stopped on exit.
+# RUNTIME=triton serves both archives on Triton (`export triton`, `serve triton`, `bench --runtime triton`) instead.
+# Writes OUT_DIR/{eager,optimized}/bench.{json,md,png}, OUT_DIR/optimize/ and OUT_DIR/resnet.md. TorchServe (or
+# Triton) is stopped on exit.
 source "$(dirname "$0")/run_in_temp.sh" "${1:-resnet_peers_out}" resnet
 size=${IMAGE_SIZE:-224}
 uptime | tee "$out/load_before.txt"
@@ -31,12 +32,20 @@ PY
 "$sk" optimize image --variants eager,onnx,onnx_int8 --pick fastest --out "$out/optimize" --json > /dev/null
 "$sk" build image --version 1.0.0
 "$sk" build image --version 1.1.0 --variant best --json > "$out/optimized_build.json"
-"$sk" serve start --no-proxy --config "$config"
-"$sk" register image --version 1.0.0
-"$sk" register image --version 1.1.0
+if [ "${RUNTIME:-torchserve}" = triton ]; then  # both archives exported to one Triton, its defaults
+  "$sk" export triton image --version 1.0.0 --version 1.1.0 --out repository
+  "$sk" serve triton --repository repository
+  runtime=(--runtime triton)
+else
+  "$sk" serve start --no-proxy --config "$config"
+  "$sk" register image --version 1.0.0
+  "$sk" register image --version 1.1.0
+  runtime=()
+fi
 for version in 1.0.0 1.1.0; do
   kind=$([ "$version" = 1.0.0 ] && echo eager || echo optimized)
-  "$sk" bench image --version "$version" --concurrency 1,16 --duration "${DURATION:-10s}" --repeats "${REPEATS:-2}" \
+  "$sk" bench image "${runtime[@]}" --version "$version" --concurrency 1,16 --duration "${DURATION:-10s}" \
+    --repeats "${REPEATS:-2}" \
     --warmup 5s --generator wrk --held-out jpeg --baseline litserve --baseline-model model_store/work/image \
     --out "$out/$kind"
 done
