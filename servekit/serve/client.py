@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from servekit.core.errors import ApiError, ServerError
+from servekit.core.errors import ApiError, ServekitError, ServerError
 from servekit.core.locks import file_lock
 from servekit.core.names import check_segment
 from servekit.core.transport import Response, Retries, Session, TimedOut, TransportError
+from servekit.store.workspace import archive_file_name
 
 DEFAULT_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 300.0
@@ -312,7 +313,29 @@ class ServeClient:
         return self._call("management", "PUT", f"/models/{model_path(name, version)}/set-default").json()
 
     def unregister(self, name: str, version: str) -> dict:
-        return self._call("management", "DELETE", f"/models/{model_path(name, version)}").json()
+        """Unregisters a version, and clears what TorchServe 0.12 leaves when it fails half-way.
+
+        An unregister that races requests in flight can answer 500 (a ConcurrentModificationException or a
+        NullPointerException while it shuts the workers down) after TorchServe has taken the version out. When that
+        was the model's last version, the model stays behind with none, and /ping never answers again (its health
+        check reads every model's default version). The same archive registered again without workers and then
+        unregistered clears it."""
+        path = f"/models/{model_path(name, version)}"
+        try:
+            return self._call("management", "DELETE", path).json()
+        except ApiError as error:
+            if error.status != 500 or self.describe(name) != []:
+                raise
+            failed = error
+        try:
+            self.register(archive_file_name(name, version), initial_workers=0)
+            return self._call("management", "DELETE", path).json()
+        except ServekitError as exc:
+            raise ServerError(
+                f"TorchServe failed to unregister {name} {version} ({failed.message}) and left {name} without "
+                f"versions; clearing it failed too ({exc}): its /ping will not answer until it is restarted "
+                "(servekit serve stop, then servekit serve start)"
+            ) from exc
 
     def scale(self, name: str, version: str, min_workers: int, max_workers: int, synchronous: bool = True) -> dict:
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": str(synchronous).lower()}

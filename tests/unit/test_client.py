@@ -80,3 +80,44 @@ def test_an_html_error_page_is_one_line_and_the_proxys_502_says_torchserve_did_n
     other = error_message(Response(413, "Too Large", headers, b"<html><title>413 Too Large</title></html>", "u"))
     assert other == "413 Too Large"
     assert error_message(Response(500, "Internal", headers, b"  plain\n text ", "u")) == "plain text"
+
+
+class FakeManagement:
+    """TorchServe's management API as an unregister racing requests in flight leaves it: the DELETE answers 500
+    after the version is gone, and the model stays behind with no versions (`GET /models/NAME/all` is [])."""
+
+    def __init__(self, versions_left: list, register_fails: bool = False):
+        self.versions_left, self.register_fails = versions_left, register_fails
+        self.calls, self.deletes = [], 0
+
+    def __call__(self, api, method, path, timeout_s=None, **kwargs):
+        self.calls.append((method, path, kwargs.get("params", {}).get("initial_workers")))
+        if method == "DELETE":
+            self.deletes += 1
+            if self.deletes == 1:
+                raise ApiError(500, "ConcurrentModificationException: null")
+        if method == "POST" and self.register_fails:
+            raise ApiError(404, "Model not found in model store: digits-1.0.0.mar")
+        body = self.versions_left if method == "GET" else {"status": "done"}
+        return Response(200, "OK", email.message.Message(), json.dumps(body).encode(), "http://ts/models")
+
+
+def test_an_unregister_torchserve_fails_half_way_is_cleared_so_its_ping_answers_again(monkeypatch):
+    from servekit.serve.client import Endpoints, ServeClient
+
+    client = ServeClient(Endpoints("http://ts:1", "http://ts:2", "http://ts:3"))
+    api = FakeManagement(versions_left=[])
+    monkeypatch.setattr(client, "_call", api)
+    assert client.unregister("digits", "1.0.0") == {"status": "done"}
+    # the same archive registered again without workers, then unregistered: TorchServe drops the empty model
+    assert api.calls == [("DELETE", "/models/digits/1.0.0", None), ("GET", "/models/digits/all", None),
+                         ("POST", "/models", 0), ("DELETE", "/models/digits/1.0.0", None)]  # fmt: skip
+    # another version still registered: no empty model to clear, the 500 is the caller's to see
+    api = FakeManagement(versions_left=[{"modelVersion": "1.1.0"}])
+    monkeypatch.setattr(client, "_call", api)
+    with pytest.raises(ApiError, match="500: ConcurrentModificationException"):
+        client.unregister("digits", "1.0.0")
+    api = FakeManagement(versions_left=[], register_fails=True)
+    monkeypatch.setattr(client, "_call", api)
+    with pytest.raises(ServerError, match="left digits without versions.*until it is restarted"):
+        client.unregister("digits", "1.0.0")
