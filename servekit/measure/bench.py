@@ -247,8 +247,9 @@ class TritonRuntime:
     def version(self, name: str, version: str | None) -> str:
         """The version given, else the newest exported (Triton's `/v2/models/NAME/infer` serves the highest)."""
         numbers = self.numbers(name)
-        if not numbers:
-            raise UsageError(f"{name} is not in the Triton repository {self.triton.repository}: export it first")
+        if not numbers or (version is not None and version not in numbers):
+            what = f"{name} {version}" if version else name
+            raise UsageError(f"{what} is not in the Triton repository {self.triton.repository}: export it first")
         return version or max(numbers, key=numbers.get)
 
     def side(self, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Side:

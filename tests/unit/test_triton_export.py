@@ -108,6 +108,14 @@ def test_bench_asks_triton_the_exported_version_in_v2_documents(store, tmp_path,
     assert base64.b64decode(tensor["data"][0]) == png
     with pytest.raises(UsageError, match="not in the Triton repository"):
         triton_peer(triton, "digits", "9.9.9", [(png, "image/png")])
+    # benching the Triton itself: the newest exported by default; one not exported is refused before any load
+    from servekit.measure.bench import TritonRuntime
+
+    runtime = TritonRuntime(triton, store)
+    assert runtime.version("digits", None) == "1.0.0" and runtime.version("digits", "1.1.0") == "1.1.0"
+    for name, version in (("digits", "9.9.9"), ("other", None)):
+        with pytest.raises(UsageError, match=f"{name}.* is not in the Triton repository"):
+            runtime.version(name, version)
 
 
 def test_an_archive_built_before_the_triton_adapter_is_refused_with_the_fix(store, tmp_path, monkeypatch):
