@@ -22,6 +22,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from servekit.core.choices import PEERS
 from servekit.core.errors import ServekitError, UsageError
@@ -202,6 +203,18 @@ class Side:
     pausable: bool = False  # a peer bench started: paused while the other side is measured
 
 
+class ServedRuntime(Protocol):
+    """What serves the benched model: which version, where its load goes, its own figures, its device."""
+
+    label: str
+    store: Path
+
+    def version(self, name: str, version: str | None) -> str: ...
+    def side(self, name: str, version: str, bodies: list[tuple[bytes, str]]) -> Side: ...
+    def figures(self, name: str, version: str) -> tuple[metrics.VersionFigures, dict]: ...
+    def gpu_id(self, name: str, version: str) -> int | None: ...
+
+
 class TorchServeRuntime:
     """servekit's TorchServe as the served side: a registered version, its own figures from its metrics."""
 
@@ -270,7 +283,7 @@ class TritonRuntime:
         return 0 if torch.cuda.is_available() else None
 
 
-def served_runtime(server: Server, plan: BenchPlan):
+def served_runtime(server: Server, plan: BenchPlan) -> ServedRuntime:
     if plan.runtime == "torchserve":
         return TorchServeRuntime(server)
     if plan.runtime != "triton":
@@ -336,14 +349,14 @@ def bench(server: Server, plan: BenchPlan, on_level=None) -> BenchReport:
     )
 
 
-def bench_sides(runtime, plan: BenchPlan, version: str, bodies, running: contextlib.ExitStack):
+def bench_sides(runtime: ServedRuntime, plan: BenchPlan, version: str, bodies, running: contextlib.ExitStack):
     """The served side, and the peer's when the plan names one (started here and stopped with `running`). A Triton
     peer is asked in KServe v2, and then servekit too, on TorchServe's v2 route (which serves the default only)."""
     served = runtime.side(plan.name, version, bodies)
     if plan.peer == "triton":
         from servekit.serve.triton import TritonState
 
-        client = runtime.server.client
+        client = runtime.server.client  # a Triton peer only beside TorchServe (served_runtime)
         triton = TritonState.load(plan.triton_workdir or DEFAULT_TRITON_WORKDIR)
         peer = triton_peer(triton, plan.name, version, bodies)
         if default_version(client, plan.name) != version:
@@ -356,7 +369,9 @@ def bench_sides(runtime, plan: BenchPlan, version: str, bodies, running: context
     return [served, Side(peer.url, peer.bodies, peer.pid, pausable=plan.peer in STARTED_PEERS)], peer
 
 
-def measure_level(runtime, version: str, sides: list[Side], concurrency: int, plan: BenchPlan, on_level):
+def measure_level(
+    runtime: ServedRuntime, version: str, sides: list[Side], concurrency: int, plan: BenchPlan, on_level
+) -> Level:
     """One concurrency level: the served side's figures with the runtime's own view of them (queue and service time
     from its metrics), and the peer's beside them."""
     before, _ = runtime.figures(plan.name, version)
