@@ -324,7 +324,7 @@ class ServeClient:
         try:
             return self._call("management", "DELETE", path).json()
         except ApiError as error:
-            if error.status != 500 or self.describe(name) != []:
+            if error.status != 500 or not self.left_without_versions(name):
                 raise
             failed = error
         try:
@@ -336,6 +336,13 @@ class ServeClient:
                 f"versions; clearing it failed too ({exc}): its /ping will not answer until it is restarted "
                 "(servekit serve stop, then servekit serve start)"
             ) from exc
+
+    def left_without_versions(self, name: str) -> bool:
+        """Whether TorchServe keeps `name` with no versions at all (`GET /models/NAME/all` answers [])."""
+        try:
+            return self.describe(name) == []
+        except ApiError:
+            return False
 
     def scale(self, name: str, version: str, min_workers: int, max_workers: int, synchronous: bool = True) -> dict:
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": str(synchronous).lower()}

@@ -98,6 +98,8 @@ class FakeManagement:
                 raise ApiError(500, "ConcurrentModificationException: null")
         if method == "POST" and self.register_fails:
             raise ApiError(404, "Model not found in model store: digits-1.0.0.mar")
+        if method == "GET" and self.versions_left is None:
+            raise ApiError(404, "ModelNotFoundException: Model not found: digits")
         body = self.versions_left if method == "GET" else {"status": "done"}
         return Response(200, "OK", email.message.Message(), json.dumps(body).encode(), "http://ts/models")
 
@@ -112,11 +114,13 @@ def test_an_unregister_torchserve_fails_half_way_is_cleared_so_its_ping_answers_
     # the same archive registered again without workers, then unregistered: TorchServe drops the empty model
     assert api.calls == [("DELETE", "/models/digits/1.0.0", None), ("GET", "/models/digits/all", None),
                          ("POST", "/models", 0), ("DELETE", "/models/digits/1.0.0", None)]  # fmt: skip
-    # another version still registered: no empty model to clear, the 500 is the caller's to see
-    api = FakeManagement(versions_left=[{"modelVersion": "1.1.0"}])
-    monkeypatch.setattr(client, "_call", api)
-    with pytest.raises(ApiError, match="500: ConcurrentModificationException"):
-        client.unregister("digits", "1.0.0")
+    # another version still registered, or no model at all: no empty model to clear, the 500 is the caller's to see
+    for left in ([{"modelVersion": "1.1.0"}], None):
+        api = FakeManagement(versions_left=left)
+        monkeypatch.setattr(client, "_call", api)
+        with pytest.raises(ApiError, match="500: ConcurrentModificationException"):
+            client.unregister("digits", "1.0.0")
+        assert [method for method, _, _ in api.calls] == ["DELETE", "GET"]
     api = FakeManagement(versions_left=[], register_fails=True)
     monkeypatch.setattr(client, "_call", api)
     with pytest.raises(ServerError, match="left digits without versions.*until it is restarted"):
