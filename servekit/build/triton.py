@@ -63,6 +63,8 @@ class TritonSpec:
             raise UsageError("need --instances >= 1, --gpus >= 0 and a latest count >= 1")
         if self.queue_delay_us < 0:
             raise UsageError(f"--max-queue-delay-us {self.queue_delay_us}: need >= 0")
+        if self.version_policy not in VERSION_POLICIES:
+            raise UsageError(f"--version-policy {self.version_policy!r}: one of {', '.join(VERSION_POLICIES)}")
 
     def instances_of(self, config: dict) -> int:
         """Instances per GPU (or on the CPU): as given, else the archive's workers spread over the GPUs (TorchServe
@@ -71,8 +73,6 @@ class TritonSpec:
             return self.instances
         workers = int(config.get("minWorkers") or 1)
         return max(1, -(-workers // self.gpus)) if self.gpus else workers
-        if self.version_policy not in VERSION_POLICIES:
-            raise UsageError(f"--version-policy {self.version_policy!r}: one of {', '.join(VERSION_POLICIES)}")
 
 
 def recorded_versions(model_dir: Path) -> dict[str, int]:

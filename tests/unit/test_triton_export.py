@@ -62,6 +62,8 @@ def test_by_default_triton_holds_no_request_and_runs_as_many_instances_as_the_ar
     assert TritonSpec("m", ["1.0.0"], tmp_path, instances=1, gpus=2).instances_of({"minWorkers": 3}) == 1
     with pytest.raises(UsageError, match="max-queue-delay-us -1"):
         TritonSpec("m", ["1.0.0"], tmp_path, queue_delay_us=-1).validate()
+    with pytest.raises(UsageError, match="--version-policy 'newest': one of all, latest, specific"):
+        TritonSpec("m", ["1.0.0"], tmp_path, version_policy="newest").validate()
 
 
 def test_a_version_added_later_keeps_the_numbers_given_before(store, tmp_path):
