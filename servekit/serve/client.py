@@ -217,6 +217,18 @@ def error_message(response: Response) -> str:
     return json.dumps(body)
 
 
+def prometheus_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample of a Prometheus text page; a counter under its family's name, without
+    `_total` whether or not the page has it."""
+    from prometheus_client.parser import text_string_to_metric_families  # 40 ms: only where metrics are read
+
+    return [
+        (family.name if family.type == "counter" else sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
 class ServeClient:
     """Methods named after what users do: `register`, `predict`, `set_default`, `unregister`, ..."""
 
@@ -355,13 +367,7 @@ class ServeClient:
         Counters come under their family name without `_total` (`ts_inference_requests`, `Requests2XX`), whether
         TorchServe exposed them with the suffix or not.
         """
-        from prometheus_client.parser import text_string_to_metric_families  # 40 ms: only where metrics are read
-
-        return [
-            (family.name if family.type == "counter" else sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(self.metrics())
-            for sample in family.samples
-        ]
+        return prometheus_samples(self.metrics())
 
     def metrics(self) -> str:
         """The Prometheus text from the metrics address (no token needed there)."""

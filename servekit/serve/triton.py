@@ -17,6 +17,7 @@ from pathlib import Path
 
 from servekit.core.errors import ServerError, UsageError
 from servekit.core.processes import psutil, stop_process_tree
+from servekit.serve.client import prometheus_samples
 from servekit.serve.metrics import VersionFigures
 
 STATE_FILE = "triton.json"
@@ -52,19 +53,16 @@ class TritonState:
 def version_figures(state: TritonState, name: str, number: int) -> VersionFigures:
     """What Triton counted for model `name` version `number` since it started: successful requests, their time in
     the server (arrival to answer) and in its queue."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from servekit.core.transport import Session
 
     reply = Session().get(f"http://127.0.0.1:{state.metrics_port}/metrics", timeout=5)
     if reply.status_code != 200:
         raise ServerError(f"Triton's metrics answered {reply.status_code}")
     figures = VersionFigures()
-    for family in text_string_to_metric_families(reply.text):
-        for sample in family.samples:
-            labels, field = sample.labels, TRITON_COUNTERS.get(family.name)
-            if field and labels.get("model") == name and labels.get("version") == str(number):
-                setattr(figures, field, getattr(figures, field) + sample.value)
+    for metric, labels, value in prometheus_samples(reply.text):
+        field = TRITON_COUNTERS.get(metric)
+        if field and labels.get("model") == name and labels.get("version") == str(number):
+            setattr(figures, field, getattr(figures, field) + value)
     return figures
 
 
